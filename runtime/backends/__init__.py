@@ -1,0 +1,23 @@
+"""Backends, registered in one table and chosen by the artifact's file format."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UsageError
+from ..protocol import Backend
+
+# format -> "module:Class"; imported only when used, so `vlm --help` never loads llama.cpp.
+BACKENDS: dict[str, str] = {
+    "gguf": "edgevlm.runtime.backends.gguf:GGUFBackend",
+}
+
+
+def backend_for(fmt: str) -> Backend:
+    target = BACKENDS.get(fmt)
+    if target is None:
+        raise UsageError(
+            f"No backend for model format {fmt!r}.",
+            hint=f"Supported formats: {', '.join(sorted(BACKENDS))}.",
+        )
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)()

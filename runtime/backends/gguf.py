@@ -1,0 +1,554 @@
+"""GGUF backend on llama-cpp-python's low-level API (llama.cpp + libmtmd for images).
+
+Why low-level and not ``llama_cpp.Llama``: the high-level class copies logits into numpy on every
+token (~15% of decode time on small models), clears the KV cache on every multimodal request, and
+cannot turn off the AMX buffers that crash on some CPUs. Here a turn evaluates only the part of the
+prompt that differs from what is already in the KV cache -- text and images alike -- and the
+per-token loop is one decode, one native sample and one piece lookup.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import logging
+import os
+import time
+from typing import Iterator, Optional
+
+from ..errors import BackendError, BadMedia, BadModelFile, ContextOverflow, UsageError, missing_extra
+from ..gguf_file import GGUFInfo, read_gguf
+from ..hardware import avoid_amx_buffers, default_threads
+from ..prompt import render_chat
+from ..protocol import Artifact, ChatRequest, Chunk, LoadOptions, Message, ProgressCallback
+
+_IMG = "img"  # key prefix for image positions in the KV bookkeeping
+
+# Kept alive for the life of the process: llama.cpp holds the pointers.
+_LOG_CALLBACKS: list = []
+
+
+def _debug() -> bool:
+    return os.environ.get("VLM_DEBUG", "") not in ("", "0")
+
+
+def _silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
+    """llama.cpp and libmtmd log to stderr by default; scripts want stderr clean unless VLM_DEBUG."""
+    if _debug():
+        return
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+    if not _LOG_CALLBACKS:
+        _LOG_CALLBACKS.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
+    cb = _LOG_CALLBACKS[0]
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    if mtmd_cpp is not None:
+        mtmd_cpp.mtmd_log_set(cb, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+
+
+def _import_llama():
+    try:
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd_cpp
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise missing_extra("llama-cpp-python", package="llama-cpp-python") from e
+    return llama_cpp, mtmd_cpp
+
+
+def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
+    """Refuse a vision projector that does not belong to the text model, before llama.cpp sees it."""
+    if not mmproj.is_mmproj:
+        raise BadModelFile(
+            f"{mmproj.path.name} is not a vision projector (its architecture is {mmproj.architecture!r}).",
+            hint="Pass the model's mmproj-*.gguf file with --mmproj.",
+        )
+    if model.is_mmproj:
+        raise BadModelFile(
+            f"{model.path.name} is a vision projector (mmproj), not a language model.",
+            hint="Pass the language model with -m and the projector with --mmproj.",
+        )
+    if not mmproj.get("clip.has_vision_encoder", True) and not mmproj.get("clip.has_audio_encoder", False):
+        raise BadModelFile(f"{mmproj.path.name} has no vision encoder.", hint="Use the model's image projector.")
+    n_embd = model.get(f"{model.architecture}.embedding_length")
+    proj = mmproj.projector_dim
+    if n_embd and proj and int(n_embd) != int(proj):
+        raise BadModelFile(
+            f"{mmproj.path.name} does not belong to {model.path.name}: the projector outputs {proj}-wide "
+            f"embeddings but the model expects {n_embd}.",
+            hint="Use the mmproj file published with this model (`vlm info MODEL` shows it).",
+        )
+
+
+class _Utf8Stream:
+    """Turns token pieces (bytes, possibly split mid-character) into text."""
+
+    def __init__(self) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, b: bytes) -> str:
+        return self._dec.decode(b)
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class _StopFilter:
+    """Holds back text that might be the start of a stop string; cuts at the first stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class GGUFBackend:
+    format = "gguf"
+    supports_images = True
+
+    def __init__(self) -> None:
+        self._model = None
+        self._ctx = None
+        self._mtmd = None
+        self._batch = None
+        self._keys: list = []          # what each KV position holds: token id or (img, id, k)
+        self.info: Optional[GGUFInfo] = None
+        self.artifact: Optional[Artifact] = None
+        self.chat_template: Optional[str] = None
+        self.n_ctx = 0
+        self.n_batch = 512
+        self.n_threads = 1
+        self.load_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+    def load(self, artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> None:
+        t0 = time.perf_counter()
+        info = read_gguf(artifact.path)
+        mm_info = read_gguf(artifact.mmproj) if artifact.mmproj else None
+        if info.is_mmproj:
+            raise BadModelFile(
+                f"{artifact.path.name} is a vision projector (mmproj), not a language model.",
+                hint="Pass the language model with -m and the projector with --mmproj.",
+            )
+        if mm_info is not None:
+            check_mmproj(info, mm_info)
+        llama_cpp, mtmd_cpp = _import_llama()
+        _silence_native_logs(llama_cpp, mtmd_cpp)
+        llama_cpp.llama_backend_init()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        if avoid_amx_buffers():
+            mparams.use_extra_bufts = False
+        progress_ref = None
+        if on_progress is not None:
+            def _cb(p: float, _data) -> bool:
+                on_progress("load", int(p * 100), 100)
+                return True
+            progress_ref = llama_cpp.llama_progress_callback(_cb)
+            mparams.progress_callback = progress_ref
+        model = llama_cpp.llama_model_load_from_file(str(artifact.path).encode(), mparams)
+        if not model:
+            raise BadModelFile(
+                f"llama.cpp could not load {artifact.path.name} (architecture {info.architecture!r}).",
+                hint="The architecture may be newer than this llama-cpp-python build: upgrade it, "
+                     "or run with VLM_DEBUG=1 to see llama.cpp's log.",
+            )
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        n_ctx = opts.n_ctx if opts.n_ctx > 0 else n_ctx_train
+        if n_ctx_train > 0:
+            n_ctx = min(n_ctx, n_ctx_train)
+        self.n_threads = opts.n_threads or default_threads()
+        self.n_batch = max(32, min(opts.n_batch, n_ctx))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise BackendError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {artifact.path.name}.",
+                hint="Lower --ctx; the KV cache may not fit in memory.",
+            )
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._tok_one = (llama_cpp.llama_token * 1)()
+        self._llama_cpp, self._mtmd_cpp = llama_cpp, mtmd_cpp
+
+        tmpl = llama_cpp.llama_model_chat_template(model, None)
+        self.chat_template = tmpl.decode("utf-8", "replace") if tmpl else info.chat_template
+        if mm_info is not None:
+            mp = mtmd_cpp.mtmd_context_params_default()
+            mp.use_gpu = opts.n_gpu_layers != 0
+            mp.print_timings = False
+            mp.n_threads = self.n_threads
+            mp.warmup = False
+            mtmd = mtmd_cpp.mtmd_init_from_file(str(artifact.mmproj).encode(), model, mp)
+            if not mtmd:
+                self.close()
+                raise BadModelFile(
+                    f"libmtmd could not load the vision projector {artifact.mmproj.name} for {artifact.path.name}.",
+                    hint="Check that the mmproj belongs to this model; VLM_DEBUG=1 shows llama.cpp's log.",
+                )
+            self._mtmd = mtmd
+            if not mtmd_cpp.mtmd_support_vision(mtmd):
+                self.close()
+                raise BadModelFile(f"{artifact.mmproj.name} does not support images.", hint="Use an image projector.")
+            self._marker = mtmd_cpp.mtmd_default_marker().decode()
+        self.info = info
+        self.artifact = artifact
+        self._progress_ref = progress_ref
+        self.load_s = time.perf_counter() - t0
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mtmd is not None
+
+    # ------------------------------------------------------------------ tokens
+    def _token_text(self, tok: int) -> str:
+        n = self._llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece_buf, 256, 0, True)
+        return self._piece_buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        lc = self._llama_cpp
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text, add_special=False, parse_special=True))
+
+    def _bos_text(self) -> str:
+        bos = self._llama_cpp.llama_vocab_bos(self._vocab)
+        return self._token_text(bos) if bos >= 0 else ""
+
+    def _eos_text(self) -> str:
+        eos = self._llama_cpp.llama_vocab_eos(self._vocab)
+        return self._token_text(eos) if eos >= 0 else ""
+
+    # ------------------------------------------------------------------ prompt
+    def render(self, request: ChatRequest) -> str:
+        images = [img for m in request.messages for img in m.images]
+        marker = getattr(self, "_marker", "<__media__>")
+        if request.raw or not self.chat_template:
+            parts = []
+            for m in request.messages:
+                if m.role == "system":
+                    continue
+                parts.append("".join((img.label + marker) for img in m.images) + m.content)
+            return "".join(parts) if len(parts) == 1 else "\n".join(parts)
+        if images and not self.chat_template:
+            raise BackendError("This model has no chat template for images.", hint="Use --raw.")
+        return render_chat(self.chat_template, request.messages, bos_token=self._bos_text(),
+                           eos_token=self._eos_text(), marker=marker)
+
+    def _add_special(self, text: str) -> bool:
+        bos = self._bos_text()
+        return not (bos and text.startswith(bos))
+
+    def _prepare(self, request: ChatRequest):
+        """Tokenize the prompt. Returns (keys, plan) where plan lists ("t", start, tokens) and
+        ("i", start, n_pos, chunk) items covering keys in order."""
+        text = self.render(request)
+        images = [img for m in request.messages for img in m.images]
+        if not images:
+            toks = self.tokenize(text, add_special=self._add_special(text))
+            return toks, [("t", 0, toks)], None, 0
+        if self._mtmd is None:
+            raise UsageError(
+                f"{self.artifact.name if self.artifact else 'This model'} has no vision projector, so it cannot read images.",
+                hint="Use a vision model (e.g. `-m smolvlm-500m`) or pass its projector with --mmproj.",
+            )
+        mt = self._mtmd_cpp
+        bitmaps = []
+        try:
+            for img in images:
+                if len(img.rgb) != img.width * img.height * 3:
+                    raise BadMedia(f"Image {img.source} has inconsistent pixel data.", hint="Report this as a bug.")
+                buf = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
+                bm = mt.mtmd_bitmap_init(img.width, img.height, buf)
+                if not bm:
+                    raise BadMedia(f"libmtmd could not take image {img.source}.", hint="Try another image format.")
+                mt.mtmd_bitmap_set_id(bm, img.sha256.encode())
+                bitmaps.append(bm)
+            chunks = mt.mtmd_input_chunks_init()
+            itext = mt.mtmd_input_text()
+            data = text.encode("utf-8")
+            itext.text = data
+            itext.text_len = len(data)
+            itext.add_special = self._add_special(text)
+            itext.parse_special = True
+            arr = (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            rc = mt.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(itext), arr, len(bitmaps))
+        finally:
+            for bm in bitmaps:
+                mt.mtmd_bitmap_free(bm)
+        if rc != 0:
+            mt.mtmd_input_chunks_free(chunks)
+            raise BackendError(f"libmtmd could not tokenize the prompt (error {rc}).",
+                               hint="The number of image markers and images must match.")
+        keys: list = []
+        plan = []
+        n_image_pos = 0
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            ch = mt.mtmd_input_chunks_get(chunks, i)
+            ctype = mt.mtmd_input_chunk_get_type(ch)
+            if ctype == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mt.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                toks = [ptr[j] for j in range(n.value)]
+                plan.append(("t", len(keys), toks))
+                keys.extend(toks)
+            else:
+                n_pos = mt.mtmd_input_chunk_get_n_pos(ch)
+                ident = (mt.mtmd_input_chunk_get_id(ch) or b"").decode(errors="replace")
+                plan.append(("i", len(keys), n_pos, ch))
+                keys.extend((_IMG, ident, k) for k in range(n_pos))
+                n_image_pos += mt.mtmd_input_chunk_get_n_tokens(ch)
+        return keys, plan, chunks, n_image_pos
+
+    # ------------------------------------------------------------------ KV cache
+    def _reuse_prefix(self, keys: list, plan) -> int:
+        n = 0
+        limit = min(len(self._keys), len(keys) - 1)   # always evaluate at least one token for logits
+        while n < limit and self._keys[n] == keys[n]:
+            n += 1
+        # never split an image: back off to its first position
+        for item in plan:
+            if item[0] == "i" and item[1] < n < item[1] + item[2]:
+                n = item[1]
+        if n < len(self._keys):
+            ok = self._llama_cpp.llama_memory_seq_rm(self._mem, 0, n, -1)
+            if not ok:
+                self._llama_cpp.llama_memory_clear(self._mem, True)
+                n = 0
+            del self._keys[n:]
+        return n
+
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation)."""
+        if self._ctx is not None:
+            self._llama_cpp.llama_memory_clear(self._mem, True)
+        self._keys = []
+
+    def _decode_tokens(self, toks: list[int], logits_last: bool) -> None:
+        lc = self._llama_cpp
+        b = self._batch
+        for s in range(0, len(toks), self.n_batch):
+            part = toks[s: s + self.n_batch]
+            pos0 = len(self._keys)
+            b.n_tokens = len(part)
+            for i, t in enumerate(part):
+                b.token[i] = t
+                b.pos[i] = pos0 + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = False
+            last = s + self.n_batch >= len(toks)
+            b.logits[len(part) - 1] = logits_last and last
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise BackendError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {rc}).",
+                                   hint="The context may be full: lower --max-tokens or raise --ctx.")
+            self._keys.extend(part)
+
+    def _decode_one(self, tok: int) -> None:
+        self._tok_one[0] = tok
+        rc = self._llama_cpp.llama_decode(self._ctx, self._llama_cpp.llama_batch_get_one(self._tok_one, 1))
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).", hint="Raise --ctx.")
+        self._keys.append(tok)
+
+    # ------------------------------------------------------------------ sampling
+    def _sampler(self, request: ChatRequest):
+        lc = self._llama_cpp
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if request.json_schema is not None:
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            try:
+                gbnf = json_schema_to_gbnf(json.dumps(request.json_schema))
+            except Exception as e:
+                lc.llama_sampler_free(chain)
+                raise UsageError(f"This JSON schema cannot be turned into a grammar: {e}",
+                                 hint="Simplify the schema (llama.cpp supports most of draft 2020-12).") from e
+            g = lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                raise UsageError("llama.cpp rejected the grammar built from this JSON schema.",
+                                 hint="Simplify the schema; VLM_DEBUG=1 shows llama.cpp's log.")
+            lc.llama_sampler_chain_add(chain, g)
+        if request.repeat_penalty and request.repeat_penalty != 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(64, request.repeat_penalty, 0.0, 0.0))
+        if request.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if request.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(request.top_k))
+            if 0 < request.top_p < 1:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(request.top_p, 1))
+            if request.min_p > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(request.min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(request.temperature))
+            seed = lc.LLAMA_DEFAULT_SEED if request.seed is None else (request.seed & 0xFFFFFFFF)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, request: ChatRequest) -> Iterator[Chunk]:
+        if self._ctx is None:
+            raise BackendError("The model is not loaded.", hint="This is a bug: load() must come first.")
+        lc = self._llama_cpp
+        t_start = time.perf_counter()
+        keys, plan, chunks, n_image_tokens = self._prepare(request)
+        try:
+            if len(keys) >= self.n_ctx:
+                raise ContextOverflow(
+                    f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
+                    hint="Shorten the input, or raise --ctx (up to the model's trained context).",
+                )
+            sampler = self._sampler(request)
+            reused = self._reuse_prefix(keys, plan)
+            image_s = 0.0
+            for item in plan:
+                start = item[1]
+                if item[0] == "t":
+                    toks = item[2]
+                    end = start + len(toks)
+                    if end <= reused:
+                        continue
+                    offset = max(0, reused - start)
+                    self._decode_tokens(toks[offset:], logits_last=end == len(keys))
+                else:
+                    _, start, n_pos, ch = item
+                    if start + n_pos <= reused:
+                        continue
+                    ti = time.perf_counter()
+                    new_n_past = lc.llama_pos(0)
+                    rc = self._mtmd_cpp.mtmd_helper_eval_chunk_single(
+                        self._mtmd, self._ctx, ch, len(self._keys), 0, self.n_batch,
+                        start + n_pos == len(keys), ctypes.byref(new_n_past))
+                    image_s += time.perf_counter() - ti
+                    if rc != 0:
+                        raise BackendError(f"libmtmd failed to encode an image (error {rc}).",
+                                           hint="Check that the mmproj belongs to the model.")
+                    self._keys.extend(keys[start: start + n_pos])
+        finally:
+            if chunks is not None:
+                self._mtmd_cpp.mtmd_input_chunks_free(chunks)
+        t_prefill = time.perf_counter()
+        prompt_tokens, evaluated = len(keys), len(keys) - reused
+        base = dict(prompt_tokens=prompt_tokens, prompt_eval_tokens=evaluated, image_tokens=n_image_tokens,
+                    prefill_s=t_prefill - t_start, image_encode_s=image_s)
+
+        utf8 = _Utf8Stream()
+        stops = _StopFilter(request.stop)
+        n_out = 0
+        finish = "length"
+        hit_stop_string = False
+        t_first = None
+        vocab, ctx = self._vocab, self._ctx
+        is_eog, sample, to_piece = lc.llama_vocab_is_eog, lc.llama_sampler_sample, lc.llama_token_to_piece
+        buf = self._piece_buf
+        try:
+            while n_out < request.max_tokens:
+                tok = sample(sampler, ctx, -1)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if is_eog(vocab, tok):
+                    finish = "stop"
+                    break
+                n_out += 1
+                n = to_piece(vocab, tok, buf, 256, 0, False)
+                text, stopped = stops.feed(utf8.feed(buf.raw[: max(n, 0)]))
+                if text:
+                    yield Chunk(text=text, completion_tokens=n_out, **base)
+                if stopped:
+                    finish, hit_stop_string = "stop", True
+                    break
+                if len(self._keys) + 1 >= self.n_ctx:
+                    finish = "length"
+                    break
+                self._decode_one(tok)
+        except GeneratorExit:
+            finish = "cancelled"
+            raise
+        finally:
+            lc.llama_sampler_free(sampler)
+        tail = "" if hit_stop_string else stops.feed(utf8.flush())[0] + stops.flush()
+        t_end = time.perf_counter()
+        yield Chunk(
+            text=tail, completion_tokens=n_out, finish_reason=finish,
+            ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end), **base,
+        )
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        lc = getattr(self, "_llama_cpp", None)
+        if lc is None:
+            try:
+                import llama_cpp as lc  # model may be loaded before _llama_cpp is set
+            except ImportError:  # pragma: no cover
+                return
+        if self._mtmd is not None:
+            self._mtmd_cpp.mtmd_free(self._mtmd)
+            self._mtmd = None
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lc.llama_model_free(self._model)
+            self._model = None
+        self._keys = []
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ helpers for callers
+    def describe(self) -> dict:
+        return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "vision": self.has_vision,
+                "extra_bufts": not avoid_amx_buffers()}
+
+
+__all__ = ["GGUFBackend", "check_mmproj", "Message"]

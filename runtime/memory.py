@@ -1,0 +1,67 @@
+"""Honest memory checks: estimate what loading a model will take, and refuse early when it won't fit."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InsufficientMemory
+
+MiB = 1024 * 1024
+# Compute buffers, the runtime itself (Python, llama.cpp, tokenizer) and allocator slack. Measured
+# against peak RSS on the test models (see tests/test_memory_estimate.py); kept generous on purpose:
+# the estimate must never be much lower than what the process really uses.
+RUNTIME_OVERHEAD = 160 * MiB
+COMPUTE_PER_CTX_TOKEN = 2 * 1024         # llama.cpp's compute buffer grows with n_ctx (logits, scratch)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    mmproj: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.mmproj + self.kv_cache + self.overhead
+
+    def describe(self) -> str:
+        parts = [f"weights {fmt_bytes(self.weights)}"]
+        if self.mmproj:
+            parts.append(f"vision projector {fmt_bytes(self.mmproj)}")
+        parts.append(f"KV cache {fmt_bytes(self.kv_cache)}")
+        parts.append(f"runtime {fmt_bytes(self.overhead)}")
+        return f"{fmt_bytes(self.total)} ({', '.join(parts)})"
+
+
+def kv_cache_bytes(n_ctx: int, layers: int, kv_heads: int, head_dim: int, bytes_per_elem: int = 2) -> int:
+    """K and V, f16 by default: 2 * layers * ctx * kv_heads * head_dim * 2 bytes."""
+    return 2 * layers * n_ctx * kv_heads * head_dim * bytes_per_elem
+
+
+def estimate(weights: int, n_ctx: int, kv_shape: tuple[int, int, int] | None, mmproj: int = 0) -> MemoryEstimate:
+    if kv_shape:
+        kv = kv_cache_bytes(n_ctx, *kv_shape)
+    else:
+        # Unknown shape: assume the KV cache is about a quarter of the weights at 4k context.
+        kv = int(weights * 0.25 * n_ctx / 4096)
+    # mmproj: weights plus the vision encoder's activations (roughly as large again for small ViTs).
+    vision = int(mmproj * 2) if mmproj else 0
+    overhead = RUNTIME_OVERHEAD + COMPUTE_PER_CTX_TOKEN * n_ctx
+    return MemoryEstimate(weights=weights, mmproj=vision, kv_cache=kv, overhead=overhead)
+
+
+def check_fits(est: MemoryEstimate, available: int, what: str) -> None:
+    if est.total > available:
+        raise InsufficientMemory(
+            f"{what} needs about {est.describe()}, but only {fmt_bytes(available)} of memory is available.",
+            hint="Use a smaller quantization or model, lower --ctx, close other programs, or pass --ignore-memory to try anyway.",
+        )
+
+
+def fmt_bytes(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
