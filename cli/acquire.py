@@ -1,0 +1,53 @@
+"""Resolve -m, make sure the model is on disk (asking before a download), check memory, load it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgevlm.runtime.errors import ModelNotInstalled
+from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.protocol import Backend, LoadOptions
+
+from . import console
+from .options import DEFAULT_CTX
+
+
+def ensure_installed(resolved, *, yes: bool) -> None:
+    """Pull a registry model that is not installed, asking first when a person is there to answer."""
+    if resolved.installed:
+        return
+    from edgevlm.runtime.store import Store
+
+    size = resolved.download_size
+    what = f"{resolved.model.name} ({resolved.alias_ref}, {fmt_bytes(size) if size else 'size unknown'})"
+    if not yes:
+        if not console.interactive():
+            raise ModelNotInstalled(
+                f"This needs {what}, which is not installed.",
+                hint=f"Run `vlm pull {resolved.alias_ref}` first, or pass --yes to download it.",
+            )
+        if not typer.confirm(f"This needs {what}, which is not installed. Download it now?", default=True, err=True):
+            raise typer.Exit(1)
+    with console.progress("Downloading") as cb:
+        Store().pull(resolved.model, resolved.artifact_spec, on_progress=cb)
+    console.info(f"[green]Installed[/] {resolved.alias_ref}")
+    resolved.artifact = Store().artifact(resolved.model, resolved.artifact_spec)
+
+
+def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
+               threads: Optional[int], yes: bool, ignore_memory: bool) -> tuple[Backend, object]:
+    from edgevlm.runtime import loader
+
+    resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)
+    n_ctx = ctx or DEFAULT_CTX
+    if not ignore_memory:
+        loader.check_memory(resolved, n_ctx)        # before downloading: refuse early
+    ensure_installed(resolved, yes=yes)
+    if not ignore_memory:
+        loader.check_memory(resolved, n_ctx)        # again with the real files' metadata
+    opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
+    with console.progress("Loading", enabled=False) as cb:
+        backend = loader.load_backend(resolved.artifact, opts, cb)
+    return backend, resolved

@@ -1,0 +1,90 @@
+"""vlm ask: one answer on stdout and nothing else there."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from edgevlm.runtime.errors import UsageError
+
+from . import console
+from .console import boundary
+from .options import (Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
+                      Threads, TopK, TopP, Yes)
+
+
+def load_media(refs: list[str], max_pixels: Optional[int] = None):
+    from edgevlm.runtime.config import load_config
+    from edgevlm.runtime.media import load_image
+
+    limit = max_pixels or getattr(load_config(), "max_image_pixels", None)
+    kw = {"max_pixels": limit} if limit else {}
+    return [load_image(r, **kw) for r in refs]
+
+
+@boundary
+def ask(
+    args: Annotated[Optional[list[str]], typer.Argument(help="Images (files, URLs, - for stdin) then the question.", show_default=False)] = None,
+    model: Model = None,
+    mmproj: MMProj = None,
+    system: System = None,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 40,
+    max_tokens: MaxTokens = 512,
+    seed: Seed = None,
+    ctx: Ctx = None,
+    threads: Threads = None,
+    stop: Stop = None,
+    raw: Raw = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, usage, timings.")] = False,
+    yes: Yes = False,
+    ignore_memory: IgnoreMemory = False,
+    quiet: Quiet = False,
+) -> None:
+    """Ask one question, about images or text, and print the answer.
+
+    Examples: vlm ask photo.jpg "How many people are here?" ; vlm ask "Why is the sky blue?" ;
+    cat notes.txt | vlm ask "Summarize this"
+    """
+    from edgevlm.runtime.session import ChatSession, GenerationOptions
+
+    from .acquire import open_model
+    from .inputs import combine, read_stdin_text, split_args
+
+    console.set_quiet(quiet)
+    inp = split_args(list(args or []))
+    context = None if "-" in inp.media else read_stdin_text()
+    prompt = combine(inp.prompt, context)
+    images = load_media(inp.media) if inp.media else []
+    backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
+                                   yes=yes, ignore_memory=ignore_memory)
+    try:
+        completion_only = bool(getattr(resolved.model, "completion_only", False)) or not getattr(backend, "chat_template", True)
+        if completion_only and not raw and not quiet:
+            console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
+        opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=seed, stop=list(stop or []), raw=raw or completion_only)
+        session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
+        if as_json:
+            result = session.ask(prompt, images)
+            doc = {"answer": result.text, "model": resolved.alias_ref, "finish_reason": result.final.finish_reason,
+                   "usage": result.usage, "timings": result.timings,
+                   "images": [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height} for i in images]}
+            console.write_out(json.dumps(doc, ensure_ascii=False) + "\n")
+            return
+        last = None
+        try:
+            for chunk in session.send(prompt, images):
+                if chunk.text:
+                    console.write_out(chunk.text)
+                last = chunk
+        finally:
+            if last is not None and last.finish_reason is not None:
+                console.write_out("\n")
+        if last is not None and last.finish_reason == "length" and not quiet:
+            console.info(f"[dim](stopped at --max-tokens {max_tokens} or the context limit)[/]")
+    finally:
+        backend.close()

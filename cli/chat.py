@@ -1,0 +1,178 @@
+"""vlm chat: an interactive conversation about images (or text), streamed, with slash commands."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+from . import console
+from .console import boundary
+from .options import (Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
+                      Threads, TopK, TopP, Yes)
+
+HELP = """Commands:
+  /image PATH   add an image (file, URL) to your next message
+  /clear        forget the conversation (and pending images)
+  /system TEXT  set the system prompt (empty: remove it)
+  /save FILE    save the conversation as JSON (images by path and sha256)
+  /help         this help
+  /exit         leave (or Ctrl-D). Ctrl-C stops an answer and keeps the conversation."""
+
+
+def _setup_readline() -> None:
+    try:
+        import atexit
+        import readline
+
+        from edgevlm.runtime.config import vlm_home
+
+        hist = vlm_home() / "chat_history"
+        hist.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+        readline.set_history_length(1000)
+        atexit.register(lambda: _save_history(readline, hist))
+    except Exception:  # no readline on this platform: plain input() still works
+        pass
+
+
+def _save_history(readline, hist: Path) -> None:
+    try:
+        readline.write_history_file(hist)
+    except OSError:
+        pass
+
+
+def _read_line(tty: bool) -> Optional[str]:
+    if tty:
+        return input(">>> ")
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def _stream_answer(session, text: str, images) -> None:
+    last = None
+    try:
+        for chunk in session.send(text, images):
+            if chunk.text:
+                console.write_out(chunk.text)
+            last = chunk
+    except KeyboardInterrupt:
+        console.write_out("\n")
+        console.err.print("[dim](answer stopped; the conversation continues)[/]")
+        return
+    console.write_out("\n")
+    if last is not None and last.finish_reason == "length":
+        console.info("[dim](stopped at --max-tokens or the context limit)[/]")
+
+
+def _command(session, line: str, tty: bool) -> bool:
+    """Handle a /command. Returns False to leave the chat."""
+    from .ask import load_media
+
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/exit", "/quit", "/bye"):
+        return False
+    if cmd == "/help":
+        console.err.print(HELP, markup=False)
+    elif cmd == "/clear":
+        session.clear()
+        console.info("[dim]Conversation cleared.[/]")
+    elif cmd == "/system":
+        session.set_system(arg)
+        console.info("[dim]System prompt " + ("set." if arg else "removed.") + "[/]")
+    elif cmd == "/image":
+        if not arg:
+            console.warn("usage: /image PATH")
+        elif not getattr(session.backend, "has_vision", False):
+            console.warn("this model has no vision projector; start the chat with an image or -m a vision model.")
+        else:
+            try:
+                img = load_media([arg])[0]
+            except EdgeVLMError as e:
+                console.err.print(f"[bold red]Error:[/] {e.message}")
+            else:
+                session.add_image(img)
+                console.info(f"[dim]Added {arg} ({img.width}x{img.height}); it goes with your next message.[/]")
+    elif cmd == "/save":
+        if not arg:
+            console.warn("usage: /save FILE")
+        else:
+            try:
+                p = session.save(arg)
+                console.info(f"[dim]Saved to {p}[/]")
+            except EdgeVLMError as e:
+                console.err.print(f"[bold red]Error:[/] {e.message}")
+    else:
+        console.warn(f"unknown command {cmd}; /help lists them.")
+    return True
+
+
+@boundary
+def chat(
+    media: Annotated[Optional[list[str]], typer.Argument(help="Images to talk about (files, URLs).", show_default=False)] = None,
+    model: Model = None,
+    mmproj: MMProj = None,
+    system: System = None,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 40,
+    max_tokens: MaxTokens = 1024,
+    seed: Seed = None,
+    ctx: Ctx = None,
+    threads: Threads = None,
+    stop: Stop = None,
+    raw: Raw = False,
+    yes: Yes = False,
+    ignore_memory: IgnoreMemory = False,
+    quiet: Quiet = False,
+) -> None:
+    """Chat with a model; give images to talk about them. /help inside lists the commands."""
+    from edgevlm.runtime.session import ChatSession, GenerationOptions
+
+    from .acquire import open_model
+    from .ask import load_media
+
+    console.set_quiet(quiet)
+    images = load_media(list(media or []))
+    backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
+                                   yes=yes, ignore_memory=ignore_memory)
+    tty = sys.stdin.isatty()
+    try:
+        opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=seed, stop=list(stop or []), raw=raw)
+        session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
+        for img in images:
+            session.add_image(img)
+        if tty:
+            _setup_readline()
+            console.info(f"[bold]{resolved.alias_ref}[/] ready. /help for commands, Ctrl-D to leave.")
+        while True:
+            try:
+                line = _read_line(tty)
+            except KeyboardInterrupt:
+                console.err.print("")
+                continue
+            except EOFError:
+                break
+            if line is None:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not _command(session, line, tty):
+                    break
+                continue
+            _stream_answer(session, line, [])
+    finally:
+        if tty:
+            console.err.print("")
+        backend.close()

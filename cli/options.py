@@ -1,0 +1,25 @@
+"""Shared option types, so every command spells its flags the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (alias or alias:quant) or a path to a .gguf file.")]
+MMProj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector (mmproj .gguf) for a model given by path.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Top-k sampling; 0 = off.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for repeatable sampling.")]
+Ctx = Annotated[Optional[int], typer.Option("--ctx", "-c", min=128, help="Context length in tokens (default 4096, capped at the model's).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: physical cores).")]
+System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Download a missing model without asking.")]
+IgnoreMemory = Annotated[bool, typer.Option("--ignore-memory", help="Load even if the memory estimate says it will not fit.")]
+Raw = Annotated[bool, typer.Option("--raw", help="Plain completion: send the prompt as-is, without the chat template.")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop generating at this string (repeatable).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr; errors only.")]
+
+DEFAULT_CTX = 4096

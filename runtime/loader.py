@@ -1,0 +1,130 @@
+"""From what the user typed after -m (an alias, alias:artifact, or a path) to a loaded backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import BadModelFile, ModelNotFound
+from .gguf_file import read_gguf
+from .memory import MemoryEstimate, check_fits, estimate
+from .protocol import Artifact, Backend, LoadOptions, ProgressCallback
+
+
+@dataclass
+class ResolvedModel:
+    """What -m names: either a registry entry (maybe not yet installed) or files on disk."""
+
+    name: str
+    artifact: Optional[Artifact]          # None while a registry artifact is not installed
+    model: object = None                  # registry.ModelSpec when from the registry
+    artifact_spec: object = None          # registry.ArtifactSpec when from the registry
+
+    @property
+    def installed(self) -> bool:
+        return self.artifact is not None
+
+    @property
+    def alias_ref(self) -> str:
+        if self.model is None:
+            return self.name
+        return f"{self.model.alias}:{self.artifact_spec.key}"
+
+    @property
+    def download_size(self) -> Optional[int]:
+        if self.artifact_spec is None:
+            return None
+        sizes = [f.size for f in self.artifact_spec.files]
+        return sum(sizes) if all(s is not None for s in sizes) else None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".gguf") or ref.endswith(".onnx") or "/" in ref or ref.startswith((".", "~"))
+
+
+def _find_mmproj(model_path: Path) -> Optional[Path]:
+    cands = [p for p in model_path.parent.glob("*.gguf") if "mmproj" in p.name.lower() and p != model_path]
+    return cands[0] if len(cands) == 1 else None
+
+
+def artifact_from_path(path: Path, mmproj: Optional[Path], want_vision: bool) -> Artifact:
+    path = path.expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"No such model file: {path}", hint="Check the path, or use a registry name (`vlm list --available`).")
+    if path.is_dir():
+        ggufs = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
+        onnx = sorted(path.rglob("*.onnx"))
+        if len(ggufs) == 1:
+            return artifact_from_path(ggufs[0], mmproj or _find_mmproj(ggufs[0]), want_vision)
+        if onnx:
+            return Artifact(format="onnx", path=path, name=path.name, vision=want_vision)
+        raise BadModelFile(f"{path} holds no single .gguf model file.", hint="Pass the .gguf file itself with -m.")
+    if path.suffix == ".onnx":
+        return Artifact(format="onnx", path=path.parent, name=path.parent.name)
+    if mmproj is None and want_vision:
+        mmproj = _find_mmproj(path)
+    return Artifact(format="gguf", path=path, name=path.name, mmproj=mmproj.expanduser() if mmproj else None,
+                    vision=mmproj is not None)
+
+
+def resolve(ref: Optional[str], *, want_vision: bool, mmproj: Optional[Path] = None, home: Optional[Path] = None) -> ResolvedModel:
+    if ref and (_looks_like_path(ref) or Path(ref).expanduser().exists()):
+        art = artifact_from_path(Path(ref), mmproj, want_vision)
+        return ResolvedModel(name=art.name, artifact=art)
+    from .registry import Registry
+    from .store import Store
+
+    registry = Registry.load(home)
+    if not ref:
+        ref = registry.defaults["vision" if want_vision else "text"]
+    spec, aspec = registry.resolve(ref)
+    store = Store(home)
+    art = store.artifact(spec, aspec) if store.is_installed(spec.alias, aspec.key) else None
+    if art is not None and mmproj is not None:
+        art.mmproj = mmproj.expanduser()
+    return ResolvedModel(name=spec.alias, artifact=art, model=spec, artifact_spec=aspec)
+
+
+def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
+    """Weights + projector + KV cache for n_ctx + runtime overhead, from files when we have them."""
+    art = resolved.artifact
+    if art is not None and art.format == "gguf":
+        info = read_gguf(art.path)
+        mm = art.mmproj.stat().st_size if art.mmproj and art.mmproj.exists() else 0
+        ctx = min(n_ctx, info.context_length or n_ctx)
+        return estimate(info.file_size, ctx, info.kv_shape, mm)
+    if art is not None:
+        size = sum(p.stat().st_size for p in Path(art.path).rglob("*") if p.is_file())
+        return estimate(size, n_ctx, None)
+    spec, aspec = resolved.model, resolved.artifact_spec
+    weights = mm = 0
+    for f in aspec.files:
+        if aspec.mmproj and f.name == aspec.mmproj:
+            mm += f.size or 0
+        else:
+            weights += f.size or 0
+    ctx = min(n_ctx, spec.context_length or n_ctx)
+    return estimate(weights, ctx, spec.kv, mm)
+
+
+def check_memory(resolved: ResolvedModel, n_ctx: int, available: Optional[int] = None) -> MemoryEstimate:
+    from .hardware import memory_info
+
+    est = estimate_memory(resolved, n_ctx)
+    check_fits(est, memory_info().available if available is None else available,
+               f"{resolved.alias_ref} with a {n_ctx:,}-token context")
+    return est
+
+
+def load_backend(artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> Backend:
+    from .backends import backend_for
+
+    if opts.mmproj is not None and artifact.mmproj is None:
+        artifact.mmproj = opts.mmproj
+    backend = backend_for(artifact.format)
+    try:
+        backend.load(artifact, opts, on_progress)
+    except BaseException:
+        backend.close()
+        raise
+    return backend

@@ -1,0 +1,151 @@
+"""Chat sessions: history, system prompt, images, saving; one backend whose KV cache follows the talk."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import UsageError
+from .protocol import Backend, ChatRequest, Chunk, ImageInput, Message
+
+
+@dataclass
+class GenerationOptions:
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    json_schema: Optional[dict] = None
+    raw: bool = False
+
+
+@dataclass
+class TurnResult:
+    text: str
+    final: Chunk
+    wall_s: float
+
+    @property
+    def usage(self) -> dict:
+        f = self.final
+        return {"prompt_tokens": f.prompt_tokens, "prompt_eval_tokens": f.prompt_eval_tokens,
+                "image_tokens": f.image_tokens, "completion_tokens": f.completion_tokens,
+                "total_tokens": f.prompt_tokens + f.completion_tokens}
+
+    @property
+    def timings(self) -> dict:
+        f = self.final
+        decode_tps = (f.completion_tokens - 1) / f.decode_s if f.decode_s > 0 and f.completion_tokens > 1 else None
+        prefill_tps = f.prompt_eval_tokens / f.prefill_s if f.prefill_s > 0 else None
+        return {"ttft_s": round(f.ttft_s, 4), "prefill_s": round(f.prefill_s, 4),
+                "image_encode_s": round(f.image_encode_s, 4), "decode_s": round(f.decode_s, 4),
+                "prefill_tokens_per_s": round(prefill_tps, 2) if prefill_tps else None,
+                "decode_tokens_per_s": round(decode_tps, 2) if decode_tps else None,
+                "total_s": round(self.wall_s, 4)}
+
+
+class ChatSession:
+    """A conversation with one loaded backend.
+
+    The backend keeps its KV cache between turns, so each turn evaluates only what is new. When a
+    turn is interrupted (Ctrl-C) the partial answer stays in the history, so the conversation and
+    the cache stay consistent.
+    """
+
+    def __init__(self, backend: Backend, model_name: str, system: Optional[str] = None,
+                 options: Optional[GenerationOptions] = None):
+        self.backend = backend
+        self.model_name = model_name
+        self.system = system
+        self.options = options or GenerationOptions()
+        self.history: list[Message] = []
+        self.pending_images: list[ImageInput] = []
+
+    # --- conversation state
+    def messages_for(self, user_text: str, images: list[ImageInput]) -> list[Message]:
+        msgs = [Message("system", self.system)] if self.system else []
+        return msgs + self.history + [Message("user", user_text, list(images))]
+
+    def add_image(self, image: ImageInput) -> None:
+        self.pending_images.append(image)
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.pending_images.clear()
+        reset = getattr(self.backend, "reset", None)
+        if reset is not None:
+            reset()
+
+    def set_system(self, text: Optional[str]) -> None:
+        self.system = text or None
+
+    # --- one turn
+    def send(self, user_text: str, images: Optional[list[ImageInput]] = None) -> Iterator[Chunk]:
+        """Stream the answer to ``user_text``; images given here plus any added with add_image()."""
+        imgs = self.pending_images + list(images or [])
+        self.pending_images = []
+        o = self.options
+        req = ChatRequest(messages=self.messages_for(user_text, imgs), max_tokens=o.max_tokens,
+                          temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
+                          repeat_penalty=o.repeat_penalty, seed=o.seed, stop=list(o.stop),
+                          json_schema=o.json_schema, raw=o.raw)
+        answer: list[str] = []
+        completed = False
+        try:
+            for chunk in self.backend.stream(req):
+                answer.append(chunk.text)
+                yield chunk
+            completed = True
+        finally:
+            # record the turn even if interrupted, so history matches what the model saw
+            text = "".join(answer)
+            if completed or text:
+                self.history.append(Message("user", user_text, imgs))
+                self.history.append(Message("assistant", text))
+
+    def ask(self, user_text: str, images: Optional[list[ImageInput]] = None) -> TurnResult:
+        t0 = time.perf_counter()
+        parts, final = [], None
+        for chunk in self.send(user_text, images):
+            parts.append(chunk.text)
+            final = chunk
+        assert final is not None
+        return TurnResult(text="".join(parts), final=final, wall_s=time.perf_counter() - t0)
+
+    # --- persistence
+    def to_dict(self) -> dict:
+        def msg(m: Message) -> dict:
+            d: dict = {"role": m.role, "content": m.content}
+            if m.images:
+                d["images"] = [{"path": _abs(i.source), "sha256": i.sha256, "width": i.width, "height": i.height,
+                                **({"label": i.label} if i.label else {})} for i in m.images]
+            return d
+
+        return {"format": "edgevlm-chat/1", "model": self.model_name, "system": self.system,
+                "messages": [msg(m) for m in self.history]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory.", hint="Give a file name, e.g. /save chat.json")
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"Cannot write {path}: {e.strerror or e}", hint="Choose a writable location.") from e
+        return path
+
+
+def _abs(source: str) -> str:
+    if source in ("-",) or "://" in source:
+        return source
+    return str(Path(source).expanduser().resolve())
