@@ -4,7 +4,9 @@ from __future__ import annotations
 import typer
 
 from . import ask as _ask
+from . import bench as _bench
 from . import chat as _chat
+from . import doctor as _doctor
 from . import models as _models
 from .console import install_signal_handlers
 
@@ -23,6 +25,8 @@ app.command("pull")(_models.pull)
 app.command("list")(_models.list_models)
 app.command("rm")(_models.rm)
 app.command("info")(_models.info)
+app.command("doctor")(_doctor.doctor)
+app.command("bench")(_bench.bench)
 
 
 def version_callback(value: bool) -> None:

@@ -250,6 +250,14 @@ class GGUFBackend:
             n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
+    def detokenize(self, toks: list[int]) -> str:
+        lc, buf = self._llama_cpp, self._piece_buf
+        out = bytearray()
+        for t in toks:
+            n = lc.llama_token_to_piece(self._vocab, t, buf, 256, 0, False)
+            out += buf.raw[: max(n, 0)]
+        return out.decode("utf-8", "replace")
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text, add_special=False, parse_special=True))
 

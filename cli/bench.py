@@ -1,0 +1,65 @@
+"""vlm bench: load time, TTFT, prefill and decode tok/s, image encode, peak RSS -- side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgevlm.runtime.memory import fmt_bytes
+
+from . import console
+from .console import boundary
+
+
+def _fmt(stat: dict, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f}±{stat['stdev'] * scale:.{digits}f}{unit}"
+
+
+@boundary
+def bench(
+    models: Annotated[list[str], typer.Argument(help="Registry names or .gguf paths; several are compared side by side.", show_default=False)],
+    image: Annotated[Optional[str], typer.Option("--image", help="Also measure image encode (vision models).")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=8, help="Prompt length for prefill.")] = 256,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=2, help="Tokens to generate for decode.")] = 128,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Repeats per model (mean and spread).")] = 3,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: physical cores).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", min=128, help="Context length (default: just enough).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart of the comparison.")] = None,
+) -> None:
+    """Measure models on this device: each in its own process, so peak memory is its own."""
+    from edgevlm.runtime.bench import device_summary, plot as draw, run_isolated
+
+    results = []
+    for m in models:
+        if not as_json:
+            console.info(f"[dim]Measuring {m} ...[/]")
+        results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                    repeat=repeat, threads=threads, n_ctx=ctx))
+    report = {"device": device_summary(), "results": results}
+    if plot is not None:
+        draw(report, plot)
+        console.info(f"[dim]Chart written to {plot}[/]")
+    if as_json:
+        console.write_out(json.dumps(report, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{report['device']['cpu']} ({results[0]['threads']} threads)", title_justify="left")
+    for col in ("model", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "image ms", "img tok", "peak RSS"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    base = results[0]
+    for r in results:
+        img = r["image"] or {}
+        ratio = ""
+        if r is not base and base["decode_tps"]["mean"] and r["decode_tps"]["mean"]:
+            ratio = f" ({r['decode_tps']['mean'] / base['decode_tps']['mean']:.2f}x)"
+        t.add_row(r["model"], f"{r['load_s']:.2f}", _fmt(r["ttft_s"], digits=3), _fmt(r["prefill_tps"]),
+                  _fmt(r["decode_tps"]) + ratio, _fmt(img["encode_ms"], digits=0) if img else "-",
+                  str(img.get("tokens") or "-"), fmt_bytes(r["peak_rss_bytes"]))
+    Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)

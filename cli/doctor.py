@@ -1,0 +1,56 @@
+"""vlm doctor: the device, the engines' builds, and which models fit here."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from edgevlm.runtime.memory import fmt_bytes
+
+from . import console
+from .console import boundary
+
+
+@boundary
+def doctor(
+    ctx: Annotated[int, typer.Option("--ctx", min=128, help="Context length used for the memory estimates.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Check this device: CPU features, memory, GPUs, engine builds, which models fit, known problems."""
+    from edgevlm.runtime.doctor import report
+
+    r = report(ctx)
+    if as_json:
+        console.write_out(json.dumps(r, indent=2) + "\n")
+        return
+    out = console.write_out
+    c = r["cpu"]
+    feats = " ".join(f"{k}{'+' if v else '-'}" for k, v in c["features"].items())
+    cores = f"{c['physical_cores']} physical / {c['logical_cores']} logical"
+    if c["performance_cores"]:
+        cores += f" ({c['performance_cores']} performance + {c['efficiency_cores']} efficiency)"
+    out(f"OS          {r['os']}  (Python {r['python']})\n")
+    out(f"CPU         {c['model']} [{c['arch']}], {cores}\n")
+    out(f"Features    {feats}\n")
+    out(f"Memory      {fmt_bytes(r['memory']['available'])} available of {fmt_bytes(r['memory']['total'])}\n")
+    out(f"GPUs        {', '.join(r['gpus']) or 'none found'}\n")
+    out(f"Threads     {r['default_threads']} by default\n")
+    lc = r["llama_cpp"]
+    out(f"llama.cpp   llama-cpp-python {lc['version'] or 'not installed'}\n")
+    if lc["system_info"]:
+        out(f"            {lc['system_info']}\n")
+    ort = r["onnxruntime"]
+    out(f"onnxruntime {ort['version'] or 'not installed'}" + (f"  providers: {', '.join(ort['providers'])}" if ort["providers"] else "") + "\n")
+    out(f"\nModels at a {r['context_for_estimates']}-token context (estimate = weights + projector + KV cache + runtime):\n")
+    rows = [["MODEL", "KIND", "ESTIMATE", "FITS", "INSTALLED"]]
+    for m in r["models"]:
+        rows.append([m["model"], m["kind"], fmt_bytes(m["estimate"]) if m["estimate"] else "?",
+                     {True: "yes", False: "no", None: "?"}[m["fits"]], "yes" if m["installed"] else ""])
+    widths = [max(len(x) for x in col) for col in zip(*rows)]
+    for row in rows:
+        out("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")
+    rec = r["recommended"]
+    out(f"\nRecommended: text {rec['text'] or '-'}, vision {rec['vision'] or '-'}\n")
+    for w in r["warnings"]:
+        out(f"Warning: {w}\n")

@@ -1,0 +1,217 @@
+"""`vlm bench`: what a device really does with a model -- load, TTFT, prefill, decode, image encode, peak RSS.
+
+Each model is measured in its own child process so that its peak RSS is its own, not the sum of
+everything measured before it. The child runs ``python -m edgevlm.runtime.bench`` and prints one
+JSON object; the parent collects them into a report (REPORT_SCHEMA).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import BackendError, EdgeVLMError
+
+_STAT = {"type": "object", "required": ["mean", "stdev", "min", "max"],
+         "properties": {k: {"type": ["number", "null"]} for k in ("mean", "stdev", "min", "max")}}
+RESULT_SCHEMA = {
+    "type": "object",
+    "required": ["model", "format", "threads", "n_ctx", "prompt_tokens", "gen_tokens", "repeat", "load_s",
+                 "ttft_s", "prefill_tps", "decode_tps", "peak_rss_bytes", "weights_bytes"],
+    "properties": {
+        "model": {"type": "string"}, "path": {"type": "string"}, "format": {"type": "string"},
+        "threads": {"type": "integer"}, "n_ctx": {"type": "integer"},
+        "prompt_tokens": {"type": "integer"}, "gen_tokens": {"type": "integer"}, "repeat": {"type": "integer"},
+        "load_s": {"type": "number"}, "ttft_s": _STAT, "prefill_tps": _STAT, "decode_tps": _STAT,
+        "image": {"type": ["object", "null"]},
+        "peak_rss_bytes": {"type": "integer"}, "weights_bytes": {"type": "integer"},
+        "kv_cache_bytes": {"type": ["integer", "null"]}, "estimate_bytes": {"type": ["integer", "null"]},
+    },
+}
+REPORT_SCHEMA = {
+    "type": "object", "required": ["device", "results"],
+    "properties": {"device": {"type": "object"}, "results": {"type": "array", "items": RESULT_SCHEMA}},
+}
+
+
+def _stat(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "stdev": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(xs), "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs)}
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _prompt_of(backend, n_tokens: int) -> str:
+    """A plain-text prompt of exactly n_tokens tokens (BOS included) for this model's tokenizer."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    text = " ".join(words[i % len(words)] for i in range(n_tokens * 2))
+    toks = backend.tokenize(text, add_special=False, parse_special=False)[: max(1, n_tokens - 1)]
+    detok = getattr(backend, "detokenize", None)
+    if detok is not None:
+        return detok(toks)
+    # fall back: trim words until the count fits
+    while backend.count_tokens(text) > n_tokens - 1:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
+def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256, gen_tokens: int = 128,
+            repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None) -> dict:
+    """Measure one model in this process (called in the child)."""
+    from .loader import estimate_memory, load_backend, resolve
+    from .media import load_image
+    from .protocol import ChatRequest, LoadOptions, Message
+
+    img = load_image(image) if image else None
+    resolved = resolve(model, want_vision=img is not None)
+    if resolved.artifact is None:
+        raise EdgeVLMError(f"{resolved.alias_ref} is not installed.", hint=f"Run `vlm pull {resolved.alias_ref}` first.")
+    ctx = n_ctx or max(512, prompt_tokens + gen_tokens + 2048 * (img is not None) + 64)
+    t0 = time.perf_counter()
+    b = load_backend(resolved.artifact, LoadOptions(n_ctx=ctx, n_threads=threads))
+    load_s = time.perf_counter() - t0
+    try:
+        prompt = _prompt_of(b, prompt_tokens)
+        if img is not None and not getattr(b, "has_vision", False):
+            raise BackendError(f"{resolved.alias_ref} has no vision projector.", hint="Benchmark images with a vision model.")
+
+        def run(text: str, images: list, reset: bool = True):
+            if reset:
+                b.reset()
+            req = ChatRequest(messages=[Message("user", text, images)], raw=True, temperature=0,
+                              max_tokens=gen_tokens)
+            last = None
+            for last in b.stream(req):
+                pass
+            return last
+
+        run(prompt[:200], [], True)                     # warm-up: first-touch of weights, thread pools
+        ttft, pp, tg, enc, follow = [], [], [], [], []
+        n_img_tokens = None
+        for _ in range(repeat):
+            f = run(prompt, [img] if img else [])
+            ttft.append(f.ttft_s)
+            text_tokens = f.prompt_eval_tokens - f.image_tokens
+            text_s = f.prefill_s - f.image_encode_s
+            pp.append(text_tokens / text_s if text_s > 0 else None)
+            tg.append((f.completion_tokens - 1) / f.decode_s if f.decode_s > 0 and f.completion_tokens > 1 else None)
+            if img is not None:
+                enc.append(f.image_encode_s)
+                n_img_tokens = f.image_tokens
+                # a second question about the same image, same session: KV prefix reused, image not re-encoded
+                f2 = run(prompt + " And what else?", [img], reset=False)
+                follow.append(f2.ttft_s)
+        info = getattr(b, "info", None)
+        kv = None
+        if info is not None and info.kv_shape:
+            from .memory import kv_cache_bytes
+
+            kv = kv_cache_bytes(getattr(b, "n_ctx", ctx), *info.kv_shape)
+        weights = resolved.artifact.path.stat().st_size if resolved.artifact.path.is_file() else sum(
+            p.stat().st_size for p in resolved.artifact.path.rglob("*") if p.is_file())
+        try:
+            est = estimate_memory(resolved, getattr(b, "n_ctx", ctx)).total
+        except EdgeVLMError:
+            est = None
+        return {
+            "model": resolved.alias_ref, "path": str(resolved.artifact.path), "format": resolved.artifact.format,
+            "threads": getattr(b, "n_threads", threads or 0), "n_ctx": getattr(b, "n_ctx", ctx),
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "load_s": load_s,
+            "ttft_s": _stat(ttft), "prefill_tps": _stat(pp), "decode_tps": _stat(tg),
+            "image": None if img is None else {
+                "source": image, "width": img.width, "height": img.height, "tokens": n_img_tokens,
+                "encode_ms": _stat([e * 1000 for e in enc]), "followup_ttft_s": _stat(follow),
+            },
+            "peak_rss_bytes": peak_rss(), "weights_bytes": weights, "kv_cache_bytes": kv, "estimate_bytes": est,
+        }
+    finally:
+        b.close()
+
+
+def run_isolated(model: str, **kw) -> dict:
+    """Measure one model in a child process; its errors come back as EdgeVLMError."""
+    args = [sys.executable, "-m", "edgevlm.runtime.bench", model, json.dumps(kw)]
+    r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BackendError(f"Benchmark of {model} failed (exit {r.returncode}): {tail}",
+                           hint="Run it again with VLM_DEBUG=1 to see the child's traceback.")
+    doc = json.loads(lines[-1])
+    if "error" in doc:
+        raise EdgeVLMError(doc["error"], hint=doc.get("hint", ""))
+    return doc
+
+
+def device_summary() -> dict:
+    import platform
+
+    from .hardware import cpu_info, memory_info
+
+    c = cpu_info()
+    return {"cpu": c.model, "arch": c.arch, "physical_cores": c.physical_cores, "logical_cores": c.logical_cores,
+            "memory_total": memory_info().total, "os": f"{platform.system()} {platform.release()}"}
+
+
+def plot(report: dict, path: Path) -> Path:
+    """A PNG with prefill and decode tok/s per model side by side (people compare quants by looking)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        from .errors import missing_extra
+
+        raise missing_extra("matplotlib", extra="plot") from e
+    res = report["results"]
+    names = [r["model"] for r in res]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(res), 4))
+    for ax, key, title in ((axes[0], "prefill_tps", "prefill tok/s"), (axes[1], "decode_tps", "decode tok/s")):
+        vals = [r[key]["mean"] or 0 for r in res]
+        errs = [r[key]["stdev"] or 0 for r in res]
+        ax.bar(names, vals, yerr=errs, color="#4C72B0")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    axes[2].bar(names, [r["peak_rss_bytes"] / 2**20 for r in res], color="#DD8452")
+    axes[2].set_title("peak RSS (MiB)")
+    axes[2].tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{report['device']['cpu']} - {res[0]['threads']} threads")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _child(argv: list[str]) -> int:
+    model, kw = argv[0], json.loads(argv[1])
+    try:
+        doc = measure(model, **kw)
+    except EdgeVLMError as e:
+        if os.environ.get("VLM_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        doc = {"error": e.message, "hint": e.hint}
+    print(json.dumps(doc), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

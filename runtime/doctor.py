@@ -1,0 +1,140 @@
+"""`vlm doctor`: what this device is, what our engines were built with, and which models fit."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .hardware import cpu_info, default_threads, llama_build_has_amx, llama_system_info, memory_info
+
+FEATURES_SHOWN = {
+    "x86": ["avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "avx_vnni"],
+    "arm": ["asimd", "asimddp", "i8mm", "sve", "sve2", "bf16", "fphp"],
+}
+FEATURE_NAMES = {"asimd": "neon", "asimddp": "dotprod", "fphp": "fp16"}
+
+
+def _gpus() -> list[str]:
+    out = []
+    if shutil.which("nvidia-smi"):
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=5)
+            out += [f"CUDA: {line.strip()}" for line in r.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    tegra = Path("/etc/nv_tegra_release")
+    if tegra.exists():
+        out.append("Jetson: " + tegra.read_text(errors="replace").splitlines()[0][:80])
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        out.append("Metal: Apple Silicon GPU (unified memory)")
+    return out
+
+
+def _onnx_providers() -> Optional[list[str]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    return list(ort.get_available_providers())
+
+
+def _rosetta() -> bool:
+    if platform.system() != "Darwin":
+        return False
+    try:
+        r = subprocess.run(["sysctl", "-n", "sysctl.proc_translated"], capture_output=True, text=True, timeout=2)
+        return r.stdout.strip() == "1"
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def model_fits(n_ctx: int = 4096, available: Optional[int] = None) -> list[dict]:
+    """Every registry artifact with its memory estimate and whether it fits in available memory now."""
+    from .loader import ResolvedModel, estimate_memory
+    from .registry import Registry
+    from .store import Store
+
+    avail = memory_info().available if available is None else available
+    store = Store()
+    rows = []
+    for m in Registry.load().models():
+        for key, a in m.artifacts.items():
+            r = ResolvedModel(name=m.alias, artifact=None, model=m, artifact_spec=a)
+            if any(f.size is None for f in a.files):
+                est = None
+            else:
+                est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx)).total
+            rows.append({"model": f"{m.alias}:{key}", "kind": m.kind, "format": a.format,
+                         "params": m.parameters, "estimate": est,
+                         "fits": None if est is None else est <= avail,
+                         "installed": store.is_installed(m.alias, key)})
+    return rows
+
+
+def recommend(rows: list[dict]) -> dict[str, Optional[str]]:
+    """The biggest default-format (gguf) model of each kind that fits, leaving a quarter of RAM free."""
+    best: dict[str, Optional[str]] = {"text": None, "vision": None}
+    size: dict[str, int] = {}
+    for r in rows:
+        if r["format"] != "gguf" or not r["fits"] or r["kind"] not in best:
+            continue
+        p = r["params"] or 0
+        if p > size.get(r["kind"], -1):
+            best[r["kind"]], size[r["kind"]] = r["model"], p
+    return best
+
+
+def report(n_ctx: int = 4096) -> dict:
+    cpu = cpu_info()
+    mem = memory_info()
+    family = "arm" if cpu.arch in ("arm64", "aarch64") else "x86"
+    feats = {FEATURE_NAMES.get(f, f): (f in cpu.features) for f in FEATURES_SHOWN[family]}
+    sysinfo = llama_system_info()
+    threads = default_threads()
+    warnings = []
+    if "amx_tile" in cpu.features and llama_build_has_amx():
+        warnings.append("This CPU has AMX and llama.cpp was built with AMX kernels, which crash on some CPUs "
+                        "(llama.cpp #20824): edgevlm turns the AMX buffers off at load (VLM_LLAMA_EXTRA_BUFTS=1 forces them on).")
+    if family == "arm" and any(k in sysinfo for k in ("AVX = 1", "AVX2 = 1")):
+        warnings.append("llama.cpp reports x86 features on an ARM CPU: it was built with x86-only flags; rebuild it (see README).")
+    if _rosetta():
+        warnings.append("Python runs under Rosetta (x86-64 on Apple Silicon): install an arm64 Python for several times the speed.")
+    env_threads = os.environ.get("VLM_THREADS")
+    if env_threads and env_threads.isdigit() and int(env_threads) > cpu.physical_cores:
+        warnings.append(f"VLM_THREADS={env_threads} exceeds the {cpu.physical_cores} physical cores: decode usually slows down.")
+    if cpu.efficiency_cores:
+        warnings.append(f"Hybrid CPU: defaulting to {threads} threads (performance cores only).")
+    if sysinfo and family == "x86" and "AVX2 = 1" not in sysinfo:
+        warnings.append("llama.cpp was built without AVX2: expect slow decoding; rebuild llama-cpp-python (see README).")
+    try:
+        fits = model_fits(n_ctx, mem.available)
+    except Exception as e:  # a broken user registry must not hide the rest of the report
+        fits = []
+        warnings.append(f"Could not read the model registry: {e}")
+    return {
+        "os": f"{platform.system()} {platform.release()}", "python": sys.version.split()[0],
+        "cpu": {"model": cpu.model, "arch": cpu.arch, "logical_cores": cpu.logical_cores,
+                "physical_cores": cpu.physical_cores, "performance_cores": cpu.performance_cores,
+                "efficiency_cores": cpu.efficiency_cores, "features": feats},
+        "memory": {"total": mem.total, "available": mem.available},
+        "gpus": _gpus(),
+        "default_threads": threads,
+        "llama_cpp": {"version": _version("llama-cpp-python"), "system_info": sysinfo.strip() or None},
+        "onnxruntime": {"version": _version("onnxruntime"), "providers": _onnx_providers()},
+        "models": fits, "recommended": recommend(fits), "context_for_estimates": n_ctx,
+        "warnings": warnings,
+    }
+
+
+def _version(dist: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

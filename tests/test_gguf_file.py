@@ -1,0 +1,61 @@
+"""The GGUF check that runs before llama.cpp sees a file: real models pass, damaged copies fail cleanly."""
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+
+from edgevlm.runtime.errors import BadModelFile
+from edgevlm.runtime.gguf_file import read_gguf
+
+pytestmark = pytest.mark.model
+
+
+def test_real_models_parse(smollm2_gguf, gemma_gguf):
+    s = read_gguf(smollm2_gguf)
+    assert s.architecture == "llama"
+    assert s.quantization == "Q4_1"
+    assert s.chat_template and "im_start" in s.chat_template
+    assert s.kv_shape == (30, 3, 64)
+    assert 130e6 < s.n_params < 140e6
+    g = read_gguf(gemma_gguf)
+    assert g.architecture == "gemma3"
+    assert g.chat_template is None
+    assert g.context_length == 32768
+
+
+def _copy_prefix(src, dst, n):
+    with open(src, "rb") as f, open(dst, "wb") as o:
+        o.write(f.read(n))
+
+
+@pytest.mark.parametrize("keep", [0, 3, 23, 200, 5_000_000, "minus1"])
+def test_truncated_files_are_refused(smollm2_gguf, tmp_path, keep):
+    size = smollm2_gguf.stat().st_size
+    n = size - 1 if keep == "minus1" else keep
+    bad = tmp_path / "cut.gguf"
+    _copy_prefix(smollm2_gguf, bad, n)
+    with pytest.raises(BadModelFile) as e:
+        read_gguf(bad)
+    assert "truncated" in str(e.value) or "not a valid GGUF" in str(e.value)
+    assert e.value.hint
+
+
+def test_corrupt_header_counts_are_refused(smollm2_gguf, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(smollm2_gguf, bad)
+    with open(bad, "r+b") as f:           # tensor count -> absurd
+        f.seek(8)
+        f.write(struct.pack("<Q", 1 << 40))
+    with pytest.raises(BadModelFile, match="implausible"):
+        read_gguf(bad)
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"\x80\x02PYTORCH pickle" + b"\0" * 64)
+    with pytest.raises(BadModelFile, match="pickle"):
+        read_gguf(p)
+    with pytest.raises(BadModelFile, match="not found"):
+        read_gguf(tmp_path / "missing.gguf")
