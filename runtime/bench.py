@@ -153,7 +153,9 @@ def run_isolated(model: str, **kw) -> dict:
                            hint="Run it again with VLM_DEBUG=1 to see the child's traceback.")
     doc = json.loads(lines[-1])
     if "error" in doc:
-        raise EdgeVLMError(doc["error"], hint=doc.get("hint", ""))
+        err = EdgeVLMError(doc["error"], hint=doc.get("hint", ""))
+        err.exit_code = int(doc.get("exit_code", 1))
+        raise err
     return doc
 
 
@@ -208,7 +210,7 @@ def _child(argv: list[str]) -> int:
             import traceback
 
             traceback.print_exc()
-        doc = {"error": e.message, "hint": e.hint}
+        doc = {"error": e.message, "hint": e.hint, "exit_code": e.exit_code}
     print(json.dumps(doc), flush=True)
     return 0
 

