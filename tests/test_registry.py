@@ -1,0 +1,226 @@
+"""Registry (shipped + user overlay + config defaults) and config.yaml, on small files in tmp_path."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgevlm.runtime.config import Config, load_config, save_config, vlm_home
+from edgevlm.runtime.errors import ModelNotFound, UsageError
+from edgevlm.runtime.registry import Registry, RegistryError, register_user_model, shipped_registry_path
+
+SHA = "ab" * 32
+
+
+def entry(**over) -> dict:
+    e = {
+        "name": "Tiny LM", "kind": "text", "architecture": "llama", "parameters": 135_000_000,
+        "context_length": 8192, "chat_format": None, "license": "apache-2.0",
+        "homepage": "https://huggingface.co/org/tiny", "kv": {"layers": 30, "kv_heads": 3, "head_dim": 64},
+        "default": "q4_k_m",
+        "artifacts": {
+            "q4_k_m": {"format": "gguf", "quantization": "Q4_K_M", "model": "tiny-q4.gguf", "files": [
+                {"name": "tiny-q4.gguf", "size": 1000, "sha256": SHA,
+                 "source": {"hf": {"repo": "org/tiny-GGUF", "file": "tiny-q4.gguf"}}}]},
+            "q8_0": {"format": "gguf", "quantization": "Q8_0", "model": "tiny-q8.gguf", "files": [
+                {"name": "tiny-q8.gguf", "size": 2000, "source": {"url": "https://example.org/tiny-q8.gguf"}},
+                {"name": "mmproj.gguf", "size": None,
+                 "source": {"pypi": {"package": "tiny-w", "version": "0.1.2", "member": "tiny_w/m.gguf"}}}],
+                "mmproj": "mmproj.gguf"},
+        },
+    }
+    e.update(over)
+    return e
+
+
+def write(path: Path, models: dict, defaults: dict | None = None, version=1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"version": version, **({"defaults": defaults} if defaults else {}), "models": models}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("VLM_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def shipped(tmp_path) -> Path:
+    return write(tmp_path / "shipped.yaml", {"tiny": entry(), "tiny-vl": entry(name="Tiny VL", kind="vision")},
+                 {"text": "tiny", "vision": "tiny-vl"})
+
+
+def test_load_builds_specs(home, shipped):
+    reg = Registry.load(home, shipped=shipped)
+    assert [m.alias for m in reg.models()] == ["tiny", "tiny-vl"]
+    m = reg.get("tiny")
+    assert (m.name, m.kind, m.architecture, m.context_length, m.origin) == ("Tiny LM", "text", "llama", 8192, "shipped")
+    assert m.kv == (30, 3, 64) and m.completion_only is False and m.chat_format is None
+    q4 = m.artifacts["q4_k_m"]
+    assert q4.files[0].source == {"hf": {"repo": "org/tiny-GGUF", "file": "tiny-q4.gguf", "revision": "main"}}
+    q8 = m.artifacts["q8_0"]
+    assert q8.mmproj == "mmproj.gguf"
+    assert q8.files[1].source["pypi"] == [{"package": "tiny-w", "version": "0.1.2", "member": "tiny_w/m.gguf"}]
+    assert m.download_size(q8) == 2000 and q8.total_size is None
+    assert m.download_size() == 1000 and q4.total_size == 1000
+    assert reg.defaults == {"text": "tiny", "vision": "tiny-vl"}
+
+
+def test_resolve_alias_and_artifact(home, shipped):
+    reg = Registry.load(home, shipped=shipped)
+    m, a = reg.resolve("tiny")
+    assert (m.alias, a.key) == ("tiny", "q4_k_m")
+    m, a = reg.resolve("Tiny:Q8_0")
+    assert (m.alias, a.key) == ("tiny", "q8_0")
+    assert m.ref(a) == "tiny:q8_0" and m.ref() == "tiny"
+
+
+def test_unknown_alias_suggests_close_names(home, shipped):
+    reg = Registry.load(home, shipped=shipped)
+    with pytest.raises(ModelNotFound, match="Did you mean 'tiny'") as ei:
+        reg.get("tinny")
+    assert "vlm list --available" in ei.value.hint
+    with pytest.raises(ModelNotFound) as ei:
+        reg.resolve("zzz")
+    assert "Did you mean" not in str(ei.value)
+
+
+def test_unknown_artifact_lists_available(home, shipped):
+    with pytest.raises(ModelNotFound, match="no artifact 'q2_k'.*q4_k_m, q8_0") as ei:
+        Registry.load(home, shipped=shipped).resolve("tiny:q2_k")
+    assert "tiny:q8_0" in ei.value.hint
+
+
+def test_overlay_wins_and_config_sets_defaults(home, shipped):
+    write(home / "models.yaml", {"tiny": entry(name="My Tiny", default="q8_0"), "mine": entry(name="Mine")},
+          {"text": "mine"})
+    reg = Registry.load(home, shipped=shipped)
+    assert reg.get("tiny").name == "My Tiny" and reg.get("tiny").origin == "user"
+    assert reg.resolve("tiny")[1].key == "q8_0"
+    assert reg.get("tiny-vl").origin == "shipped"
+    assert reg.defaults == {"text": "mine", "vision": "tiny-vl"}
+    save_config(Config(default_text_model="tiny:q8_0", default_vision_model="tiny"), home)
+    reg = Registry.load(home, shipped=shipped)
+    assert reg.defaults == {"text": "tiny:q8_0", "vision": "tiny"}
+    assert reg.resolve(reg.default_ref("text"))[1].key == "q8_0"
+
+
+def _broken(mutate) -> dict:
+    e = copy.deepcopy(entry())
+    mutate(e)
+    return e
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda e: e.update(kindd="text"), ["model 'tiny'", "unknown field 'kindd'", "did you mean 'kind'"]),
+    (lambda e: e.update(kind="txt"), ["model 'tiny'", "'kind'", "text, vision, guard", "'txt'"]),
+    (lambda e: e.pop("name"), ["model 'tiny'", "'name' is required"]),
+    (lambda e: e.update(default="q2_k"), ["model 'tiny'", "'default'", "q2_k", "q4_k_m, q8_0"]),
+    (lambda e: e.update(parameters="135M"), ["model 'tiny'", "'parameters'", "whole number"]),
+    (lambda e: e.update(kv={"layers": 30, "kv_heads": 3}), ["model 'tiny'", "'kv'", "head_dim"]),
+    (lambda e: e.update(completion_only="yes"), ["model 'tiny'", "'completion_only'"]),
+    (lambda e: e.update(artifacts={}), ["model 'tiny'", "'artifacts'"]),
+    (lambda e: e["artifacts"]["q4_k_m"].update(format="safetensors"),
+     ["model 'tiny'", "artifact 'q4_k_m'", "'format'", "gguf, onnx"]),
+    (lambda e: e["artifacts"]["q4_k_m"].update(model="other.gguf"), ["artifact 'q4_k_m'", "'model'", "other.gguf"]),
+    (lambda e: e["artifacts"]["q8_0"].update(mmproj="nope.gguf"), ["artifact 'q8_0'", "'mmproj'", "nope.gguf"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(sha256="xyz"),
+     ["artifact 'q4_k_m'", "file 'tiny-q4.gguf'", "'sha256'", "64 hex"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(size=-1), ["file 'tiny-q4.gguf'", "'size'"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(
+        source={"url": "https://x/y", "hf": {"repo": "a/b", "file": "c"}}), ["file 'tiny-q4.gguf'", "exactly one of"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].pop("source"), ["file 'tiny-q4.gguf'", "'source' is required"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(source={"hf": {"repo": "noslash", "file": "x"}}),
+     ["file 'tiny-q4.gguf'", "org/name"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(source={"url": "ftp://x/y"}), ["'source.url'", "http"]),
+    (lambda e: e["artifacts"]["q4_k_m"]["files"][0].update(
+        source={"pypi": [{"package": "p", "version": "1", "membr": "m"}]}), ["unknown field 'membr'"]),
+    (lambda e: e["artifacts"]["q4_k_m"].update(model="../x.gguf"), ["'model'", "relative path"]),
+])
+def test_validation_errors_name_alias_and_field(home, tmp_path, mutate, words):
+    path = write(tmp_path / "bad.yaml", {"tiny": _broken(mutate)})
+    with pytest.raises(RegistryError) as ei:
+        Registry.load(home, shipped=path)
+    msg = str(ei.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert isinstance(ei.value, UsageError) and str(path) in ei.value.hint
+
+
+def test_bad_alias_bad_version_bad_yaml(home, tmp_path):
+    with pytest.raises(RegistryError, match="alias 'Tiny_LM'"):
+        Registry.load(home, shipped=write(tmp_path / "a.yaml", {"Tiny_LM": entry()}))
+    with pytest.raises(RegistryError, match="version 2 is not supported"):
+        Registry.load(home, shipped=write(tmp_path / "b.yaml", {"tiny": entry()}, version=2))
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models:\n  tiny: [unclosed\n")
+    with pytest.raises(RegistryError, match=f"{bad} is not valid YAML"):
+        Registry.load(home, shipped=bad)
+
+
+def test_broken_overlay_names_the_overlay(home, shipped):
+    write(home / "models.yaml", {"tiny": _broken(lambda e: e.update(kind="audio"))})
+    with pytest.raises(RegistryError, match=str(home / "models.yaml") + ".*model 'tiny'.*'kind'"):
+        Registry.load(home, shipped=shipped)
+
+
+def test_register_user_model(home, shipped):
+    write(home / "models.yaml", {"keep": entry(name="Keep me")})
+    spec = register_user_model(home, "tiny-q", entry(name="Quantized here"))
+    assert spec.alias == "tiny-q" and spec.origin == "user"
+    reg = Registry.load(home, shipped=shipped)
+    assert reg.get("tiny-q").name == "Quantized here" and reg.get("keep").name == "Keep me"
+    register_user_model(home, "tiny-q", entry(name="Again"))         # replaces
+    assert Registry.load(home, shipped=shipped).get("tiny-q").name == "Again"
+    before = (home / "models.yaml").read_text()
+    with pytest.raises(RegistryError, match="model 'bad'.*'kind'"):
+        register_user_model(home, "bad", entry(kind="nope"))
+    assert (home / "models.yaml").read_text() == before
+    assert sorted(p.name for p in home.iterdir()) == ["locks", "models.yaml"]   # no temp files left
+
+
+def test_config_roundtrip_and_errors(home):
+    assert vlm_home() == home
+    assert load_config() == Config()
+    path = save_config(Config(default_text_model="tiny", max_image_pixels=4_000_000, ctx=2048))
+    assert path == home / "config.yaml"
+    assert load_config() == Config(default_text_model="tiny", max_image_pixels=4_000_000, ctx=2048)
+    path.write_text("ctx: 2048\ndefault_txt_model: tiny\n")
+    with pytest.raises(UsageError, match="unknown setting 'default_txt_model'") as ei:
+        load_config()
+    assert "default_text_model" in ei.value.hint
+    path.write_text("ctx: [1, 2\n")
+    with pytest.raises(UsageError, match=f"{path} is not valid YAML"):
+        load_config()
+    path.write_text("ctx: -5\n")
+    with pytest.raises(UsageError, match="'ctx' must be a positive whole number"):
+        load_config(home)
+    path.write_text("")
+    assert load_config(home) == Config()
+
+
+def test_vlm_home_default_is_platform_data_dir(monkeypatch):
+    import platformdirs
+
+    monkeypatch.delenv("VLM_HOME", raising=False)
+    assert vlm_home() == Path(platformdirs.user_data_dir("edgevlm", appauthor=False))
+
+
+def test_shipped_registry_loads_and_every_entry_validates(home):
+    assert shipped_registry_path().is_file(), "models.yaml is not installed with the package"
+    reg = Registry.load(home)                                     # validates every entry on load
+    models = reg.models()
+    assert models
+    for m in models:
+        assert m.origin == "shipped" and m.default in m.artifacts
+        for a in m.artifacts.values():
+            assert reg.resolve(f"{m.alias}:{a.key}") == (m, a)
+    for kind in ("text", "vision"):
+        spec, _ = reg.resolve(reg.default_ref(kind))
+        assert spec.kind == kind
