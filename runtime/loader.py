@@ -32,10 +32,7 @@ class ResolvedModel:
 
     @property
     def download_size(self) -> Optional[int]:
-        if self.artifact_spec is None:
-            return None
-        sizes = [f.size for f in self.artifact_spec.files]
-        return sum(sizes) if all(s is not None for s in sizes) else None
+        return None if self.artifact_spec is None else self.artifact_spec.total_size
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -76,7 +73,7 @@ def resolve(ref: Optional[str], *, want_vision: bool, mmproj: Optional[Path] = N
 
     registry = Registry.load(home)
     if not ref:
-        ref = registry.defaults["vision" if want_vision else "text"]
+        ref = registry.default_ref("vision" if want_vision else "text")
     spec, aspec = registry.resolve(ref)
     store = Store(home)
     art = store.artifact(spec, aspec) if store.is_installed(spec.alias, aspec.key) else None

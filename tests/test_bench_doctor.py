@@ -54,9 +54,10 @@ def test_bench_table_on_stdout(smollm2_gguf):
 
 
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
-def test_memory_estimate_not_below_measured_rss(alias, smollm2_gguf, gemma_gguf):
+def test_memory_estimate_not_below_measured_rss(alias, smollm2_gguf, gemma_gguf, models_home, monkeypatch):
     from edgevlm.runtime.bench import run_isolated
 
+    monkeypatch.setenv("VLM_HOME", str(models_home))
     for ctx in (512, 4096):
         res = run_isolated(alias, prompt_tokens=64, gen_tokens=8, repeat=1, n_ctx=ctx)
         est, rss = res["estimate_bytes"], res["peak_rss_bytes"]
