@@ -280,8 +280,6 @@ class GGUFBackend:
                     continue
                 parts.append("".join((img.label + marker) for img in m.images) + m.content)
             return "".join(parts) if len(parts) == 1 else "\n".join(parts)
-        if images and not self.chat_template:
-            raise BackendError("This model has no chat template for images.", hint="Use --raw.")
         return render_chat(self.chat_template, request.messages, bos_token=self._bos_text(),
                            eos_token=self._eos_text(), marker=marker)
 
@@ -292,16 +290,16 @@ class GGUFBackend:
     def _prepare(self, request: ChatRequest):
         """Tokenize the prompt. Returns (keys, plan) where plan lists ("t", start, tokens) and
         ("i", start, n_pos, chunk) items covering keys in order."""
-        text = self.render(request)
         images = [img for m in request.messages for img in m.images]
-        if not images:
-            toks = self.tokenize(text, add_special=self._add_special(text))
-            return toks, [("t", 0, toks)], None, 0
-        if self._mtmd is None:
+        if images and self._mtmd is None:
             raise UsageError(
                 f"{self.artifact.name if self.artifact else 'This model'} has no vision projector, so it cannot read images.",
                 hint="Use a vision model (e.g. `-m smolvlm-500m`) or pass its projector with --mmproj.",
             )
+        text = self.render(request)
+        if not images:
+            toks = self.tokenize(text, add_special=self._add_special(text))
+            return toks, [("t", 0, toks)], None, 0
         mt = self._mtmd_cpp
         bitmaps = []
         try:
@@ -450,7 +448,6 @@ class GGUFBackend:
                     f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
                     hint="Shorten the input, or raise --ctx (up to the model's trained context).",
                 )
-            sampler = self._sampler(request)
             reused = self._reuse_prefix(keys, plan)
             image_s = 0.0
             for item in plan:
@@ -484,6 +481,7 @@ class GGUFBackend:
         base = dict(prompt_tokens=prompt_tokens, prompt_eval_tokens=evaluated, image_tokens=n_image_tokens,
                     prefill_s=t_prefill - t_start, image_encode_s=image_s)
 
+        sampler = self._sampler(request)
         utf8 = _Utf8Stream()
         stops = _StopFilter(request.stop)
         n_out = 0
