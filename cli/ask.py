@@ -11,17 +11,26 @@ from edgevlm.runtime.errors import UsageError
 
 from . import console
 from .console import boundary
-from .options import (Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
+from .options import (Ctx, Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
                       Threads, TopK, TopP, Yes)
 
 
-def load_media(refs: list[str], max_pixels: Optional[int] = None):
+def load_media(refs: list[str], *, frames: Optional[int] = None, fps: Optional[float] = None, n_ctx: int = 4096):
+    """Images as they are; videos as sampled frames labelled with their timestamps."""
     from edgevlm.runtime.config import load_config
-    from edgevlm.runtime.media import load_image
+    from edgevlm.runtime.media import load_image, sniff_kind
 
-    limit = max_pixels or getattr(load_config(), "max_image_pixels", None)
+    limit = getattr(load_config(), "max_image_pixels", None)
     kw = {"max_pixels": limit} if limit else {}
-    return [load_image(r, **kw) for r in refs]
+    out = []
+    for r in refs:
+        if r != "-" and "://" not in r and sniff_kind(r) == "video":
+            from edgevlm.runtime.video import sample_frames
+
+            out.extend(sample_frames(r, frames=frames, fps=fps, n_ctx=n_ctx, **kw))
+        else:
+            out.append(load_image(r, **kw))
+    return out
 
 
 @boundary
@@ -40,6 +49,9 @@ def ask(
     stop: Stop = None,
     raw: Raw = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, usage, timings.")] = False,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="JSON schema (file or JSON text): the answer is constrained to it and validated.")] = None,
+    frames: Frames = None,
+    fps: Fps = None,
     yes: Yes = False,
     ignore_memory: IgnoreMemory = False,
     quiet: Quiet = False,
@@ -54,11 +66,16 @@ def ask(
     from .acquire import open_model
     from .inputs import combine, read_stdin_text, split_args
 
+    from edgevlm.runtime.schema import load_schema, parse_and_validate
+
+    from .options import DEFAULT_CTX
+
     console.set_quiet(quiet)
+    json_schema = load_schema(schema) if schema else None       # a bad schema fails before the model loads
     inp = split_args(list(args or []))
     context = None if "-" in inp.media else read_stdin_text()
     prompt = combine(inp.prompt, context)
-    images = load_media(inp.media) if inp.media else []
+    images = load_media(inp.media, frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX) if inp.media else []
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
                                    yes=yes, ignore_memory=ignore_memory)
     try:
@@ -66,13 +83,18 @@ def ask(
         if completion_only and not raw and not quiet:
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed, stop=list(stop or []), raw=raw or completion_only)
+                                 seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
-        if as_json:
+        if as_json or json_schema is not None:
             result = session.ask(prompt, images)
-            doc = {"answer": result.text, "model": resolved.alias_ref, "finish_reason": result.final.finish_reason,
+            answer = parse_and_validate(result.text, json_schema) if json_schema is not None else result.text
+            if not as_json:
+                console.write_out(json.dumps(answer, ensure_ascii=False) + "\n")
+                return
+            doc = {"answer": answer, "model": resolved.alias_ref, "finish_reason": result.final.finish_reason,
                    "usage": result.usage, "timings": result.timings,
-                   "images": [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height} for i in images]}
+                   "images": [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height,
+                               **({"label": i.label} if i.label else {})} for i in images]}
             console.write_out(json.dumps(doc, ensure_ascii=False) + "\n")
             return
         last = None

@@ -11,7 +11,7 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 from . import console
 from .console import boundary
-from .options import (Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
+from .options import (Ctx, Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
                       Threads, TopK, TopP, Yes)
 
 HELP = """Commands:
@@ -130,6 +130,9 @@ def chat(
     threads: Threads = None,
     stop: Stop = None,
     raw: Raw = False,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="Constrain every answer to this JSON schema (file or JSON text).")] = None,
+    frames: Frames = None,
+    fps: Fps = None,
     yes: Yes = False,
     ignore_memory: IgnoreMemory = False,
     quiet: Quiet = False,
@@ -140,14 +143,19 @@ def chat(
     from .acquire import open_model
     from .ask import load_media
 
+    from edgevlm.runtime.schema import load_schema
+
+    from .options import DEFAULT_CTX
+
     console.set_quiet(quiet)
-    images = load_media(list(media or []))
+    json_schema = load_schema(schema) if schema else None
+    images = load_media(list(media or []), frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX)
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
                                    yes=yes, ignore_memory=ignore_memory)
     tty = sys.stdin.isatty()
     try:
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed, stop=list(stop or []), raw=raw)
+                                 seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
         for img in images:
             session.add_image(img)

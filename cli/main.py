@@ -5,6 +5,7 @@ import typer
 
 from . import ask as _ask
 from . import bench as _bench
+from . import caption as _caption
 from . import chat as _chat
 from . import doctor as _doctor
 from . import models as _models
@@ -22,6 +23,7 @@ app = typer.Typer(
 
 app.command("chat")(_chat.chat)
 app.command("ask")(_ask.ask)
+app.command("caption")(_caption.caption)
 app.command("pull")(_models.pull)
 app.command("list")(_models.list_models)
 app.command("rm")(_models.rm)

@@ -22,4 +22,7 @@ Raw = Annotated[bool, typer.Option("--raw", help="Plain completion: send the pro
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop generating at this string (repeatable).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr; errors only.")]
 
+Frames = Annotated[Optional[int], typer.Option("--frames", min=1, help="Video: number of frames to sample (default: chosen for the context).")]
+Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sample this many frames per second instead.")]
+
 DEFAULT_CTX = 4096

@@ -1,0 +1,100 @@
+"""vlm caption: many images -> one JSON line each; resumable; bad files become error records."""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+from . import console
+from .console import boundary
+from .options import Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Seed, Temperature, Threads, Yes
+
+EXIT_SOME_FAILED = 12
+
+
+@boundary
+def caption(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="JSONL file to write (- for stdout).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every image.")] = "Describe this image in one sentence.",
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already in --out (same file bytes, prompt, model).")] = False,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="JSON schema (file or JSON text): answers are constrained to it and parsed.")] = None,
+    model: Model = None,
+    mmproj: MMProj = None,
+    temperature: Temperature = 0.0,
+    max_tokens: MaxTokens = 128,
+    seed: Seed = None,
+    ctx: Ctx = None,
+    threads: Threads = None,
+    yes: Yes = False,
+    ignore_memory: IgnoreMemory = False,
+    quiet: Quiet = False,
+) -> None:
+    """Caption many images with one model load, one JSON line per image.
+
+    Exit code 0 when every image succeeded, 12 when some became error records.
+    """
+    from edgevlm.runtime.batch import JsonlWriter, expand_inputs, file_sha256, record_key
+    from edgevlm.runtime.media import load_image
+    from edgevlm.runtime.protocol import ChatRequest, Message
+    from edgevlm.runtime.schema import load_schema, parse_and_validate
+
+    from .acquire import open_model
+
+    console.set_quiet(quiet)
+    json_schema = load_schema(schema) if schema else None          # invalid schemas fail before loading
+    inputs = expand_inputs(paths)
+    if not inputs:
+        raise EdgeVLMError("No inputs.", hint="Pass image files, folders or globs.")
+    writer = JsonlWriter(out, resume)
+    backend = None
+    failed = ok = skipped = 0
+    try:
+        backend, resolved = open_model(model, want_vision=True, mmproj=mmproj, ctx=ctx, threads=threads,
+                                       yes=yes, ignore_memory=ignore_memory)
+        name = resolved.alias_ref
+        t_start = time.perf_counter()
+        with console.progress("Captioning") as cb:
+            for i, path in enumerate(inputs):
+                cb("images", i, len(inputs))
+                sha = file_sha256(path)
+                key = record_key(sha, prompt, name, json_schema)
+                if key in writer.done:
+                    skipped += 1
+                    continue
+                rec: dict = {"path": path, "sha256": sha, "prompt": prompt, "model": name, "key": key}
+                t0 = time.perf_counter()
+                try:
+                    img = load_image(path)
+                    req = ChatRequest(messages=[Message("user", prompt, [img])], max_tokens=max_tokens,
+                                      temperature=temperature, seed=seed, json_schema=json_schema)
+                    text, last = "", None
+                    for last in backend.stream(req):
+                        text += last.text
+                    rec["answer"] = parse_and_validate(text, json_schema) if json_schema else text.strip()
+                    rec["finish_reason"] = last.finish_reason
+                    rec["timings"] = {"total_s": round(time.perf_counter() - t0, 4), "ttft_s": round(last.ttft_s, 4),
+                                      "image_encode_s": round(last.image_encode_s, 4), "decode_s": round(last.decode_s, 4)}
+                    rec["usage"] = {"prompt_tokens": last.prompt_tokens, "image_tokens": last.image_tokens,
+                                    "completion_tokens": last.completion_tokens}
+                    ok += 1
+                except EdgeVLMError as e:
+                    rec["error"] = e.message
+                    if e.hint:
+                        rec["hint"] = e.hint
+                    failed += 1
+                writer.write(rec)
+            cb("images", len(inputs), len(inputs))
+        elapsed = time.perf_counter() - t_start
+        done = ok + failed
+        console.info(f"[dim]{ok} captioned, {failed} failed, {skipped} already done"
+                     + (f" — {done / elapsed:.2f} images/s" if done and elapsed > 0 else "") + "[/]")
+    finally:
+        writer.close()
+        if backend is not None:
+            backend.close()
+    if failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
