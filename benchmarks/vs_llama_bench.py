@@ -51,8 +51,10 @@ def build_llama_bench() -> Path:
 
 
 def llama_bench(exe: Path, model: Path, threads: int, pp: int, tg: int, reps: int) -> dict:
+    # the build was renamed into the cache, so point the loader at its shared libraries
+    env = dict(os.environ, LD_LIBRARY_PATH=str(exe.parent))
     r = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
-                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True, env=env)
     rows = json.loads(r.stdout)
     out = {}
     for row in rows:

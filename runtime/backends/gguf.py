@@ -176,6 +176,7 @@ class GGUFBackend:
             )
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         n_ctx = opts.n_ctx if opts.n_ctx > 0 else n_ctx_train
         if n_ctx_train > 0:
@@ -435,6 +436,18 @@ class GGUFBackend:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
+    @staticmethod
+    def _is_plain_greedy(request: ChatRequest) -> bool:
+        return request.temperature <= 0 and request.json_schema is None and request.repeat_penalty in (0, 1.0)
+
+    def _greedy_sample(self, _sampler, ctx, idx: int) -> int:
+        """Greedy without the sampler chain: the chain copies all n_vocab logits into a candidate
+        array every token (0.4 ms for Gemma 3's 262k vocabulary, ~3% of a decode step)."""
+        import numpy as np
+
+        ptr = self._llama_cpp.llama_get_logits_ith(ctx, idx)
+        return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
+
     # ------------------------------------------------------------------ generation
     def stream(self, request: ChatRequest) -> Iterator[Chunk]:
         if self._ctx is None:
@@ -489,8 +502,9 @@ class GGUFBackend:
         hit_stop_string = False
         t_first = None
         vocab, ctx = self._vocab, self._ctx
-        is_eog, sample, to_piece = lc.llama_vocab_is_eog, lc.llama_sampler_sample, lc.llama_token_to_piece
+        is_eog, to_piece = lc.llama_vocab_is_eog, lc.llama_token_to_piece
         buf = self._piece_buf
+        sample = self._greedy_sample if self._is_plain_greedy(request) else lc.llama_sampler_sample
         try:
             while n_out < request.max_tokens:
                 tok = sample(sampler, ctx, -1)
