@@ -177,9 +177,9 @@ def cpu_has_amx() -> bool:
 def llama_system_info() -> str:
     """llama.cpp's own build report (which SIMD paths and backends were compiled in)."""
     try:
-        import llama_cpp
+        from .llamacpp import import_llama
 
-        raw = llama_cpp.llama_print_system_info()
+        raw = import_llama()[0].llama_print_system_info()
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     except Exception:
         return ""

@@ -16,9 +16,10 @@ import os
 import time
 from typing import Iterator, Optional
 
-from ..errors import BackendError, BadMedia, BadModelFile, ContextOverflow, UsageError, missing_extra
+from ..errors import BackendError, BadMedia, BadModelFile, ContextOverflow, UsageError
 from ..gguf_file import GGUFInfo, read_gguf
 from ..hardware import avoid_amx_buffers, default_threads
+from ..llamacpp import import_llama as _import_llama
 from ..prompt import render_chat
 from ..protocol import Artifact, ChatRequest, Chunk, LoadOptions, Message, ProgressCallback
 
@@ -46,13 +47,6 @@ def _silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
         mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
 
 
-def _import_llama():
-    try:
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd_cpp
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise missing_extra("llama-cpp-python", package="llama-cpp-python") from e
-    return llama_cpp, mtmd_cpp
 
 
 def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
@@ -542,7 +536,7 @@ class GGUFBackend:
         lc = getattr(self, "_llama_cpp", None)
         if lc is None:
             try:
-                import llama_cpp as lc  # model may be loaded before _llama_cpp is set
+                lc = _import_llama()[0]  # model may be loaded before _llama_cpp is set
             except ImportError:  # pragma: no cover
                 return
         if self._mtmd is not None:
