@@ -73,6 +73,16 @@ def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
         )
 
 
+def _warm_numpy() -> None:
+    """Import numpy (greedy argmax) on a thread while the model loads: llama.cpp releases the GIL,
+    so the ~60 ms import overlaps the load instead of landing on the first token."""
+    import sys
+    import threading
+
+    if "numpy" not in sys.modules:
+        threading.Thread(target=__import__, args=("numpy",), daemon=True).start()
+
+
 class _Utf8Stream:
     """Turns token pieces (bytes, possibly split mid-character) into text."""
 
@@ -148,6 +158,7 @@ class GGUFBackend:
             check_mmproj(info, mm_info)
         llama_cpp, mtmd_cpp = _import_llama()
         _silence_native_logs(llama_cpp, mtmd_cpp)
+        _warm_numpy()
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
