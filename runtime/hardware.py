@@ -153,11 +153,31 @@ class MemoryInfo:
     available: int
 
 
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GB', '2048' (bytes) -> bytes."""
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(float(t))
+
+
 def memory_info() -> MemoryInfo:
+    """Total and available memory, honouring cgroup limits and VLM_MEMORY_LIMIT (e.g. '4G': plan
+    for a smaller device, or keep room for other programs)."""
     import psutil
 
     vm = psutil.virtual_memory()
     total, avail = vm.total, vm.available
+    cap = os.environ.get("VLM_MEMORY_LIMIT")
+    if cap:
+        try:
+            lim = parse_size(cap)
+        except ValueError:
+            from .errors import UsageError
+
+            raise UsageError(f"VLM_MEMORY_LIMIT={cap!r} is not a size.", hint="Use e.g. 4G or 512M.") from None
+        total, avail = min(total, lim), min(avail, lim)
     # cgroup v2 limit (containers, CI runners, systemd slices) can be far below the host's RAM.
     limit = _read("/sys/fs/cgroup/memory.max").strip()
     if limit.isdigit():
