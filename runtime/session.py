@@ -1,6 +1,7 @@
 """Chat sessions: history, system prompt, images, saving; one backend whose KV cache follows the talk."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,6 +15,8 @@ from .protocol import Backend, ChatRequest, Chunk, ImageInput, Message
 
 @dataclass
 class GenerationOptions:
+    """The sampling half of a ChatRequest, fixed for a session (same field names)."""
+
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.95
@@ -91,11 +94,7 @@ class ChatSession:
         """Stream the answer to ``user_text``; images given here plus any added with add_image()."""
         imgs = self.pending_images + list(images or [])
         self.pending_images = []
-        o = self.options
-        req = ChatRequest(messages=self.messages_for(user_text, imgs), max_tokens=o.max_tokens,
-                          temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
-                          repeat_penalty=o.repeat_penalty, seed=o.seed, stop=list(o.stop),
-                          json_schema=o.json_schema, raw=o.raw)
+        req = ChatRequest(messages=self.messages_for(user_text, imgs), **dataclasses.asdict(self.options))
         answer: list[str] = []
         completed = False
         try:
