@@ -9,6 +9,7 @@ from ..protocol import Backend
 # format -> "module:Class"; imported only when used, so `vlm --help` never loads llama.cpp.
 BACKENDS: dict[str, str] = {
     "gguf": "edgevlm.runtime.backends.gguf:GGUFBackend",
+    "onnx": "edgevlm.runtime.backends.onnx:ONNXBackend",
 }
 
 
