@@ -9,6 +9,7 @@ from . import caption as _caption
 from . import chat as _chat
 from . import doctor as _doctor
 from . import models as _models
+from . import quantize as _quantize
 from .console import install_signal_handlers
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command("rm")(_models.rm)
 app.command("info")(_models.info)
 app.command("doctor")(_doctor.doctor)
 app.command("bench")(_bench.bench)
+app.command("quantize")(_quantize.quantize)
 
 
 def version_callback(value: bool) -> None:

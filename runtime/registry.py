@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,7 +27,7 @@ _MODEL_KEYS = {"name", "kind", "architecture", "parameters", "context_length", "
                "homepage", "kv", "default", "artifacts", "completion_only"}
 _ARTIFACT_KEYS = {"format", "quantization", "model", "mmproj", "files"}
 _FILE_KEYS = {"name", "size", "sha256", "source"}
-_SOURCES = ("hf", "url", "pypi")
+_SOURCES = ("hf", "url", "pypi", "local")
 
 
 class RegistryError(UsageError):
@@ -184,6 +185,10 @@ def _source(raw: Any, ctx: _Ctx) -> dict:
         if not isinstance(val, str) or not val.startswith(("https://", "http://")):
             raise ctx.fail(f"'source.url' must be an http(s) URL (got {val!r}).")
         return {"url": val}
+    if kind == "local":
+        if not isinstance(val, str) or not os.path.isabs(os.path.expanduser(val)):
+            raise ctx.fail(f"'source.local' must be an absolute path on this machine (got {val!r}).")
+        return {"local": val}
     if kind == "hf":
         hf = _mapping(val, ctx, "source.hf")
         _no_unknown(hf, {"repo", "file", "revision"}, ctx)

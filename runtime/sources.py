@@ -51,6 +51,8 @@ def fetch_file(spec: FileSpec, dest: Path, cache_dir: Path, on_progress: Optiona
         if sha256_file(dest) == spec.sha256:
             return Fetched(dest, dest.stat().st_size, spec.sha256, dict(spec.source))
     kind = spec.source_kind
+    if kind == "local":
+        return _fetch_local(spec, dest)
     check_online(spec.name)
     if kind == "url":
         d = download_file(spec.source["url"], dest, expected_sha256=spec.sha256, expected_size=spec.size,
@@ -61,6 +63,28 @@ def fetch_file(spec: FileSpec, dest: Path, cache_dir: Path, on_progress: Optiona
     if kind == "pypi":
         return _fetch_pypi(spec, dest, Path(cache_dir), on_progress, timeout)
     raise DownloadError(f"Unknown source '{kind}' for {spec.name}.", hint=OUTDATED_HINT)  # pragma: no cover
+
+
+def _fetch_local(spec: FileSpec, dest: Path) -> Fetched:
+    """A file built on this machine (``vlm quantize --register``): copied, then checked like a download."""
+    import shutil
+
+    src = Path(os.path.expanduser(spec.source["local"]))
+    if not src.is_file():
+        raise DownloadError(f"{spec.name}: {src} no longer exists.",
+                            hint="Build the model again (vlm quantize ... --register), or `vlm rm` it.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".copy")
+    try:
+        shutil.copyfile(src, tmp)
+        digest = sha256_file(tmp)
+        if spec.sha256 and digest != spec.sha256:
+            raise ChecksumMismatch(f"{src} changed since it was registered (sha256 mismatch).",
+                                   hint="Build and register the model again.")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Fetched(dest, dest.stat().st_size, digest, dict(spec.source))
 
 
 # --------------------------------------------------------------------------------------------------

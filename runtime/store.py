@@ -255,6 +255,80 @@ class Store:
                 staging.unlink(missing_ok=True)
         return None
 
+    # -- install files built here (vlm quantize --register) ----------------------------------------
+    def install_local(self, alias: str, key: str, files: dict[str, Path], *, format: str,
+                      quantization: Optional[str], model: str, mmproj: Optional[str] = None,
+                      sha256: Optional[dict[str, str]] = None) -> Path:
+        """Install files that already exist on this machine as artifact ``alias:key``.
+
+        ``files`` maps the name inside the artifact to the file to take; each is hard-linked (copied
+        across filesystems) into ``downloads/``, checked against ``sha256[name]`` when given, and renamed
+        into the artifact directory; the manifest is written last, as for a pull. An installed artifact
+        of the same name is replaced. The originals are never modified.
+        """
+        from .download import sha256_file
+
+        if model not in files:
+            raise BadModelFile(f"'{model}' is not one of the files to install ({', '.join(files)}).",
+                               hint="This is a bug in the caller.")
+        adir = self.artifact_dir(alias, key)
+        missing = [str(p) for p in files.values() if not Path(p).is_file()]
+        if missing:
+            raise BadModelFile(f"Cannot install {alias}:{key}: {missing[0]} is missing.",
+                               hint="Build the artifact again.")
+        with self._lock(alias, key):
+            (adir / MANIFEST).unlink(missing_ok=True)      # nothing complete-looking while we work
+            shutil.rmtree(adir, ignore_errors=True)
+            adir.mkdir(parents=True, exist_ok=True)
+            self.downloads_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                need = 0
+                for src in files.values():
+                    try:
+                        if os.stat(src).st_dev != os.stat(self.downloads_dir).st_dev:
+                            need += Path(src).stat().st_size
+                    except OSError:
+                        need += Path(src).stat().st_size
+                if need and disk_free(self.home) < need + DISK_MARGIN:
+                    raise DownloadError(f"Not enough disk space in {self.home} to install {alias}:{key} "
+                                        f"({fmt_bytes(need)} needed).",
+                                        hint="Free some space, or set VLM_HOME to a directory on a bigger disk.")
+                records = []
+                for name, src in files.items():
+                    staging = self.downloads_dir / _staging_name(alias, key, name)
+                    staging.unlink(missing_ok=True)
+                    try:
+                        os.link(src, staging)
+                    except OSError:
+                        shutil.copyfile(src, staging)
+                    digest = sha256_file(staging)
+                    want = (sha256 or {}).get(name)
+                    if want and digest != want:
+                        staging.unlink(missing_ok=True)
+                        raise BadModelFile(f"{src} changed since it was built (sha256 mismatch).",
+                                           hint="Build the artifact again.")
+                    target = adir / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staging, target)
+                    records.append({"name": name, "size": target.stat().st_size, "sha256": digest,
+                                    "source": {"local": str(Path(src).absolute())}})
+                manifest = {
+                    "alias": alias, "artifact": key, "format": format, "quantization": quantization,
+                    "model": model, "mmproj": mmproj, "files": records,
+                    "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "edgevlm_version": _edgevlm_version(),
+                }
+                atomic_write_text(adir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            except BaseException:
+                shutil.rmtree(adir, ignore_errors=True)
+                for d in (adir.parent,):
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+                raise
+        return adir
+
     # -- remove -----------------------------------------------------------------------------------
     def remove(self, alias: str, key: Optional[str] = None) -> list[Path]:
         """Remove one artifact, or every artifact of ``alias``; returns what was removed."""

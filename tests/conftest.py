@@ -57,6 +57,14 @@ if _local_override("VLM_TEST_SMOLLM2"):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """A real Hugging Face checkpoint of SmolLM2-135M-Instruct, rebuilt from its GGUF (cached)."""
+    from fixtures.smollm2_hf import smollm2_hf_checkpoint
+
+    return smollm2_hf_checkpoint(CACHE / "fixtures", smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
 def vision_model(smollm2_gguf) -> dict:
     """Tiny random-weight Idefics3 (SmolVLM architecture): text GGUF + mmproj, built by our converter."""
     from fixtures import vision_fixture

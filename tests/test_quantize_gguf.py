@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,18 +23,6 @@ from edgevlm.quantize.gguf import (
 )
 from edgevlm.runtime.errors import BackendError, BadModelFile, EdgeVLMError, ModelNotFound, UsageError
 from edgevlm.runtime.gguf_file import read_gguf
-
-DEFAULT_SMOLLM2 = Path("/tmp/dl/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """Local stand-in for the shared fixture: VLM_TEST_SMOLLM2, else the file fetched by hand."""
-    p = Path(os.environ.get("VLM_TEST_SMOLLM2") or DEFAULT_SMOLLM2)
-    if not p.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {p} (set VLM_TEST_SMOLLM2)")
-    return p
-
 
 # ------------------------------------------------------------------------------------ helpers
 

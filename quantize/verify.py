@@ -1,0 +1,606 @@
+"""Check a quantized artifact against the model it came from, before anyone is told it exists.
+
+The source is the Hugging Face checkpoint run by transformers in fp32. Every artifact is loaded with
+our own runtime (llama.cpp for GGUF, onnxruntime for ONNX) and compared with it on the same token ids:
+
+* next-token distributions at every position of a fixed held-out paragraph (``HELD_OUT_TEXT``, never
+  used for calibration): **top-1 agreement** (how often both rank the same token first), **mean
+  KL(source || artifact)** in nats, and the artifact's **perplexity** on the paragraph;
+* greedy raw completions of a fixed prompt set (``PROMPTS``) through our backends (``GGUFBackend``,
+  ``ONNXBackend``), next to the source's own greedy completions;
+* decode speed (tokens/s) from a short generation through the same backend;
+* for vision artifacts, one image through the projector (it must encode and answer).
+
+Feeding identical token ids to both sides measures the weights, not the tokenizers; whether the
+artifact's tokenizer splits the paragraph like the source's is reported separately (``tokenizer_match``).
+
+Library code: no prints, no exits; heavy imports inside functions; progress through
+``on_progress(stage, done, total)``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..runtime.errors import BackendError, BadModelFile, missing_extra
+from ..runtime.protocol import ProgressCallback
+
+# A paragraph written for this purpose (not from any corpus a model was calibrated on). Long enough
+# for a few hundred tokens with any common tokenizer; the first ``n_tokens`` tokens are used.
+HELD_OUT_TEXT = (
+    "The lighthouse on the northern cape was built in 1871, after a winter storm drove three cargo ships "
+    "onto the rocks within a single week. Its first keeper, a retired schoolteacher named Elias Varga, kept "
+    "a logbook in which he recorded the weather every four hours, the ships that passed, and the birds that "
+    "struck the lantern glass during the autumn migration. For forty years the light burned whale oil, then "
+    "kerosene, and finally electricity, when a cable was laid across the bay in 1923. Visitors often ask why "
+    "the tower is painted in red and white bands. The answer is practical rather than decorative: sailors "
+    "needed to tell one lighthouse from another during the day, so each station along the coast received its "
+    "own pattern. At night the lights themselves were distinguished by their rhythm, and this one flashes "
+    "twice every ten seconds. Today the station is automated, and the keeper's house has become a small "
+    "museum. Its most popular exhibit is not the great glass lens but Varga's logbook, open to a page from "
+    "March 1888, where he wrote that the sea was so calm he could hear the church bells from the village "
+    "across the water. Researchers have used his careful notes to study how storms along the coast have "
+    "changed over the past century, and they found that the number of severe gales in late winter has "
+    "nearly doubled. Children who visit the museum are usually more interested in the spiral staircase, "
+    "which has one hundred and twelve steps, and in the small window at the top, from which, on a clear "
+    "morning, you can see the mountains on the other side of the bay."
+)
+
+# Raw completions compared with the source's (greedy, a few tokens each).
+PROMPTS = (
+    "The capital of France is",
+    "Water freezes at a temperature of",
+    "The largest planet in our solar system is",
+    "def add(a, b):\n    return",
+)
+SPEED_PROMPT = "Once upon a time, in a small village by the sea,"
+COMPLETION_TOKENS = 8
+SPEED_TOKENS = 48
+DEFAULT_TOKENS = 256
+
+
+def _progress(cb: Optional[ProgressCallback], stage: str, done: int, total: Optional[int]) -> None:
+    if cb is not None:
+        cb(stage, done, total)
+
+
+def first_word(text: str) -> str:
+    """The first word of a completion, for comparing answers (' Paris.' and ' Paris,' agree)."""
+    m = re.search(r"\w+", text or "")
+    return m.group(0) if m else ""
+
+
+# ---------------------------------------------------------------------------------------- source
+
+@dataclass
+class Reference:
+    """What the source model says about the held-out paragraph and the prompt set."""
+
+    token_ids: list[int]                  # the paragraph, as the source's tokenizer encodes it
+    logprobs: object                      # numpy float32 [n, vocab]: log-softmax at each position
+    perplexity: float                     # the source's own perplexity on the paragraph
+    completions: dict[str, str]           # prompt -> greedy continuation (text)
+    n_params: int                         # parameters of the source model (for bits per weight)
+    vocab_size: int
+    imatrix: Optional[dict] = None        # tensor name (HF) -> mean squared input activations, if asked
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        v = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v if isinstance(x, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def load_source(src_dir: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) for the checkpoint: its own transformers class, fp32, eval mode, on the CPU."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise missing_extra("transformers", extra="quantize") from e
+    cfg = json.loads((Path(src_dir) / "config.json").read_text(encoding="utf-8"))
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch and not trust_remote_code else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModelForCausalLM
+    has_safetensors = any(Path(src_dir).glob("*.safetensors"))
+    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, local_files_only=True,
+              use_safetensors=True if has_safetensors or not allow_pickle else None)
+    try:
+        model = cls.from_pretrained(str(src_dir), **kw).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=trust_remote_code,
+                                                         local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadModelFile(f"transformers could not load {Path(src_dir).name}: {str(e).splitlines()[0][:300]}",
+                           hint="Check that the checkpoint is complete; VLM_DEBUG=1 shows the traceback.") from e
+    return model, tok
+
+
+def source_reference(src_dir: Path, *, n_tokens: int = DEFAULT_TOKENS, trust_remote_code: bool = False,
+                     allow_pickle: bool = False, calibration_text: Optional[str] = None,
+                     on_progress: Optional[ProgressCallback] = None) -> Reference:
+    """Run the source model once: paragraph log-probs, greedy completions, and (with ``calibration_text``)
+    the importance matrix of every linear layer's input. The model is freed before returning."""
+    import numpy as np
+    import torch
+
+    from ..runtime.hardware import default_threads
+
+    torch.set_num_threads(default_threads())
+    _progress(on_progress, "reference", 0, len(PROMPTS) + 2)
+    model, tok = load_source(src_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    try:
+        _progress(on_progress, "reference", 1, len(PROMPTS) + 2)
+        ids = tok(HELD_OUT_TEXT, add_special_tokens=True)["input_ids"][:n_tokens]
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1).numpy().astype(np.float32)
+        nll = -logprobs[np.arange(len(ids) - 1), ids[1:]]
+        ppl = float(np.exp(nll.mean()))
+        _progress(on_progress, "reference", 2, len(PROMPTS) + 2)
+        eos = _eos_ids(model, tok)
+        completions = {}
+        for i, prompt in enumerate(PROMPTS):
+            completions[prompt] = _greedy(model, tok, prompt, COMPLETION_TOKENS, eos)
+            _progress(on_progress, "reference", 3 + i, len(PROMPTS) + 2)
+        n_params = sum(p.numel() for p in model.parameters())
+        imatrix = collect_imatrix(model, tok, calibration_text, on_progress) if calibration_text else None
+        return Reference(token_ids=list(ids), logprobs=logprobs, perplexity=ppl, completions=completions,
+                         n_params=int(n_params), vocab_size=int(logprobs.shape[-1]), imatrix=imatrix)
+    finally:
+        del model
+        gc.collect()
+
+
+def _greedy(model, tok, prompt: str, n: int, eos: set[int]) -> str:
+    import torch
+
+    ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            t = int(torch.argmax(logits))
+            if t in eos:
+                break
+            out.append(t)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def collect_imatrix(model, tok, text: str, on_progress: Optional[ProgressCallback] = None,
+                    *, chunk: int = 512, max_tokens: int = 32768) -> dict:
+    """Importance matrix, as llama.cpp's ``llama-imatrix`` defines it: for every linear layer, the mean
+    over calibration tokens of each input column's squared activation. Keys are the module's weight
+    name in the checkpoint (``model.layers.0.self_attn.q_proj.weight``); values float32 arrays."""
+    import numpy as np
+    import torch
+
+    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < 16:
+        from ..runtime.errors import UsageError
+
+        raise UsageError(f"The calibration text has only {len(ids)} tokens.",
+                         hint="Give --calibration a text file of at least a few thousand words.")
+    sums: dict[str, object] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(_mod, inputs, _out):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            s = (x * x).sum(0)
+            sums[name] = sums[name] + s if name in sums else s
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(hook(name + ".weight")))
+    try:
+        n_chunks = math.ceil(len(ids) / chunk)
+        with torch.inference_mode():
+            for i in range(n_chunks):
+                _progress(on_progress, "imatrix", i, n_chunks)
+                model(input_ids=torch.tensor([ids[i * chunk:(i + 1) * chunk]]))
+        _progress(on_progress, "imatrix", n_chunks, n_chunks)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (sums[k] / counts[k]).float().numpy().astype(np.float32) for k in sums}
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+def compare(ref: Reference, logits) -> dict:
+    """Top-1 agreement, mean KL(source || artifact) and the artifact's perplexity, over ``ref.token_ids``."""
+    import numpy as np
+
+    a = np.asarray(logits, dtype=np.float64)
+    s = np.asarray(ref.logprobs, dtype=np.float64)
+    n = min(len(a), len(s))
+    v = min(a.shape[-1], s.shape[-1])          # embeddings padded to a round size on one side
+    a, s = a[:n, :v], s[:n, :v]
+    if not np.all(np.isfinite(a)):
+        raise BackendError("The artifact produced non-finite logits (NaN or infinity).",
+                           hint="The quantization is broken for this model: try a wider type (q8_0, int8).")
+    la = a - a.max(-1, keepdims=True)
+    la = la - np.log(np.exp(la).sum(-1, keepdims=True))
+    ls = s - np.log(np.exp(s).sum(-1, keepdims=True))
+    ps = np.exp(ls)
+    kl = (ps * (ls - la)).sum(-1)
+    top1 = float((la.argmax(-1) == ls.argmax(-1)).mean())
+    nxt = np.asarray(ref.token_ids[1:n], dtype=np.int64)
+    ok = nxt < v
+    nll = -la[np.arange(n - 1)[ok], nxt[ok]]
+    return {"positions": int(n), "top1_agreement": round(top1, 4), "kl_mean": round(float(kl.mean()), 5),
+            "kl_max": round(float(kl.max()), 4), "perplexity": round(float(np.exp(nll.mean())), 3),
+            "source_perplexity": round(ref.perplexity, 3)}
+
+
+@dataclass
+class Verification:
+    metrics: dict
+    completions: list[dict] = field(default_factory=list)    # prompt, source, artifact, match
+    decode_tps: Optional[float] = None
+    tokenizer_match: Optional[bool] = None
+    vision: Optional[dict] = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    metrics_stepwise: Optional[dict] = None   # ONNX: scored token by token through the KV cache
+
+    def to_dict(self) -> dict:
+        extra = {"metrics_stepwise": self.metrics_stepwise} if self.metrics_stepwise is not None else {}
+        return {"metrics": self.metrics, **extra, "decode_tps": self.decode_tps, "tokenizer_match": self.tokenizer_match,
+                "completions": self.completions, "vision": self.vision, "warnings": self.warnings,
+                "seconds": round(self.seconds, 2)}
+
+
+def _judge(v: Verification, ref: Reference, min_top1: float) -> None:
+    if v.metrics["top1_agreement"] < min_top1:
+        v.warnings.append(f"top-1 agreement {v.metrics['top1_agreement']:.0%} is below {min_top1:.0%}: "
+                          "this quantization changes the model's predictions noticeably")
+    lost = [c["prompt"] for c in v.completions if c["source_word"] and not c["match"]]
+    if lost:
+        v.warnings.append(f"{len(lost)} of {len(v.completions)} prompt(s) complete differently from the source")
+    if v.tokenizer_match is False:
+        v.warnings.append("the artifact's tokenizer splits the held-out text differently from the source's")
+
+
+def _completion_rows(ref: Reference, outs: dict[str, str]) -> list[dict]:
+    rows = []
+    for prompt in PROMPTS:
+        src, art = ref.completions.get(prompt, ""), outs.get(prompt, "")
+        rows.append({"prompt": prompt, "source": src, "artifact": art, "source_word": first_word(src),
+                     "match": first_word(src) == first_word(art)})
+    return rows
+
+
+def _generate(backend, prompt: str, n: int):
+    from ..runtime.protocol import ChatRequest, Message
+
+    req = ChatRequest(messages=[Message(role="user", content=prompt)], max_tokens=n, temperature=0.0, raw=True)
+    text, last = [], None
+    for ch in backend.stream(req):
+        text.append(ch.text)
+        last = ch
+    return "".join(text), last
+
+
+def _decode_tps(backend, runs: int = 2) -> Optional[float]:
+    """Decode tokens/s of a short raw generation: the best of ``runs`` (other processes only slow it down)."""
+    best = None
+    for _ in range(runs):
+        if hasattr(backend, "reset"):
+            backend.reset()
+        _, last = _generate(backend, SPEED_PROMPT, SPEED_TOKENS)
+        if last is None or last.completion_tokens < 2 or last.decode_s <= 0:
+            continue
+        tps = (last.completion_tokens - 1) / last.decode_s
+        best = tps if best is None else max(best, tps)
+    return None if best is None else round(best, 1)
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+
+def gguf_logits(path: Path, token_ids: list[int], *, threads: Optional[int] = None):
+    """Logits at every position of ``token_ids`` from llama.cpp (one batch, outputs on for all tokens).
+    Returns (numpy float32 [n, n_vocab], the tokenizer's ids for ``HELD_OUT_TEXT``)."""
+    import numpy as np
+
+    from ..runtime.backends.gguf import _import_llama, _silence_native_logs
+    from ..runtime.hardware import avoid_amx_buffers, default_threads
+
+    lc, _ = _import_llama()
+    _silence_native_logs(lc)
+    lc.llama_backend_init()
+    mp = lc.llama_model_default_params()
+    if avoid_amx_buffers():
+        mp.use_extra_bufts = False
+    model = lc.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        raise BadModelFile(f"llama.cpp could not load {Path(path).name}.", hint="VLM_DEBUG=1 shows llama.cpp's log.")
+    ctx = batch = None
+    try:
+        n = len(token_ids)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = max(n, 64)
+        cp.n_batch = cp.n_ubatch = max(n, 64)
+        cp.n_threads = cp.n_threads_batch = threads or default_threads()
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise BackendError(f"llama.cpp could not create a {n}-token context for {Path(path).name}.",
+                               hint="There may not be enough memory.")
+        batch = lc.llama_batch_init(n, 0, 1)
+        batch.n_tokens = n
+        for i, t in enumerate(token_ids):
+            batch.token[i] = t
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to evaluate the held-out text (llama_decode returned {rc}).",
+                               hint="VLM_DEBUG=1 shows llama.cpp's log.")
+        vocab = lc.llama_model_get_vocab(model)
+        n_vocab = lc.llama_vocab_n_tokens(vocab)
+        out = np.empty((n, n_vocab), dtype=np.float32)
+        for i in range(n):
+            ptr = lc.llama_get_logits_ith(ctx, i)
+            out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+        data = HELD_OUT_TEXT.encode()
+        cap = len(data) + 16
+        buf = (lc.llama_token * cap)()
+        k = lc.llama_tokenize(vocab, data, len(data), buf, cap, True, False)
+        own = list(buf[:max(k, 0)])
+        return out, own
+    finally:
+        if batch is not None:
+            lc.llama_batch_free(batch)
+        if ctx is not None:
+            lc.llama_free(ctx)
+        lc.llama_model_free(model)
+
+
+def vision_smoke(backend) -> dict:
+    """One synthetic image through the projector: it must encode and the model must answer."""
+    import hashlib
+
+    from PIL import Image
+
+    from ..runtime.protocol import ChatRequest, ImageInput, Message
+
+    img = Image.new("RGB", (96, 64))
+    img.putdata([(x * 255 // 96, y * 255 // 64, (x * y) % 256) for y in range(64) for x in range(96)])
+    rgb = img.tobytes()
+    image = ImageInput(rgb=rgb, width=96, height=64, source="verify.png", sha256=hashlib.sha256(rgb).hexdigest())
+    req = ChatRequest(messages=[Message(role="user", content="Describe this image.", images=[image])],
+                      max_tokens=4, temperature=0.0)
+    last = None
+    for ch in backend.stream(req):
+        last = ch
+    if last is None or last.image_tokens <= 0:
+        raise BackendError("The vision projector did not turn the test image into tokens.",
+                           hint="The mmproj file may not belong to the text model.")
+    return {"image_tokens": last.image_tokens, "image_encode_ms": round(last.image_encode_s * 1000, 1),
+            "finish_reason": last.finish_reason}
+
+
+def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = None, threads: Optional[int] = None,
+                min_top1: float = 0.8, on_progress: Optional[ProgressCallback] = None) -> Verification:
+    """Load the GGUF with our runtime, compare it with the source, time a generation."""
+    from ..runtime.backends.gguf import GGUFBackend
+    from ..runtime.protocol import Artifact, LoadOptions
+
+    t0 = time.perf_counter()
+    stage = f"verify {Path(model_path).name}"
+    total = len(PROMPTS) + 3 + (1 if mmproj else 0)
+    _progress(on_progress, stage, 0, total)
+    logits, own_ids = gguf_logits(model_path, ref.token_ids, threads=threads)
+    metrics = compare(ref, logits)
+    del logits
+    _progress(on_progress, stage, 1, total)
+    backend = GGUFBackend()
+    try:
+        backend.load(Artifact(format="gguf", path=Path(model_path), name=Path(model_path).name, mmproj=mmproj,
+                              vision=mmproj is not None),
+                     LoadOptions(n_ctx=512, n_threads=threads))
+        outs = {}
+        for i, prompt in enumerate(PROMPTS):
+            backend.reset()
+            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
+            _progress(on_progress, stage, 2 + i, total)
+        backend.reset()
+        tps = _decode_tps(backend)
+        _progress(on_progress, stage, total - (1 if mmproj else 0), total)
+        vision = None
+        if mmproj is not None:
+            backend.reset()
+            vision = vision_smoke(backend)
+            _progress(on_progress, stage, total, total)
+    finally:
+        backend.close()
+    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
+                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, vision=vision)
+    _judge(v, ref, min_top1)
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
+# ---------------------------------------------------------------------------------------- ONNX
+
+_LAST_POSITION_SLICE = "/edgevlm/last_position/Slice"     # quantize.onnx.keep_last_logits names it so
+
+
+def _all_positions(model) -> bool:
+    """Undo ``keep_last_logits`` in memory so the graph scores every position. True if it changed."""
+    g = model.graph
+    idx = next((i for i, n in enumerate(g.node) if n.name == _LAST_POSITION_SLICE and n.op_type == "Slice"), None)
+    if idx is None:
+        return False
+    node = g.node[idx]
+    hidden, sliced = node.input[0], node.output[0]
+    for n in g.node:
+        for j, name in enumerate(n.input):
+            if name == sliced:
+                n.input[j] = hidden
+    del g.node[idx]
+    for o in g.output:
+        if o.name == "logits":
+            dims = o.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].Clear()
+                dims[1].dim_param = "sequence_length"
+    return True
+
+
+_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def onnx_logits(model_file: Path, token_ids: list[int], *, threads: Optional[int] = None, stepwise: bool = False):
+    """Logits at every position of ``token_ids`` from onnxruntime: in one run with an empty KV cache (as a
+    prompt is evaluated), or with ``stepwise`` one token at a time through the KV cache (as tokens are
+    generated). They differ when activations are quantized per tensor (dynamic int8): one outlier
+    position then sets the scale for the whole batch."""
+    import numpy as np
+
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise missing_extra("onnxruntime", extra="quantize") from e
+    from ..runtime.hardware import default_threads
+
+    model_file = Path(model_file)
+    proto = onnx.load(str(model_file), load_external_data=False)      # weights stay where they are
+    tmp = None
+    path = model_file
+    if not stepwise and _all_positions(proto):
+        tmp = model_file.with_name(f".verify-{os.getpid()}-{model_file.name}")   # beside its data file
+        onnx.save_model(proto, str(tmp))
+        path = tmp
+    del proto
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BadModelFile(f"onnxruntime could not load {model_file.name}: {str(e).strip().splitlines()[0][:300]}",
+                               hint="The export or quantization is broken; VLM_DEBUG=1 shows more.") from e
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    cfg_path = next((d / "config.json" for d in (model_file.parent, model_file.parent.parent)
+                     if (d / "config.json").is_file()), None)
+    cfg = json.loads(cfg_path.read_text()) if cfg_path else {}
+    cfg = {**cfg, **cfg.get("text_config", {})} if isinstance(cfg.get("text_config"), dict) else cfg
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+
+    def kv_shape(name):
+        shape = inputs[name].shape
+        heads = shape[1] if isinstance(shape[1], int) else (cfg.get("num_key_value_heads")
+                                                            or cfg.get("num_attention_heads"))
+        hd = shape[3] if isinstance(shape[3], int) else (cfg.get("head_dim")
+                                                         or cfg["hidden_size"] // cfg["num_attention_heads"])
+        return heads, hd
+
+    def run(toks: list[int], start: int, kv: dict):
+        n = len(toks)
+        feeds = {"input_ids": np.array([toks], dtype=np.int64)}
+        if "attention_mask" in inputs:
+            feeds["attention_mask"] = np.ones((1, start + n), dtype=np.int64)
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        if "cache_position" in inputs:
+            feeds["cache_position"] = np.arange(start, start + n, dtype=np.int64)
+        for k in ("num_logits_to_keep", "logits_to_keep"):
+            if k in inputs:
+                feeds[k] = np.array(0, dtype=np.int64)           # 0 = every position
+        if "use_cache_branch" in inputs:
+            feeds["use_cache_branch"] = np.array([start > 0])
+        feeds.update(kv)
+        names = ["logits"] + [p.replace("past_key_values", "present") for p in past]
+        outs = sess.run(names, feeds)
+        return outs[0][0], {p: o for p, o in zip(past, outs[1:])}
+
+    empty = {}
+    for p in past:
+        heads, hd = kv_shape(p)
+        empty[p] = np.zeros((1, heads, 0, hd), dtype=_NP_TYPES.get(inputs[p].type, "float32"))
+    logits = None
+    if not stepwise:
+        logits, _ = run(list(token_ids), 0, empty)
+    if logits is None or logits.shape[0] != len(token_ids):   # step through (or a last-position-only graph)
+        rows = [None] * len(token_ids)
+        kv = empty
+        for i, t in enumerate(token_ids):
+            out, kv = run([t], i, kv)
+            rows[i] = out[-1]
+        logits = np.stack(rows)
+    return logits.astype(np.float32)
+
+
+def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = None, min_top1: float = 0.8,
+                on_progress: Optional[ProgressCallback] = None) -> Verification:
+    """Load the ONNX decoder with onnxruntime and our ONNX backend, compare it with the source."""
+    t0 = time.perf_counter()
+    model_file = Path(model_file)
+    stage = f"verify {model_file.parent.name}/{model_file.name}"
+    total = len(PROMPTS) + 3
+    _progress(on_progress, stage, 0, total)
+    logits = onnx_logits(model_file, ref.token_ids, threads=threads)
+    metrics = compare(ref, logits)
+    del logits
+    stepwise = compare(ref, onnx_logits(model_file, ref.token_ids, threads=threads, stepwise=True))
+    _progress(on_progress, stage, 1, total)
+    from ..runtime.backends.onnx import ONNXBackend
+    from ..runtime.protocol import Artifact, LoadOptions
+
+    backend = ONNXBackend()
+    try:
+        backend.load(Artifact(format="onnx", path=model_file, name=model_file.name), LoadOptions(n_ctx=512, n_threads=threads))
+        own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
+        outs = {}
+        for i, prompt in enumerate(PROMPTS):
+            backend.reset()
+            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
+            _progress(on_progress, stage, 2 + i, total)
+        backend.reset()
+        tps = _decode_tps(backend)
+        _progress(on_progress, stage, total, total)
+    finally:
+        backend.close()
+    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
+                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, metrics_stepwise=stepwise)
+    _judge(v, ref, min_top1)
+    if stepwise["top1_agreement"] - metrics["top1_agreement"] > 0.05:
+        v.warnings.append(
+            f"scored token by token it agrees on {stepwise['top1_agreement']:.0%}, but only on "
+            f"{metrics['top1_agreement']:.0%} when the text is evaluated at once: activations are quantized per "
+            "tensor, so long prompts lose precision")
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
+__all__ = ["HELD_OUT_TEXT", "PROMPTS", "Reference", "Verification", "collect_imatrix", "compare", "first_word",
+           "gguf_logits", "load_source", "onnx_logits", "source_reference", "verify_gguf", "verify_onnx"]
