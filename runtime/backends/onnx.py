@@ -904,9 +904,6 @@ class ONNXBackend:
     def stream(self, request: ChatRequest) -> Iterator[Chunk]:
         if self._sess is None:
             raise BackendError("The model is not loaded.", hint="This is a bug: load() must come first.")
-        if request.json_schema is not None:
-            raise UsageError("The ONNX backend cannot constrain output to a JSON schema yet.",
-                             hint="Use a GGUF model for --json-schema.")
         t_start = time.perf_counter()
         keys, ids, spans = self._prepare(request)
         if not keys:
@@ -917,6 +914,11 @@ class ONNXBackend:
                 hint="Shorten the input, or raise --ctx (up to the model's trained context).",
             )
         sampler = _Sampler(request)
+        constraint = None
+        if request.json_schema is not None:     # before the prefill: a schema llguidance refuses fails fast
+            from ..constrain import JSONSchemaConstraint
+
+            constraint = JSONSchemaConstraint(self.tokenizer, request.json_schema, self.n_vocab, self.eos_ids)
         reused = self._reuse_prefix(keys)
         embeds, image_s = None, 0.0
         if self._embeds:
@@ -937,9 +939,13 @@ class ONNXBackend:
         t_first = None
         try:
             while n_out < request.max_tokens:
+                if constraint is not None:
+                    constraint.mask(logits)     # in place: forbidden tokens -> -inf (EOS only once complete)
                 tok = sampler(logits)
                 if t_first is None:
                     t_first = time.perf_counter()
+                if constraint is not None:
+                    constraint.advance(tok)     # BackendError if the sampler ignored the mask
                 if tok in eos:
                     finish = "stop"
                     break
@@ -950,6 +956,9 @@ class ONNXBackend:
                     yield Chunk(text=text, completion_tokens=n_out, **base)
                 if stopped:
                     finish, hit_stop_string = "stop", True
+                    break
+                if constraint is not None and constraint.is_done():
+                    finish = "stop"             # the document is complete: only EOS could follow
                     break
                 if len(self._keys) + 1 >= self.n_ctx:
                     finish = "length"
