@@ -54,10 +54,12 @@ def artifact_from_path(path: Path, mmproj: Optional[Path], want_vision: bool) ->
         if len(ggufs) == 1:
             return artifact_from_path(ggufs[0], mmproj or _find_mmproj(ggufs[0]), want_vision)
         if onnx:
-            return Artifact(format="onnx", path=path, name=path.name, vision=want_vision)
+            return Artifact(format="onnx", path=path, name=path.name,
+                            vision=any(p.name.startswith("vision_encoder") for p in onnx))
         raise BadModelFile(f"{path} holds no single .gguf model file.", hint="Pass the .gguf file itself with -m.")
-    if path.suffix == ".onnx":
-        return Artifact(format="onnx", path=path.parent, name=path.parent.name)
+    if path.suffix == ".onnx":       # this very file (model_q4.onnx, decoder_model_merged_int8.onnx, ...)
+        return Artifact(format="onnx", path=path, name=f"{path.parent.name}/{path.name}",
+                        vision=any(path.parent.glob("vision_encoder*.onnx")))
     if mmproj is None and want_vision:
         mmproj = _find_mmproj(path)
     return Artifact(format="gguf", path=path, name=path.name, mmproj=mmproj.expanduser() if mmproj else None,
