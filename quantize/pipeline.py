@@ -120,7 +120,8 @@ def list_types(block_size: int = 32) -> list[dict]:
     rows = [{"target": f"gguf:{k.lower()}", "bits_per_weight": bpw, "note": ""} for k, (_, bpw) in QUANT_TYPES.items()]
     rows += [{"target": f"gguf:{k.lower()}", "bits_per_weight": bpw, "note": "needs --calibration"}
              for k, (_, bpw) in IMATRIX_TYPES.items()]
-    rows.append({"target": "onnx:int8", "bits_per_weight": 8.0, "note": "dynamic int8 (MatMulInteger)"})
+    rows.append({"target": "onnx:int8", "bits_per_weight": round(8 + 32 / block_size, 2),
+                 "note": f"MatMulNBits 8-bit, block {block_size}, fp32 scale per block; int8 embeddings"})
     rows.append({"target": "onnx:int4", "bits_per_weight": round(4 + 36 / block_size, 2),
                  "note": f"MatMulNBits, block {block_size}, fp32 scale + 4-bit zero point per block"})
     return rows

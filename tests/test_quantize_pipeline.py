@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,9 +85,10 @@ def test_agreement_numbers_are_sane(built):
         assert mt["perplexity"] > 1 and math.isfinite(mt["perplexity"]), key
         assert a["decode_tps"] and a["decode_tps"] > 0, key
     assert arts["q8_0"]["metrics"]["top1_agreement"] >= 0.90
-    assert arts["onnx-int8"]["metrics"]["top1_agreement"] >= 0.80
-    # more bits, closer to the source
+    assert arts["onnx-int8"]["metrics"]["top1_agreement"] >= 0.85      # blockwise int8, measured ~0.93
+    # more bits, closer to the source, in both formats
     assert arts["q8_0"]["metrics"]["kl_mean"] < arts["q4_k_m"]["metrics"]["kl_mean"]
+    assert arts["onnx-int8"]["metrics"]["kl_mean"] < arts["onnx-int4"]["metrics"]["kl_mean"]
 
 
 @pytest.mark.slow
@@ -167,17 +170,23 @@ def test_pickle_checkpoint_refused_without_flag(tmp_path):
     assert_clean_error(r, 2, "--allow-pickle")
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and sys.platform != "linux", reason="root ignores permissions")
 @pytest.mark.slow
 def test_read_only_output_folder(smollm2_hf, tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        if os.access(parent, os.W_OK):
-            pytest.skip("this user can write to read-only folders (root without CAP_DAC_OVERRIDE dropped)")
-        r = vlm("quantize", str(smollm2_hf), "--to", "gguf:q8_0", "--out", str(parent / "o"))
+        args = [str(Path(sys.executable).with_name("vlm")), "quantize", str(smollm2_hf), "--to", "gguf:q8_0",
+                "--out", str(parent / "o")]
+        if os.access(parent, os.W_OK):      # root: drop the capability that ignores permissions
+            if not shutil.which("capsh"):
+                pytest.skip("root ignores permissions and capsh is missing to drop CAP_DAC_OVERRIDE")
+            args = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(args)]
+        env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+        env.update(VLM_HOME=str(tmp_path / "home"), NO_COLOR="1")
+        r = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=300)
         assert_clean_error(r, 2, str(parent))
+        assert not any(parent.iterdir())
     finally:
         parent.chmod(0o755)
 
