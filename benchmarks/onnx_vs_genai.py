@@ -9,6 +9,12 @@
   interpreter (it needs a transformers version that conflicts with optimum); ``DIR`` is a model
   made by its model builder.
 
+The genai side, in its own environment (it pins its own transformers), from the same HF checkpoint
+our int4 artifact came from (asymmetric int4 like ours; its symmetric default loses " Paris" on SmolLM2):
+    python -m venv genai && genai/bin/pip install torch==2.13.0 onnxruntime-genai transformers
+    genai/bin/python -m onnxruntime_genai.models.builder -i HF_DIR -o GENAI_DIR -p int4 -e cpu
+        --extra_options is_symmetric=false accuracy_level=4 block_size=32
+
 Greedy, same prompt and lengths, same threads, alternating runs, best of ``--repeat``
 (``VLM_ORT_SPIN=0|1`` fixes onnxruntime's thread spinning for every ONNX runner):
     python benchmarks/onnx_vs_genai.py DIR_OR_FILE.onnx [--gguf X.gguf] [--threads 2] [--gen 64] [--prompt-tokens 128]
