@@ -79,7 +79,7 @@ def quantize(
                               "computed on it (and the IQ1/IQ2 types become available).")] = None,
     mmproj_type: Annotated[str, typer.Option(
         "--mmproj-type", metavar="TYPE", help="Vision projector type: f16, bf16, f32 or q8_0.")] = "f16",
-    block_size: Annotated[int, typer.Option("--block-size", metavar="N", help="ONNX int4 block size.")] = 32,
+    block_size: Annotated[int, typer.Option("--block-size", metavar="N", help="ONNX int8/int4 block size (weights per scale).")] = 32,
     verify_tokens: Annotated[int, typer.Option(
         "--verify-tokens", metavar="N", help="Held-out tokens compared with the source for every artifact.")] = 256,
     revision: Annotated[Optional[str], typer.Option("--revision", metavar="REV", help="Hub revision (branch, tag or commit).")] = None,
