@@ -42,7 +42,7 @@ from ..runtime.protocol import ProgressCallback
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-ONNX_TYPES = ("int8", "int4")
+ONNX_TYPES = ("int8", "int4", "fp32")
 MMPROJ_TYPES = ("f16", "bf16", "f32", "q8_0")
 DEFAULT_TARGETS = ("gguf:q4_k_m",)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -106,7 +106,7 @@ def parse_target(spec: str, *, calibration: bool = False) -> Target:
         q = quant.lower() or "int4"
         if q not in ONNX_TYPES:
             raise UsageError(f"Unknown ONNX quantization {quant!r} in --to {spec}.",
-                             hint="Use onnx:int8 or onnx:int4 (`vlm quantize --list-types`).")
+                             hint="Use onnx:int8, onnx:int4 or onnx:fp32 (`vlm quantize --list-types`).")
         return Target("onnx", q)
     raise UsageError(f"Unknown target format {fmt!r} in --to {spec}.",
                      hint="Write FORMAT:TYPE with FORMAT gguf or onnx, e.g. --to gguf:q4_k_m --to onnx:int8.")
@@ -124,6 +124,7 @@ def list_types(block_size: int = 32) -> list[dict]:
                  "note": f"MatMulNBits 8-bit, block {block_size}, fp32 scale per block; int8 embeddings"})
     rows.append({"target": "onnx:int4", "bits_per_weight": round(4 + 36 / block_size, 2),
                  "note": f"MatMulNBits, block {block_size}, fp32 scale + 4-bit zero point per block"})
+    rows.append({"target": "onnx:fp32", "bits_per_weight": 32.0, "note": "the export itself (a reference)"})
     return rows
 
 
@@ -371,12 +372,16 @@ def check_architecture(config: dict, targets: list[Target], *, trust_remote_code
                                        "llama.cpp's converter (GGUF mmproj)")
     if any(t.format == "onnx" for t in targets):
         mtype = str(config.get("model_type", "")).replace("-", "_")
-        if vision:
-            raise UsageError(f"ONNX export of vision-language models ({mtype or 'this model'}) is not supported yet.",
-                             hint="Build GGUF artifacts for it (--to gguf:q4_k_m), which include the vision projector.")
         if trust_remote_code and config.get("auto_map"):
             raise UsageError("ONNX export of models with custom code is not supported.",
                              hint="Build GGUF artifacts instead (--to gguf:q4_k_m).")
+        if vision:          # optimum cannot export these: our own three-part exporter does
+            from .onnx_vision import SUPPORTED_MODEL_TYPES
+
+            if mtype not in SUPPORTED_MODEL_TYPES:
+                raise _unsupported("The vision-language model's", mtype, set(SUPPORTED_MODEL_TYPES),
+                                   "edgevlm's three-part ONNX exporter (model types)")
+            return
         supported = onnx_model_types()
         if mtype not in supported:
             raise _unsupported("The model's", mtype, supported, "optimum's ONNX exporter (model types)")
@@ -626,6 +631,9 @@ def quantize(src_ref: str, opts: QuantizeOptions, on_progress: Optional[Progress
             if a.target.format == "gguf":
                 a.verification = V.verify_gguf(staging / a.model, ref, mmproj=staging / a.mmproj if a.mmproj else None,
                                                threads=opts.threads, on_progress=on_progress)
+            elif src.vision:
+                a.verification = V.verify_onnx_vision(staging / a.model, ref, threads=opts.threads,
+                                                      on_progress=on_progress)
             else:
                 a.verification = V.verify_onnx(staging / a.model, ref, threads=opts.threads, on_progress=on_progress)
         manifest = _manifest(opts, src, fingerprint, ref, targets, artifacts, staging, steps,
@@ -709,6 +717,8 @@ def _build_gguf(src: Source, targets: list[Target], staging: Path, work: Path, o
 
 def _build_onnx(src: Source, targets: list[Target], staging: Path, work: Path, opts: QuantizeOptions, ref,
                 steps: dict, on_progress) -> list[ArtifactResult]:
+    if src.vision:
+        return _build_onnx_vision(src, targets, staging, work, opts, ref, steps, on_progress)
     from .onnx import SIDECAR_FILES, VARIANT_NAMES, export_decoder, quantize_onnx
 
     t0 = time.perf_counter()
@@ -719,7 +729,17 @@ def _build_onnx(src: Source, targets: list[Target], staging: Path, work: Path, o
     for t in targets:
         t1 = time.perf_counter()
         dst = onnx_dir / VARIANT_NAMES[t.quant]
-        quantize_onnx(fp32, dst, t.quant, block_size=opts.block_size, on_progress=_prefixed(on_progress, f"onnx {t.quant}"))
+        if t.quant == "fp32":                   # the export itself, as exported
+            from .onnx import _copy_sidecars
+
+            onnx_dir.mkdir(parents=True, exist_ok=True)
+            for p in (fp32, fp32.with_name(fp32.name + "_data")):
+                if p.is_file():
+                    shutil.copy2(p, onnx_dir / p.name.replace(fp32.name, dst.name, 1))
+            _copy_sidecars(fp32.parent, onnx_dir, overwrite=False)
+        else:
+            quantize_onnx(fp32, dst, t.quant, block_size=opts.block_size,
+                          on_progress=_prefixed(on_progress, f"onnx {t.quant}"))
         weights = [p for p in onnx_dir.iterdir() if p.name == dst.name or p.name == dst.name + "_data"]
         sidecars = [onnx_dir / n for n in SIDECAR_FILES if (onnx_dir / n).is_file()]
         size = sum(p.stat().st_size for p in weights)
@@ -727,6 +747,50 @@ def _build_onnx(src: Source, targets: list[Target], staging: Path, work: Path, o
                                   files=[f"onnx/{p.name}" for p in weights + sidecars],
                                   build_seconds=round(time.perf_counter() - t1, 2),
                                   bits_per_weight=round(8 * size / ref.n_params, 2) if ref.n_params else None))
+    return out
+
+
+def _build_onnx_vision(src: Source, targets: list[Target], staging: Path, work: Path, opts: QuantizeOptions, ref,
+                       steps: dict, on_progress) -> list[ArtifactResult]:
+    """Three parts (vision encoder, token embeddings, decoder on inputs_embeds) per target, under
+    ``onnx/`` with onnx-community's names (``*_int8.onnx``, ``*_q4.onnx``) and the processor sidecars."""
+    from .onnx_vision import PARTS, VISION_SIDECAR_FILES, export_vision, quantize_vision
+
+    t0 = time.perf_counter()
+    exp = export_vision(src.dir, work / "onnx-vision", on_progress=_prefixed(on_progress, "onnx"))
+    steps["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+    onnx_dir = staging / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    for name in VISION_SIDECAR_FILES:       # beside the parts: each variant's folder is complete on its own
+        f = Path(exp["dir"]) / name
+        if f.is_file():
+            shutil.copy2(f, onnx_dir / name)
+    sidecars = [f"onnx/{n}" for n in VISION_SIDECAR_FILES if (onnx_dir / n).is_file()]
+    n_params = getattr(ref, "n_params", None)
+    out = []
+    for t in targets:
+        t1 = time.perf_counter()
+        if t.quant == "fp32":                   # the exported parts, as exported
+            parts_dir = Path(exp["dir"]) / "onnx"
+            written = {part: work / f"{part}.onnx" for part in PARTS}
+            for part in PARTS:
+                for p in (parts_dir / f"{part}.onnx", parts_dir / f"{part}.onnx_data"):
+                    if p.is_file():
+                        shutil.copy2(p, work / p.name)
+        else:
+            written = quantize_vision(exp["dir"], t.quant, block_size=opts.block_size,
+                                      on_progress=_prefixed(on_progress, f"onnx {t.quant}"))
+        weights = []
+        for part in PARTS:
+            for p in (written[part], written[part].with_name(written[part].name + "_data")):
+                if p.is_file():
+                    os.replace(p, onnx_dir / p.name)
+                    weights.append(onnx_dir / p.name)
+        size = sum(p.stat().st_size for p in weights)
+        out.append(ArtifactResult(target=t, model=f"onnx/{written['decoder_model_merged'].name}",
+                                  files=[f"onnx/{p.name}" for p in weights] + sidecars,
+                                  build_seconds=round(time.perf_counter() - t1, 2),
+                                  bits_per_weight=round(8 * size / n_params, 2) if n_params else None))
     return out
 
 
@@ -739,8 +803,8 @@ def _manifest(opts: QuantizeOptions, src: Source, fingerprint: dict, ref, target
     for a in artifacts:
         files = [_file_record(staging / f, staging) for f in a.files]
         model_size = (staging / a.model).stat().st_size
-        if a.target.format == "onnx" and (staging / (a.model + "_data")).is_file():
-            model_size += (staging / (a.model + "_data")).stat().st_size
+        if a.target.format == "onnx":           # every graph and its external data (three parts for VLMs)
+            model_size = sum(r["size"] for r in files if r["name"].endswith((".onnx", ".onnx_data")))
         a.record = {
             "key": a.target.key, "format": a.target.format, "quantization": a.target.quant,
             "model": a.model, "mmproj": a.mmproj, "size": model_size,
@@ -826,7 +890,7 @@ def registry_entry(result: QuantizeResult) -> dict:
     default = default or next(iter(arts))
     if ctx is None and cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
-        ctx = cfg.get("max_position_embeddings")
+        ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     has_template = _has_chat_template(result.out_dir, m)
     out = {"name": f"{m['name']} (vlm quantize of {src.get('repo') or src['ref']})",
            "kind": m["kind"], "architecture": arch, "parameters": m["verification"]["source_parameters"],

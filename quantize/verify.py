@@ -602,5 +602,50 @@ def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = No
     return v
 
 
+def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[int] = None, min_top1: float = 0.8,
+                       on_progress: Optional[ProgressCallback] = None) -> Verification:
+    """A three-part vision model through our ONNX backend: the held-out text scored token by token
+    (token embeddings -> decoder, through the KV cache, as generation runs), the fixed prompts, and one
+    image through the vision encoder."""
+    import numpy as np
+
+    from ..runtime.backends.onnx import ONNXBackend
+    from ..runtime.protocol import Artifact, LoadOptions
+
+    t0 = time.perf_counter()
+    decoder_file = Path(decoder_file)
+    stage = f"verify {decoder_file.parent.name}/{decoder_file.name}"
+    total = len(PROMPTS) + 3
+    _progress(on_progress, stage, 0, total)
+    backend = ONNXBackend()
+    try:
+        backend.load(Artifact(format="onnx", path=decoder_file, name=decoder_file.name, vision=True),
+                     LoadOptions(n_ctx=max(512, len(ref.token_ids) + 8), n_threads=threads))
+        own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
+        backend.reset()
+        rows = np.stack([backend._run([int(t)]).copy() for t in ref.token_ids])   # logits after each token
+        metrics = compare(ref, rows)
+        del rows
+        _progress(on_progress, stage, 1, total)
+        outs = {}
+        for i, prompt in enumerate(PROMPTS):
+            backend.reset()
+            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
+            _progress(on_progress, stage, 2 + i, total)
+        backend.reset()
+        tps = _decode_tps(backend)
+        backend.reset()
+        vision = vision_smoke(backend)
+        _progress(on_progress, stage, total, total)
+    finally:
+        backend.close()
+    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
+                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, vision=vision)
+    _judge(v, ref, min_top1)
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
 __all__ = ["HELD_OUT_TEXT", "PROMPTS", "Reference", "Verification", "collect_imatrix", "compare", "first_word",
-           "gguf_logits", "load_source", "onnx_logits", "source_reference", "verify_gguf", "verify_onnx"]
+           "gguf_logits", "load_source", "onnx_logits", "source_reference", "verify_gguf", "verify_onnx",
+           "verify_onnx_vision"]

@@ -4,19 +4,15 @@ three-part layout (vision_encoder / embed_tokens / decoder_model_merged) by
 
 Checked against transformers on the same checkpoint: the preprocessing (pixels and token ids) exactly,
 and greedy generation token for token. Random weights give gibberish, so token ids are compared, not text.
-The export is built once per machine, cached by content hash under the test cache.
+The export is the vision fixture's, built by `vlm quantize` once per machine and cached by content hash.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-
-from conftest import CACHE
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
@@ -28,54 +24,17 @@ from edgevlm.runtime.protocol import Artifact, ChatRequest, ImageInput, LoadOpti
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-VISION_RECIPE = "tiny-idefics3-onnx-v1"   # bump when export/quantize settings change
 QUESTION = "What is in this image?"
 # (width, height) sets: a wide image cut into tiles, a tall one plus a small square, three mixed sizes.
 IMAGE_SETS = [[(200, 100)], [(37, 90), (64, 64)], [(300, 301), (20, 10), (129, 50)]]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def _export_key(hf_dir: Path) -> str:
-    import edgevlm.quantize.onnx as onnx_mod
-    import edgevlm.quantize.onnx_vision as vision_mod
-
-    h = hashlib.sha256(VISION_RECIPE.encode())
-    for f in sorted(hf_dir.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-    for mod in (vision_mod, onnx_mod):
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
 def vision_onnx(vision_model) -> Path:
-    """fp32 parts + int8 and int4 variants + sidecars; built in a temp dir and renamed, under a file lock."""
-    from filelock import FileLock
-
-    from edgevlm.quantize.onnx_vision import export_vision, quantize_vision
-
-    hf_dir = Path(vision_model["hf_dir"])
-    root = CACHE / "fixtures"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"tiny-idefics3-onnx-{_export_key(hf_dir)}"
-    want = [f"onnx/{p}{s}.onnx" for p in ("vision_encoder", "embed_tokens", "decoder_model_merged")
-            for s in ("", "_int8", "_q4")]
-    with FileLock(str(final) + ".lock", timeout=900):
-        if all((final / w).is_file() for w in want):
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=root))
-        try:
-            out = tmp / "m"
-            export_vision(hf_dir, out)
-            quantize_vision(out, "int8")
-            quantize_vision(out, "int4")
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The folder `vlm quantize` wrote for the fixture (conftest): sidecars and onnx/ with the three
+    parts in fp32, _int8 and _q4."""
+    return Path(vision_model["out"])
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +141,7 @@ def test_layout(vision_onnx):
     d = vision_onnx / "onnx"
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "processor_config.json",
                  "chat_template.jinja", "generation_config.json"):
-        assert (vision_onnx / name).is_file(), name
+        assert (d / name).is_file(), name
     io = {}
     for part in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
         s = ort.InferenceSession(str(d / f"{part}.onnx"), providers=["CPUExecutionProvider"])
