@@ -107,7 +107,7 @@ def rm(
 
 @boundary
 def info(
-    model: Annotated[str, typer.Argument(help="Registry name or a path to a .gguf file.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Registry name, or a path to a .gguf file, an .onnx file or an ONNX model folder.", show_default=False)],
     mmproj: Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector to check against the model.")] = None,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 (fast on big files).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
@@ -119,10 +119,11 @@ def info(
     if as_json:
         console.write_out(json.dumps(doc, indent=2) + "\n")
         return
+    width = max(len(k) for k in doc) + 2
     for k, v in doc.items():
         if k == "files":
             continue
-        console.write_out(f"{k:<16}{v if v is not None else '-'}\n")
+        console.write_out(f"{k:<{width}}{v if v is not None else '-'}\n")
     console.write_out("files\n")
     for f in doc["files"]:
         console.write_out(f"  {f['name']}  {fmt_bytes(f['size'])}  {f.get('sha256') or ''}\n".rstrip() + "\n")

@@ -43,6 +43,8 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
             "license": spec.license,
             "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in a.files],
         }
+    if art.format == "onnx":
+        return {"model": resolved.alias_ref, "installed": True, **describe_onnx(Path(art.path), hash_files)}
     if art.format != "gguf":
         files = sorted(p for p in Path(art.path).rglob("*") if p.is_file())
         return {"model": resolved.alias_ref, "installed": True, "format": art.format, "path": str(art.path),
@@ -69,3 +71,112 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
         files.append(art.mmproj)
     doc["files"] = [_file_entry(p, hash_files) for p in files]
     return doc
+
+
+# ----------------------------------------------------------------------------------------- ONNX
+_ONNX_SIDECARS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                  "preprocessor_config.json", "processor_config.json")
+# onnx-community's file-name suffixes, for when the `onnx` package is not installed to read the graph.
+_SUFFIX_QUANT = (("_q4f16", "int4 weights, fp16 activations"), ("_q4", "int4"), ("_int8", "int8"),
+                 ("_uint8", "uint8"), ("_quantized", "int8"), ("_bnb4", "4-bit (bnb4)"), ("_fp16", "fp16"))
+
+
+def _onnx_graph_facts(files: list[Path]) -> dict:
+    """Parameters and quantization read from the graphs (weights stay on disk); {} without `onnx`."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    n_params, quant = 0, {}
+    dtypes: dict[int, int] = {}
+    for f in files:
+        try:
+            g = onnx.load(str(f), load_external_data=False).graph
+        except Exception as e:                    # a corrupt file: the backend says so at load
+            raise BadModelFile(f"{f.name} is not a readable ONNX model: {str(e).splitlines()[0][:200]}",
+                               hint="Download or export the model again.") from e
+        packed = set()
+        for n in g.node:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "MatMulNBits":
+                n_params += int(attrs.get("K", 0)) * int(attrs.get("N", 0))
+                packed.update(n.input[1:])
+                key = f"int{attrs.get('bits', 4)} (MatMulNBits, block {attrs.get('block_size', '?')})"
+                quant[key] = quant.get(key, 0) + 1
+            elif n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"):
+                quant["int8 (dynamic, per tensor)"] = quant.get("int8 (dynamic, per tensor)", 0) + 1
+        for t in g.initializer:
+            if t.name in packed:
+                continue
+            size = 1
+            for d in t.dims:
+                size *= int(d)
+            n_params += size
+            dtypes[t.data_type] = dtypes.get(t.data_type, 0) + size
+    if quant:
+        q = ", ".join(sorted(quant, key=quant.get, reverse=True))
+    elif dtypes:
+        q = onnx.helper.tensor_dtype_to_np_dtype(max(dtypes, key=dtypes.get)).name
+        q = {"float32": "fp32", "float16": "fp16"}.get(q, q)
+    else:
+        q = None
+    return {"parameters": n_params, "quantization": q}
+
+
+def describe_onnx(path: Path, hash_files: bool = True) -> dict:
+    """`vlm info` for an ONNX artifact: the decoder that would load, its vision parts and sidecars."""
+    import json
+
+    from .backends.onnx import pick_model_file, vision_parts
+
+    model_file = pick_model_file(path)
+    d = model_file.parent
+    dirs = [d, d.parent] + ([Path(path)] if Path(path).is_dir() else [])
+
+    def find(name: str) -> Optional[Path]:
+        return next((x / name for x in dirs if (x / name).is_file()), None)
+
+    def read(name: str) -> dict:
+        p = find(name)
+        try:
+            v = json.loads(p.read_text(encoding="utf-8")) if p else {}
+        except (OSError, ValueError) as e:
+            raise BadModelFile(f"{name} in {p.parent} is not valid JSON: {e}", hint="Fetch the model's files again.") from e
+        return v if isinstance(v, dict) else {}
+
+    cfg = read("config.json")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    parts: dict[str, Path] = {}
+    if any(d.glob("vision_encoder*.onnx")):
+        parts = vision_parts(model_file)
+    graphs = [model_file, *parts.values()]
+    facts = _onnx_graph_facts(graphs)
+    quant = facts.get("quantization")
+    if quant is None:
+        stem = model_file.stem
+        quant = next((q for suf, q in _SUFFIX_QUANT if stem.endswith(suf)), "fp32")
+    tc = read("tokenizer_config.json")
+    has_template = bool(find("chat_template.jinja") or find("chat_template.json") or tc.get("chat_template"))
+    vision = None
+    if parts:
+        pp = read("preprocessor_config.json")
+        kind = pp.get("image_processor_type") or pp.get("processor_class") or "unknown image processor"
+        vision = f"three-part: {', '.join(p.name for p in parts.values())} ({kind})"
+    files = []
+    for g in graphs:
+        files.append(g)
+        if g.with_name(g.name + "_data").is_file():
+            files.append(g.with_name(g.name + "_data"))
+    files += [p for p in (find(n) for n in _ONNX_SIDECARS) if p is not None]
+    return {
+        "format": "onnx", "path": str(model_file),
+        "architecture": (cfg.get("architectures") or [None])[0] or cfg.get("model_type"),
+        "parameters": _human_params(facts["parameters"]) if facts.get("parameters") else None,
+        "quantization": quant,
+        "context_length": cfg.get("max_position_embeddings") or text.get("max_position_embeddings"),
+        "chat_template": "yes" if has_template else "no",
+        "vocab_size": cfg.get("vocab_size") or text.get("vocab_size"),
+        "vision_projector": vision,
+        "files": [_file_entry(p, hash_files) for p in files],
+    }

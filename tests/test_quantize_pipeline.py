@@ -118,7 +118,13 @@ def test_registered_model_is_listed_and_described(built):
     assert {f"smol-q:{k}" for k in KEYS} <= refs, refs
     info = vlm("info", "smol-q:onnx-int4", "--json", home=built["home"])
     assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["format"] == "onnx"
+    doc = json.loads(info.stdout)
+    assert doc["format"] == "onnx" and doc["architecture"] == "LlamaForCausalLM"
+    assert doc["quantization"] == "int4 (MatMulNBits, block 32)" and doc["chat_template"] == "yes"
+    assert doc["context_length"] == 8192 and doc["vision_projector"] is None
+    man = {f["name"].split("/")[-1]: f["sha256"] for a in built["manifest"]["artifacts"] if a["key"] == "onnx-int4"
+           for f in a["files"]}
+    assert {f["name"]: f["sha256"] for f in doc["files"]} == man     # what was built, and nothing else
 
 
 @pytest.mark.slow
