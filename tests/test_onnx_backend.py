@@ -479,3 +479,21 @@ def test_fused_graph_matches_transformers_logits(tmp_path, arch):
     names = [o.name for o in sess.get_outputs()][1:]
     step.update({n.replace("present", "past_key_values"): v for n, v in zip(names, outs[1:])})
     np.testing.assert_allclose(sess.run(None, step)[0][0, -1], ref[7], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.model
+def test_vlm_bench_runs_onnx_next_to_gguf(smollm2_onnx, smollm2_gguf):
+    """vlm bench takes ONNX artifacts like GGUF ones: one report, both formats, schema-valid."""
+    import jsonschema
+
+    from edgevlm.runtime.bench import REPORT_SCHEMA
+
+    r = vlm("bench", str(smollm2_onnx / "model_q4.onnx"), str(smollm2_gguf), "--json", "--repeat", "1",
+            "--prompt-tokens", "32", "--gen-tokens", "8", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, REPORT_SCHEMA)
+    onnx_res, gguf_res = doc["results"]
+    assert onnx_res["format"] == "onnx" and gguf_res["format"] == "gguf"
+    for res in (onnx_res, gguf_res):
+        assert res["decode_tps"]["mean"] > 0 and res["prefill_tps"]["mean"] > 0 and res["peak_rss_bytes"] > 0

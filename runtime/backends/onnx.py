@@ -615,7 +615,11 @@ class ONNXBackend:
                                hint="generation_config.json / config.json belong to another model.")
 
     # ------------------------------------------------------------------ tokens
-    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds the tokenizer's BOS/EOS template. The ``tokenizers``
+        library always matches special tokens written in the text, so ``parse_special=False`` (the GGUF
+        backend's "treat them as plain text") is accepted for the shared interface but only honoured
+        for text without them."""
         return self.tokenizer.encode(text, add_special_tokens=add_special).ids
 
     def detokenize(self, toks: list[int]) -> str:
