@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -88,15 +89,20 @@ class Naive:
 GENAI_SCRIPT = r"""
 import json, sys, time
 import onnxruntime_genai as og
-model_dir, prompt, gen, threads, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model_dir, prompt, gen, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = og.Config(model_dir)
 cfg.clear_providers()
 cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
 model = og.Model(cfg)
 tok = og.Tokenizer(model)
 ids = tok.encode(prompt)
-res = []
-for _ in range(repeat):
+
+def peak_rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:            # one run per line, so the parent interleaves it with its own runners
     p = og.GeneratorParams(model)
     p.set_search_options(max_length=len(ids) + gen, do_sample=False)
     g = og.Generator(model, p)
@@ -109,8 +115,7 @@ for _ in range(repeat):
         g.generate_next_token()   # one forward on the previous token, then the pick
         n += 1
     t2 = time.perf_counter()
-    res.append((len(ids) / (t1 - t0), n / (t2 - t1)))
-print(json.dumps(res))
+    print(json.dumps([len(ids) / (t1 - t0), n / (t2 - t1), peak_rss()]), flush=True)
 """
 
 
@@ -147,24 +152,38 @@ def main() -> None:
 
         gg = load_backend(artifact_from_path(args.gguf, None, False), LoadOptions(n_threads=args.threads, n_ctx=2048))
         runners["edgevlm-gguf"] = lambda: run_backend(gg, prompt, args.gen)
+    genai = None
+    if args.genai_python and args.genai_model:
+        genai = subprocess.Popen([args.genai_python, "-c", GENAI_SCRIPT, str(args.genai_model), prompt, str(args.gen),
+                                  str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(genai.stdout.readline())          # loaded
+
+        def genai_run():
+            genai.stdin.write("run\n")
+            genai.stdin.flush()
+            return tuple(json.loads(genai.stdout.readline()))
+
+        runners["onnxruntime-genai"] = genai_run
     results: dict[str, list] = {k: [] for k in runners}
     for f in runners.values():   # warm-up
         f()
-    for _ in range(args.repeat):
+    for _ in range(args.repeat):  # alternating: a noisy neighbour slows every runner alike
         for k, f in runners.items():
             results[k].append(f())
-    if args.genai_python and args.genai_model:
-        out = subprocess.run([args.genai_python, "-c", GENAI_SCRIPT, str(args.genai_model), prompt, str(args.gen),
-                              str(args.threads), str(args.repeat + 1)], capture_output=True, text=True, check=True)
-        results["onnxruntime-genai"] = [(p, d, 0) for p, d in json.loads(out.stdout.strip().splitlines()[-1])[1:]]
+    if genai is not None:
+        genai.stdin.close()
+        genai.wait()
 
     print(f"naive runs {first.model_file}  threads {args.threads}  prompt ~{args.prompt_tokens} tokens  gen {args.gen}  "
           f"best of {args.repeat}", file=sys.stderr)
     w = max(len(k) for k in results)
-    print(f"{'runner':{w}s} {'prefill tok/s':>14s} {'decode tok/s':>13s}   decode runs")
+    print(f"{'runner':{w}s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'decode median':>14s}   decode runs")
     for k, rs in results.items():
-        print(f"{k:{w}s} {max(r[0] for r in rs):14.0f} {max(r[1] for r in rs):13.1f}   "
-              + " ".join(f"{r[1]:.1f}" for r in rs))
+        print(f"{k:{w}s} {max(r[0] for r in rs):14.0f} {max(r[1] for r in rs):13.1f} "
+              f"{statistics.median(r[1] for r in rs):14.1f}   " + " ".join(f"{r[1]:.1f}" for r in rs))
+    if genai is not None:
+        print(f"onnxruntime-genai peak RSS {results['onnxruntime-genai'][-1][2] / 2**20:.0f} MiB "
+              f"(edgevlm's: `vlm bench MODEL`, one model per process)")
 
 
 if __name__ == "__main__":
