@@ -20,8 +20,9 @@ exporter, ``dynamo=False``) from a small wrapper around the checkpoint's own mod
 Beside ``onnx/`` (in ``out_dir``): the checkpoint's config, generation config, tokenizer, processor
 configs and chat template, so the folder is a complete artifact for the ONNX backend.
 
-``quantize_vision`` writes ``*_int8.onnx`` (``quantize_dynamic``) or ``*_q4.onnx`` (``MatMulNBits``,
-plus ``GatherBlockQuantized`` for the token embeddings, whose graph is exported at opset 21 for that)
+``quantize_vision`` writes ``*_int8.onnx`` (8-bit blockwise ``MatMulNBits`` plus int8 ``Gather``) or
+``*_q4.onnx`` (4-bit ``MatMulNBits``, plus ``GatherBlockQuantized`` for the token embeddings, whose
+graph is exported at opset 21 for that)
 next to the fp32 parts, through ``quantize.onnx.quantize_onnx`` one part at a time.
 
 Library code: no prints, progress through ``on_progress(stage, done, total)``, heavy imports inside
@@ -338,8 +339,8 @@ def quantize_vision(out_dir: str | Path, kind: Literal["int8", "int4"], block_si
     """Quantize the three fp32 parts in ``out_dir`` (or its ``onnx/`` folder) to ``kind``, writing
     ``<part>_int8.onnx`` or ``<part>_q4.onnx`` beside them with ``quantize_onnx``. Returns part -> path.
 
-    int8: ``quantize_dynamic`` (MatMul and Gather: the vision tower's linear layers, the token and
-    position embeddings, the decoder). int4: blockwise ``MatMulNBits`` for every MatMul with constant
+    int8: 8-bit blockwise ``MatMulNBits`` for every MatMul with constant weights (the vision tower's
+    linear layers, the decoder) and int8 ``Gather`` for the token and position embeddings. int4: blockwise ``MatMulNBits`` for every MatMul with constant
     weights, and ``GatherBlockQuantized`` for the token embeddings (their graph is at opset 21); the
     vision tower's patch convolution stays fp32 in both.
     """
