@@ -377,6 +377,12 @@ def gguf_logits(path: Path, token_ids: list[int], *, threads: Optional[int] = No
         lc.llama_model_free(model)
 
 
+# Context for the image check: SmolVLM's processor scales every image to a 2048-px edge and cuts it into
+# up to 16 tiles plus a global one, 64 tokens each (~1100 tokens); LLaVA 1.5 takes 576. The backends cap
+# it at the model's trained context.
+VISION_CTX = 4096
+
+
 def vision_smoke(backend) -> dict:
     """One synthetic image through the projector: it must encode and the model must answer."""
     import hashlib
@@ -419,7 +425,7 @@ def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = No
     try:
         backend.load(Artifact(format="gguf", path=Path(model_path), name=Path(model_path).name, mmproj=mmproj,
                               vision=mmproj is not None),
-                     LoadOptions(n_ctx=512, n_threads=threads))
+                     LoadOptions(n_ctx=VISION_CTX if mmproj is not None else 512, n_threads=threads))
         outs = {}
         for i, prompt in enumerate(PROMPTS):
             backend.reset()
@@ -620,7 +626,7 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
     backend = ONNXBackend()
     try:
         backend.load(Artifact(format="onnx", path=decoder_file, name=decoder_file.name, vision=True),
-                     LoadOptions(n_ctx=max(512, len(ref.token_ids) + 8), n_threads=threads))
+                     LoadOptions(n_ctx=max(VISION_CTX, len(ref.token_ids) + 8), n_threads=threads))
         own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
         backend.reset()
         rows = np.stack([backend._run([int(t)]).copy() for t in ref.token_ids])   # logits after each token

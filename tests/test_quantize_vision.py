@@ -90,3 +90,23 @@ def test_unsupported_vision_architecture_for_onnx(tmp_path):
     r = vlm("quantize", str(ck), "--to", "onnx:int8", "--out", str(tmp_path / "o"))
     assert_clean_error(r, 2, "idefics3")
     assert not (tmp_path / "o").exists()
+
+
+def test_image_check_fits_models_whose_images_take_many_tokens(vision_model, tmp_path):
+    """SmolVLM scales every image to a 2048-px edge (up to 17 tiles, ~1100 tokens): the pipeline's image
+    check must give the model the context for that. Same checkpoint, processor edge raised to 1024 px:
+    the check image becomes 177 tiles, 708 tokens -- more than a 512-token context holds."""
+    import shutil
+
+    src = tmp_path / "big"
+    shutil.copytree(vision_model["hf_dir"], src)
+    cfg = json.loads((src / "preprocessor_config.json").read_text())
+    cfg["size"] = {"longest_edge": 1024}
+    (src / "preprocessor_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    r = vlm("quantize", str(src), "--to", "gguf:q8_0", "--to", "onnx:int8", "--name", "big", "--out", str(out),
+            "--threads", "2", home=tmp_path / "home", timeout=900)
+    assert r.returncode == 0, r.stderr
+    arts = {a["key"]: a for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    assert arts["q8_0"]["vision"]["image_tokens"] > 512
+    assert arts["onnx-int8"]["vision"]["image_tokens"] == arts["q8_0"]["vision"]["image_tokens"]
