@@ -132,8 +132,16 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             from .memory import kv_cache_bytes
 
             kv = kv_cache_bytes(getattr(b, "n_ctx", ctx), *info.kv_shape)
-        weights = resolved.artifact.path.stat().st_size if resolved.artifact.path.is_file() else sum(
-            p.stat().st_size for p in resolved.artifact.path.rglob("*") if p.is_file())
+        if resolved.artifact.format == "onnx":
+            from .backends.onnx import weight_files
+
+            weights = sum(p.stat().st_size for p in weight_files(resolved.artifact.path))
+        else:
+            weights = resolved.artifact.path.stat().st_size if resolved.artifact.path.is_file() else sum(
+                p.stat().st_size for p in resolved.artifact.path.rglob("*") if p.is_file())
+        mmproj = resolved.artifact.mmproj
+        if mmproj is not None and getattr(b, "has_vision", False) and Path(mmproj).is_file():
+            weights += Path(mmproj).stat().st_size       # the projector is weights in memory too
         try:
             est = estimate_memory(resolved, getattr(b, "n_ctx", ctx)).total
         except EdgeVLMError:

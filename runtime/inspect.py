@@ -128,7 +128,7 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
     """`vlm info` for an ONNX artifact: the decoder that would load, its vision parts and sidecars."""
     import json
 
-    from .backends.onnx import pick_model_file, vision_parts
+    from .backends.onnx import pick_model_file, vision_parts, weight_files
 
     model_file = pick_model_file(path)
     d = model_file.parent
@@ -151,6 +151,7 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
     if any(d.glob("vision_encoder*.onnx")):
         parts = vision_parts(model_file)
     graphs = [model_file, *parts.values()]
+    weights = weight_files(path)
     facts = _onnx_graph_facts(graphs)
     quant = facts.get("quantization")
     if quant is None:
@@ -163,11 +164,7 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
         pp = read("preprocessor_config.json")
         kind = pp.get("image_processor_type") or pp.get("processor_class") or "unknown image processor"
         vision = f"three-part: {', '.join(p.name for p in parts.values())} ({kind})"
-    files = []
-    for g in graphs:
-        files.append(g)
-        if g.with_name(g.name + "_data").is_file():
-            files.append(g.with_name(g.name + "_data"))
+    files = list(weights)
     files += [p for p in (find(n) for n in _ONNX_SIDECARS) if p is not None]
     return {
         "format": "onnx", "path": str(model_file),

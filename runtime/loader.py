@@ -1,13 +1,13 @@
 """From what the user typed after -m (an alias, alias:artifact, or a path) to a loaded backend."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from .errors import BadModelFile, ModelNotFound
 from .gguf_file import read_gguf
-from .memory import MemoryEstimate, check_fits, estimate
+from .memory import ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, MemoryEstimate, check_fits, estimate
 from .protocol import Artifact, Backend, LoadOptions, ProgressCallback
 
 
@@ -92,6 +92,13 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
         mm = art.mmproj.stat().st_size if art.mmproj and art.mmproj.exists() else 0
         ctx = min(n_ctx, info.context_length or n_ctx)
         return estimate(info.file_size, ctx, info.kv_shape, mm)
+    if art is not None and art.format == "onnx":
+        from .backends.onnx import kv_shape_from_config, weight_files
+
+        # the files that load (not every variant in the folder), and an fp32 KV cache (what exports use)
+        size = sum(p.stat().st_size for p in weight_files(Path(art.path)))
+        est = estimate(size, n_ctx, kv_shape_from_config(Path(art.path)), kv_bytes_per_elem=4)
+        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(size * ONNX_REPACK_FRACTION))
     if art is not None:
         size = sum(p.stat().st_size for p in Path(art.path).rglob("*") if p.is_file())
         return estimate(size, n_ctx, None)

@@ -68,3 +68,28 @@ def test_memory_estimate_not_below_measured_rss(alias, smollm2_gguf, gemma_gguf,
 def test_bench_unknown_model():
     r = vlm("bench", "no-such-model")
     assert r.returncode == 3 and "Traceback" not in r.stderr
+
+
+def test_bench_vision_gguf_and_onnx(vision_model, tmp_path):
+    """The vision fixture through both backends in one report: image-encode time, image tokens (the same
+    count from libmtmd and from our Idefics3 preprocessing), a follow-up question's TTFT, memory."""
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (200, 120), (30, 140, 220)).save(img)
+    r = vlm("bench", str(vision_model["gguf"]), str(vision_model["onnx"] / "decoder_model_merged_int8.onnx"),
+            "--image", str(img), "--json", "--repeat", "1", "--prompt-tokens", "24", "--gen-tokens", "4",
+            "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, REPORT_SCHEMA)
+    gguf, onnx = doc["results"]
+    assert (gguf["format"], onnx["format"]) == ("gguf", "onnx")
+    for res in (gguf, onnx):
+        im = res["image"]
+        assert im["width"] == 200 and im["height"] == 120
+        assert im["tokens"] > 0 and im["encode_ms"]["mean"] > 0 and im["followup_ttft_s"]["mean"] > 0
+        assert res["estimate_bytes"] >= 0.9 * res["peak_rss_bytes"]
+    assert gguf["image"]["tokens"] == onnx["image"]["tokens"]
+    # the projector is counted with the weights it is loaded with
+    assert gguf["weights_bytes"] == vision_model["gguf"].stat().st_size + vision_model["mmproj"].stat().st_size

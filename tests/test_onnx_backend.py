@@ -497,3 +497,19 @@ def test_vlm_bench_runs_onnx_next_to_gguf(smollm2_onnx, smollm2_gguf):
     assert onnx_res["format"] == "onnx" and gguf_res["format"] == "gguf"
     for res in (onnx_res, gguf_res):
         assert res["decode_tps"]["mean"] > 0 and res["prefill_tps"]["mean"] > 0 and res["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("variant", ["model_q4.onnx", "model_int8.onnx", "model.onnx"])
+def test_memory_estimate_not_below_measured_rss_onnx(smollm2_onnx, variant):
+    """The estimate counts the one variant that loads (not every file in the folder), and onnxruntime's
+    extra memory; it must never be lower than the measured peak RSS by more than 10%."""
+    from edgevlm.runtime.backends.onnx import weight_files
+    from edgevlm.runtime.bench import run_isolated
+
+    path = smollm2_onnx / variant
+    assert weight_files(path) == [path]
+    assert weight_files(smollm2_onnx) == [smollm2_onnx / "model.onnx"]        # what a folder loads
+    res = run_isolated(str(path), prompt_tokens=48, gen_tokens=8, repeat=1, n_ctx=512)
+    est, rss = res["estimate_bytes"], res["peak_rss_bytes"]
+    assert res["weights_bytes"] == path.stat().st_size
+    assert est >= 0.9 * rss, f"{variant}: estimate {est / 2**20:.0f} MiB < 90% of peak RSS {rss / 2**20:.0f} MiB"

@@ -113,6 +113,43 @@ def vision_parts(model_file: Path) -> dict[str, Path]:
     return found
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The files whose weights loading ``path`` (an .onnx file or a model directory) reads: the decoder
+    ``pick_model_file`` chooses, its vision parts when it has them, and their external data files. What
+    memory estimates and `vlm info` count: a directory may hold several variants, but only one loads."""
+    model_file = pick_model_file(path)
+    graphs = [model_file]
+    if any(model_file.parent.glob("vision_encoder*.onnx")):
+        graphs += list(vision_parts(model_file).values())
+    files = []
+    for g in graphs:
+        files.append(g)
+        files += [x for x in (g.with_name(g.name + "_data"), g.with_name(g.name + ".data")) if x.is_file()]
+    return files
+
+
+def kv_shape_from_config(path: Path) -> Optional[tuple[int, int, int]]:
+    """(layers, kv_heads, head_dim) of the decoder, from the config.json beside the model, or None."""
+    model_file = pick_model_file(path)
+    for d in (model_file.parent, model_file.parent.parent, Path(path)):
+        cfg_path = d / "config.json"
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            if isinstance(cfg.get("text_config"), dict):
+                cfg = {**cfg, **cfg["text_config"]}
+            try:
+                layers, heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+                kv = int(cfg.get("num_key_value_heads") or heads)
+                head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                return None
+            return layers, kv, head_dim
+    return None
+
+
 def _image_id(img: ImageInput) -> str:
     """What identifies an image's pixels: the sha256 of the user's bytes, and the size they were decoded to
     (the same file may be loaded at another size, which changes its tiles)."""
