@@ -84,6 +84,10 @@ def resolve(ref: Optional[str], *, want_vision: bool, mmproj: Optional[Path] = N
     return ResolvedModel(name=spec.alias, artifact=art, model=spec, artifact_spec=aspec)
 
 
+_BITS_PER_WEIGHT = {"q4": 11.0, "int4": 11.0, "q4f16": 7.5, "bnb4": 10.5, "int8": 8.5, "uint8": 8.5,
+                    "quantized": 8.5, "fp16": 16.0, "bf16": 16.0, "f16": 16.0, "fp32": 32.0, "f32": 32.0}
+
+
 def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
     """Weights + projector + KV cache for n_ctx + runtime overhead, from files when we have them."""
     art = resolved.artifact
@@ -110,6 +114,18 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
         else:
             weights += f.size or 0
     ctx = min(n_ctx, spec.context_length or n_ctx)
+    if spec.parameters and any(f.size is None for f in aspec.files if f.name.endswith((".onnx", ".onnx_data", ".gguf"))):
+        # sizes the registry does not know yet (the hub's metadata fills them in at pull time): count
+        # from the parameters, at the bits per weight such exports really have (onnx-community's q4
+        # Llama 3.2 1B is 1.66 GB for 1.24 B parameters: the embeddings stay fp32)
+        bits = _BITS_PER_WEIGHT.get((aspec.quantization or "").lower(), 16.0)
+        weights = max(weights + mm, int(spec.parameters * bits / 8))
+        mm = 0
+    if aspec.format == "onnx":
+        # the listed files are one variant plus small sidecars; same onnxruntime terms as an installed one
+        weights += mm
+        est = estimate(weights, ctx, spec.kv, kv_bytes_per_elem=4)
+        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(weights * ONNX_REPACK_FRACTION))
     return estimate(weights, ctx, spec.kv, mm)
 
 

@@ -224,3 +224,18 @@ def test_shipped_registry_loads_and_every_entry_validates(home):
     for kind in ("text", "vision"):
         spec, _ = reg.resolve(reg.default_ref(kind))
         assert spec.kind == kind
+
+
+def test_estimate_before_pull_with_unknown_sizes_counts_parameters(tmp_path, monkeypatch):
+    """onnx-community files whose sizes the registry does not know yet must not be estimated as zero
+    bytes: the estimate falls back to parameters x bits per weight (model_q4.onnx of Llama 3.2 1B is
+    1.66 GB), and onnxruntime's load-time copies come on top."""
+    from edgevlm.runtime.loader import estimate_memory, resolve
+
+    monkeypatch.setenv("VLM_HOME", str(tmp_path))
+    q4 = estimate_memory(resolve("llama3.2-1b:onnx-int4", want_vision=False), 4096)
+    g = resolve("llama3.2-1b:q4_k_m", want_vision=False)
+    gguf = estimate_memory(g, 4096)
+    assert q4.weights >= 1.5e9 and q4.kv_cache > 0
+    assert q4.total > q4.weights + q4.kv_cache + gguf.overhead       # onnxruntime costs more than llama.cpp
+    assert gguf.weights == sum(f.size for f in g.artifact_spec.files)  # known sizes are used as they are
