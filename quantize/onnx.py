@@ -110,23 +110,13 @@ def keep_last_logits(model) -> bool:
 
 
 def _check_checkpoint(src: Path, out: Path, overwrite: bool) -> dict:
-    if not src.is_dir():
-        raise ModelNotFound(f"No such checkpoint directory: {src}",
-                            hint="Pass the directory of a Hugging Face checkpoint (config.json + weights).")
-    if not (src / "config.json").is_file():
-        raise BadModelFile(f"{src} has no config.json, so it is not a Hugging Face checkpoint.",
-                           hint="Pass the directory that holds config.json and the *.safetensors weights.")
-    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
-        raise BadModelFile(f"{src} has no weights (*.safetensors or *.bin).",
-                           hint="Download the whole checkpoint, not just its config.")
+    """The checkpoint's config.json, after the checks every builder makes (see ``gguf._checkpoint_config``),
+    and an output directory that is new or empty unless ``overwrite``."""
+    from .gguf import _checkpoint_config
+
+    cfg = _checkpoint_config(src)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists and is not empty.", hint="Choose another output directory, or remove it.")
-    try:
-        cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadModelFile(f"{src / 'config.json'} is not valid JSON: {e}", hint="Fetch the checkpoint again.") from e
-    if not isinstance(cfg, dict):
-        raise BadModelFile(f"{src / 'config.json'} is not a JSON object.", hint="Fetch the checkpoint again.")
     return cfg
 
 

@@ -407,6 +407,18 @@ def vision_smoke(backend) -> dict:
             "finish_reason": last.finish_reason}
 
 
+def _prompts_and_speed(backend, on_progress, stage: str, total: int) -> tuple[dict, Optional[float]]:
+    """The fixed prompts (greedy, each from an empty cache), then a timed generation: what every
+    artifact's verification runs through our own backend. Progress steps 2.. len(PROMPTS) + 1."""
+    outs = {}
+    for i, prompt in enumerate(PROMPTS):
+        backend.reset()
+        outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
+        _progress(on_progress, stage, 2 + i, total)
+    backend.reset()
+    return outs, _decode_tps(backend)
+
+
 def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = None, threads: Optional[int] = None,
                 min_top1: float = 0.8, on_progress: Optional[ProgressCallback] = None) -> Verification:
     """Load the GGUF with our runtime, compare it with the source, time a generation."""
@@ -426,13 +438,7 @@ def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = No
         backend.load(Artifact(format="gguf", path=Path(model_path), name=Path(model_path).name, mmproj=mmproj,
                               vision=mmproj is not None),
                      LoadOptions(n_ctx=VISION_CTX if mmproj is not None else 512, n_threads=threads))
-        outs = {}
-        for i, prompt in enumerate(PROMPTS):
-            backend.reset()
-            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
-            _progress(on_progress, stage, 2 + i, total)
-        backend.reset()
-        tps = _decode_tps(backend)
+        outs, tps = _prompts_and_speed(backend, on_progress, stage, total)
         _progress(on_progress, stage, total - (1 if mmproj else 0), total)
         vision = None
         if mmproj is not None:
@@ -586,13 +592,7 @@ def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = No
     try:
         backend.load(Artifact(format="onnx", path=model_file, name=model_file.name), LoadOptions(n_ctx=512, n_threads=threads))
         own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
-        outs = {}
-        for i, prompt in enumerate(PROMPTS):
-            backend.reset()
-            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
-            _progress(on_progress, stage, 2 + i, total)
-        backend.reset()
-        tps = _decode_tps(backend)
+        outs, tps = _prompts_and_speed(backend, on_progress, stage, total)
         _progress(on_progress, stage, total, total)
     finally:
         backend.close()
@@ -633,13 +633,7 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
         metrics = compare(ref, rows)
         del rows
         _progress(on_progress, stage, 1, total)
-        outs = {}
-        for i, prompt in enumerate(PROMPTS):
-            backend.reset()
-            outs[prompt] = _generate(backend, prompt, COMPLETION_TOKENS)[0]
-            _progress(on_progress, stage, 2 + i, total)
-        backend.reset()
-        tps = _decode_tps(backend)
+        outs, tps = _prompts_and_speed(backend, on_progress, stage, total)
         backend.reset()
         vision = vision_smoke(backend)
         _progress(on_progress, stage, total, total)

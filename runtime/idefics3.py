@@ -23,7 +23,6 @@ the global part. ``seq`` (image_seq_len) is ``processor_config.json``'s ``image_
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,15 +159,7 @@ class Idefics3Preprocessor:
         def find(name: str) -> Optional[Path]:
             return next((d / name for d in dirs if (d / name).is_file()), None)
 
-        def read(p: Path) -> dict:
-            try:
-                data = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadModelFile(f"{p.name} in {p.parent} is not valid JSON: {e}",
-                                   hint="Fetch the model's files again.") from e
-            if not isinstance(data, dict):
-                raise BadModelFile(f"{p.name} in {p.parent} is not a JSON object.", hint="Fetch the model's files again.")
-            return data
+        from .backends.onnx import read_json_object as read
 
         pre = find("preprocessor_config.json")
         if pre is None:

@@ -208,7 +208,8 @@ def pick_model_file(path: Path) -> Path:
     )
 
 
-def _read_json(p: Path) -> dict:
+def read_json_object(p: Path) -> dict:
+    """A model's JSON file (config, tokenizer settings...) as a dict, or a one-line ``BadModelFile``."""
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -479,13 +480,13 @@ class ONNXBackend:
 
     def _load_config(self, dirs: list[Path]) -> dict:
         p = self._find(dirs, "config.json")
-        cfg = _read_json(p) if p else {}
+        cfg = read_json_object(p) if p else {}
         self._raw_config = cfg
         text = cfg.get("text_config")
         if isinstance(text, dict):   # multimodal configs nest the decoder's settings
             cfg = {**cfg, **text}
         gp = self._find(dirs, "generation_config.json")
-        self._gen_config = _read_json(gp) if gp else {}
+        self._gen_config = read_json_object(gp) if gp else {}
         return cfg
 
     def _load_tokenizer(self, dirs: list[Path], model_file: Path):
@@ -509,13 +510,13 @@ class ONNXBackend:
 
     def _load_tokens_and_template(self, dirs: list[Path]) -> None:
         tp = self._find(dirs, "tokenizer_config.json")
-        tcfg = _read_json(tp) if tp else {}
+        tcfg = read_json_object(tp) if tp else {}
         tok = self.tokenizer
         self.bos_token = _token_content(tcfg.get("bos_token")) or ""
         self.eos_token = _token_content(tcfg.get("eos_token")) or ""
         sm = self._find(dirs, "special_tokens_map.json")
         if sm and (not self.bos_token or not self.eos_token):
-            smap = _read_json(sm)
+            smap = read_json_object(sm)
             self.bos_token = self.bos_token or _token_content(smap.get("bos_token")) or ""
             self.eos_token = self.eos_token or _token_content(smap.get("eos_token")) or ""
         if not self.bos_token and isinstance(self.config.get("bos_token_id"), int):
@@ -537,7 +538,7 @@ class ONNXBackend:
             tmpl = jp.read_text(encoding="utf-8")
         else:
             cj = self._find(dirs, "chat_template.json")
-            tmpl = _read_json(cj).get("chat_template") if cj else tcfg.get("chat_template")
+            tmpl = read_json_object(cj).get("chat_template") if cj else tcfg.get("chat_template")
         if isinstance(tmpl, list):   # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
             tmpl = named.get("default") or next(iter(named.values()), None)
@@ -628,7 +629,7 @@ class ONNXBackend:
         gp = self._find(dirs, "genai_config.json")
         if gp is not None:
             try:
-                return bool(_read_json(gp).get("search", {}).get("past_present_share_buffer"))
+                return bool(read_json_object(gp).get("search", {}).get("past_present_share_buffer"))
             except BadModelFile:
                 return False
         return False
