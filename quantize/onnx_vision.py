@@ -340,9 +340,10 @@ def quantize_vision(out_dir: str | Path, kind: Literal["int8", "int4"], block_si
     ``<part>_int8.onnx`` or ``<part>_q4.onnx`` beside them with ``quantize_onnx``. Returns part -> path.
 
     int8: 8-bit blockwise ``MatMulNBits`` for every MatMul with constant weights (the vision tower's
-    linear layers, the decoder) and int8 ``Gather`` for the token and position embeddings. int4: blockwise ``MatMulNBits`` for every MatMul with constant
-    weights, and ``GatherBlockQuantized`` for the token embeddings (their graph is at opset 21); the
-    vision tower's patch convolution stays fp32 in both.
+    linear layers, the decoder) and int8 ``Gather`` for the token and position embeddings. int4:
+    blockwise ``MatMulNBits`` for every MatMul with constant weights, and ``GatherBlockQuantized`` for
+    the token embeddings (their graph is at opset 21); the vision tower's patch convolution stays fp32
+    in both.
     """
     if kind not in ("int8", "int4"):
         raise UsageError(f"Unknown ONNX quantization {kind!r}.", hint="Use int8 or int4.")
