@@ -15,6 +15,9 @@ our int4 artifact came from (asymmetric int4 like ours; its symmetric default lo
     genai/bin/python -m onnxruntime_genai.models.builder -i HF_DIR -o GENAI_DIR -p int4 -e cpu
         --extra_options is_symmetric=false accuracy_level=4 block_size=32
 
+genai runs twice per round: "+ text" turns each token into text through its TokenizerStream, as its
+own examples do and as our backends always do (every chunk carries text); "tokens only" skips that.
+
 Greedy, same prompt and lengths, same threads, alternating runs, best of ``--repeat``
 (``VLM_ORT_SPIN=0|1`` fixes onnxruntime's thread spinning for every ONNX runner):
     python benchmarks/onnx_vs_genai.py DIR_OR_FILE.onnx [--gguf X.gguf] [--threads 2] [--gen 64] [--prompt-tokens 128]
@@ -102,17 +105,24 @@ def peak_rss():
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:            # one run per line, so the parent interleaves it with its own runners
+for line in sys.stdin:            # one run per line ("tokens" or "text"): the parent interleaves them
+    text = line.strip() == "text"     # stream text as genai's own examples do (and as vlm does)
+    stream = tok.create_stream() if text else None
+    out = []
     p = og.GeneratorParams(model)
     p.set_search_options(max_length=len(ids) + gen, do_sample=False)
     g = og.Generator(model, p)
     t0 = time.perf_counter()
     g.append_tokens(ids)      # the prefill forward
     g.generate_next_token()   # only picks the first token from the prefill logits (no forward)
+    if text:
+        out.append(stream.decode(g.get_next_tokens()[0]))
     t1 = time.perf_counter()
     n = 0
     while not g.is_done() and n < gen - 1:
         g.generate_next_token()   # one forward on the previous token, then the pick
+        if text:
+            out.append(stream.decode(g.get_next_tokens()[0]))
         n += 1
     t2 = time.perf_counter()
     print(json.dumps([len(ids) / (t1 - t0), n / (t2 - t1), peak_rss()]), flush=True)
@@ -158,12 +168,15 @@ def main() -> None:
                                   str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         json.loads(genai.stdout.readline())          # loaded
 
-        def genai_run():
-            genai.stdin.write("run\n")
+        def genai_run(mode: str):
+            genai.stdin.write(mode + "\n")
             genai.stdin.flush()
             return tuple(json.loads(genai.stdout.readline()))
 
-        runners["onnxruntime-genai"] = genai_run
+        # "+ text": detokenized token by token through its TokenizerStream, as genai's examples do and as
+        # our backends always do (a chunk of text per token); "tokens only": ids, no text at all
+        runners["onnxruntime-genai + text"] = lambda: genai_run("text")
+        runners["onnxruntime-genai tokens only"] = lambda: genai_run("tokens")
     results: dict[str, list] = {k: [] for k in runners}
     for f in runners.values():   # warm-up
         f()
@@ -182,7 +195,7 @@ def main() -> None:
         print(f"{k:{w}s} {max(r[0] for r in rs):14.0f} {max(r[1] for r in rs):13.1f} "
               f"{statistics.median(r[1] for r in rs):14.1f}   " + " ".join(f"{r[1]:.1f}" for r in rs))
     if genai is not None:
-        print(f"onnxruntime-genai peak RSS {results['onnxruntime-genai'][-1][2] / 2**20:.0f} MiB "
+        print(f"onnxruntime-genai peak RSS {results['onnxruntime-genai + text'][-1][2] / 2**20:.0f} MiB "
               f"(edgevlm's: `vlm bench MODEL`, one model per process)")
 
 
