@@ -7,7 +7,8 @@ from typing import Optional
 
 from .errors import BadModelFile, ModelNotFound
 from .gguf_file import read_gguf
-from .memory import ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, MemoryEstimate, check_fits, estimate
+from .memory import (ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, ONNX_SINGLE_FILE_FRACTION, MemoryEstimate, check_fits,
+                     estimate)
 from .protocol import Artifact, Backend, LoadOptions, ProgressCallback
 
 
@@ -100,9 +101,12 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
         from .backends.onnx import kv_shape_from_config, weight_files
 
         # the files that load (not every variant in the folder), and an fp32 KV cache (what exports use)
-        size = sum(p.stat().st_size for p in weight_files(Path(art.path)))
+        files = weight_files(Path(art.path))
+        size = sum(p.stat().st_size for p in files)
+        single = sum(p.stat().st_size for p in files if p.suffix == ".onnx")      # weights inside graph files
         est = estimate(size, n_ctx, kv_shape_from_config(Path(art.path)), kv_bytes_per_elem=4)
-        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(size * ONNX_REPACK_FRACTION))
+        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(size * ONNX_REPACK_FRACTION)
+                       + int(single * (ONNX_SINGLE_FILE_FRACTION - ONNX_REPACK_FRACTION)))
     if art is not None:
         size = sum(p.stat().st_size for p in Path(art.path).rglob("*") if p.is_file())
         return estimate(size, n_ctx, None)
@@ -125,7 +129,10 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
         # the listed files are one variant plus small sidecars; same onnxruntime terms as an installed one
         weights += mm
         est = estimate(weights, ctx, spec.kv, kv_bytes_per_elem=4)
-        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(weights * ONNX_REPACK_FRACTION))
+        single = any(f.name.endswith(".onnx") for f in aspec.files) and not any(
+            f.name.endswith((".onnx_data", ".onnx.data")) for f in aspec.files)
+        frac = ONNX_SINGLE_FILE_FRACTION if single else ONNX_REPACK_FRACTION
+        return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(weights * frac))
     return estimate(weights, ctx, spec.kv, mm)
 
 

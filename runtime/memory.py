@@ -11,12 +11,15 @@ MiB = 1024 * 1024
 # the estimate must never be much lower than what the process really uses.
 RUNTIME_OVERHEAD = 160 * MiB
 COMPUTE_PER_CTX_TOKEN = 2 * 1024         # llama.cpp's compute buffer grows with n_ctx (logits, scratch)
-# onnxruntime on top of that: it reads a single-file model into memory (no mmap), holds the protobuf and
-# the initializer tensors made from it at once while the session is created, and repacks MatMul
-# weights for its kernels; its arenas and library are larger too. Measured on SmolLM2-135M exports
-# (fp32 / int8 / int4, 623 / 173 / 101 MiB): peak RSS 929..1119 / 386 / 296 MiB.
+# onnxruntime on top of that: it repacks MatMul weights for its kernels at session creation, and its
+# arenas and library are larger. A single-file model costs more: it is read into memory and the
+# protobuf and the tensors made from it are held at once while the session is built; external data
+# (``<file>_data``, what `vlm quantize` writes) avoids that copy. Measured on SmolLM2-135M exports,
+# peak RSS for fp32 / int8 / int4 (623 / 173 / 101 MiB of weights): single file 929..1119 / 386 / 292
+# MiB, external data 703 / 296 / 231 MiB.
 ONNX_EXTRA_OVERHEAD = 48 * MiB
-ONNX_REPACK_FRACTION = 0.75
+ONNX_REPACK_FRACTION = 0.25             # external data
+ONNX_SINGLE_FILE_FRACTION = 0.75        # weights inside the .onnx file
 
 
 @dataclass(frozen=True)

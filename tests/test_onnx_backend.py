@@ -182,7 +182,10 @@ def test_export_layout(tmp_path, smollm2_onnx):
     for name in ("model.onnx", "model_int8.onnx", "model_q4.onnx", *SIDECARS):
         assert (smollm2_onnx / name).is_file(), name
     assert not list(smollm2_onnx.glob("*.tmp")) and not list(smollm2_onnx.glob(".*"))
-    sizes = {n: (smollm2_onnx / n).stat().st_size for n in ("model.onnx", "model_int8.onnx", "model_q4.onnx")}
+    # weights live in <file>_data beside each graph (onnxruntime loads them without a second copy)
+    sizes = {n: sum(p.stat().st_size for p in (smollm2_onnx / n, smollm2_onnx / f"{n}_data"))
+             for n in ("model.onnx", "model_int8.onnx", "model_q4.onnx")}
+    assert all((smollm2_onnx / f"{n}_data").stat().st_size > 0.9 * sizes[n] for n in sizes)
     assert sizes["model_q4.onnx"] < sizes["model.onnx"] / 5 and sizes["model_int8.onnx"] < sizes["model.onnx"] / 3
     from edgevlm.quantize.onnx import quantize_onnx
 
@@ -338,7 +341,9 @@ def _artifact_dir(tmp_path: Path, src: Path, onnx_name: str = "model_q4.onnx", s
         if n not in skip and (src / n).exists():
             shutil.copy2(src / n, d / n)
     if onnx_name:
-        (d / onnx_name).symlink_to(src / onnx_name)
+        for name in (onnx_name, onnx_name + "_data"):
+            if (src / name).exists():
+                (d / name).symlink_to(src / name)
     return d
 
 
@@ -351,18 +356,26 @@ def test_bad_artifacts_are_one_line_errors_with_hints(tmp_path, smollm2_onnx):
         assert "\n" not in str(e.value) and e.value.hint, (str(e.value), e.value.hint)
         return e.value
 
-    # corrupt: garbage bytes, then a truncated copy of the real file
+    # corrupt: garbage bytes, then a truncated copy of the real graph
     d = _artifact_dir(tmp_path, smollm2_onnx, onnx_name="")
     (d / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
     assert "onnxruntime could not load model.onnx" in str(load_error(d))
-    with open(smollm2_onnx / "model_q4.onnx", "rb") as f:
-        (d / "model.onnx").write_bytes(f.read(1_000_000))
+    graph = (smollm2_onnx / "model_q4.onnx").read_bytes()
+    (d / "model.onnx").write_bytes(graph[: len(graph) // 2])
+    load_error(d)
+    # the weights file: missing, then truncated
+    (d / "model.onnx").unlink()
+    (d / "model_q4.onnx").write_bytes(graph)
+    assert ".onnx_data" in load_error(d).hint
+    with open(smollm2_onnx / "model_q4.onnx_data", "rb") as f:
+        (d / "model_q4.onnx_data").write_bytes(f.read(1_000_000))
     load_error(d)
 
     # missing tokenizer
     d2 = tmp_path / "notok"
     d2.mkdir()
-    (d2 / "model_q4.onnx").symlink_to(smollm2_onnx / "model_q4.onnx")
+    for name in ("model_q4.onnx", "model_q4.onnx_data"):
+        (d2 / name).symlink_to(smollm2_onnx / name)
     shutil.copy2(smollm2_onnx / "config.json", d2 / "config.json")
     assert "tokenizer.json" in str(load_error(d2))
 
@@ -373,14 +386,16 @@ def test_bad_artifacts_are_one_line_errors_with_hints(tmp_path, smollm2_onnx):
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     d3 = tmp_path / "wrongtok"
     d3.mkdir()
-    (d3 / "model_q4.onnx").symlink_to(smollm2_onnx / "model_q4.onnx")
+    for name in ("model_q4.onnx", "model_q4.onnx_data"):
+        (d3 / name).symlink_to(smollm2_onnx / name)
     other.save(str(d3 / "tokenizer.json"))
     assert "another model" in str(load_error(d3))
 
     # broken JSON sidecar
     d4 = tmp_path / "badjson"
     d4.mkdir()
-    (d4 / "model_q4.onnx").symlink_to(smollm2_onnx / "model_q4.onnx")
+    for name in ("model_q4.onnx", "model_q4.onnx_data"):
+        (d4 / name).symlink_to(smollm2_onnx / name)
     shutil.copy2(smollm2_onnx / "tokenizer.json", d4 / "tokenizer.json")
     (d4 / "config.json").write_text("{not json")
     assert "config.json" in str(load_error(d4))
@@ -507,9 +522,10 @@ def test_memory_estimate_not_below_measured_rss_onnx(smollm2_onnx, variant):
     from edgevlm.runtime.bench import run_isolated
 
     path = smollm2_onnx / variant
-    assert weight_files(path) == [path]
-    assert weight_files(smollm2_onnx) == [smollm2_onnx / "model.onnx"]        # what a folder loads
+    data = path.with_name(path.name + "_data")              # vlm quantize keeps weights out of the graph
+    assert weight_files(path) == [path, data]
+    assert weight_files(smollm2_onnx)[0] == smollm2_onnx / "model.onnx"        # what a folder loads
     res = run_isolated(str(path), prompt_tokens=48, gen_tokens=8, repeat=1, n_ctx=512)
     est, rss = res["estimate_bytes"], res["peak_rss_bytes"]
-    assert res["weights_bytes"] == path.stat().st_size
+    assert res["weights_bytes"] == path.stat().st_size + data.stat().st_size
     assert est >= 0.9 * rss, f"{variant}: estimate {est / 2**20:.0f} MiB < 90% of peak RSS {rss / 2**20:.0f} MiB"

@@ -431,7 +431,8 @@ class ONNXBackend:
             raise BadModelFile(
                 f"onnxruntime could not load {path.name}: {first[:300]}",
                 hint="The file is truncated, corrupt or needs a newer onnxruntime: download or export it again "
-                     "(a model over 2 GB also needs its .onnx_data file beside it).",
+                     f"(a model whose weights are kept apart needs its {path.name}_data or .onnx_data file "
+                     "beside it, whole).",
             ) from e
 
     def _load_vision(self, ort, so, model_file: Path, dirs: list[Path]) -> None:
