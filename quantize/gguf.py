@@ -116,6 +116,17 @@ def _debug() -> bool:
 
 # ----------------------------------------------------------------------------------- convert
 
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json ...) as a dict, or a one-line ``BadModelFile``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadModelFile(f"{path} is not readable JSON: {e}", hint="Download the checkpoint again.") from e
+    if not isinstance(data, dict):
+        raise BadModelFile(f"{path} does not hold a JSON object.", hint="Download the checkpoint again.")
+    return data
+
+
 def _checkpoint_config(src_dir: Path) -> dict:
     if not src_dir.exists():
         raise ModelNotFound(f"Checkpoint folder not found: {src_dir}",
@@ -127,12 +138,7 @@ def _checkpoint_config(src_dir: Path) -> dict:
     if not cfg_path.is_file():
         raise BadModelFile(f"{src_dir} has no config.json, so it is not a Hugging Face checkpoint.",
                            hint="Pass the folder that holds config.json and the *.safetensors weights.")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BadModelFile(f"{cfg_path} is not readable JSON: {e}", hint="Download the checkpoint again.") from e
-    if not isinstance(cfg, dict):
-        raise BadModelFile(f"{cfg_path} does not hold a JSON object.", hint="Download the checkpoint again.")
+    cfg = _read_json(cfg_path)
     weights = [p for pat in ("*.safetensors", "pytorch_model*.bin", "consolidated*.pth") for p in src_dir.glob(pat)]
     if not weights:
         raise BadModelFile(f"{src_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin).",

@@ -39,6 +39,7 @@ from typing import Optional
 from ..runtime.errors import (BadModelFile, DownloadError, EdgeVLMError, MissingExtra, ModelNotFound, OfflineError,
                               UsageError, missing_extra)
 from ..runtime.protocol import ProgressCallback
+from .gguf import _read_json
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -147,16 +148,6 @@ class Source:
     def text_config(self) -> dict:
         t = self.config.get("text_config")
         return {**self.config, **t} if isinstance(t, dict) else self.config
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BadModelFile(f"{path} is not readable JSON: {e}", hint="Download the checkpoint again.") from e
-    if not isinstance(data, dict):
-        raise BadModelFile(f"{path} does not hold a JSON object.", hint="Download the checkpoint again.")
-    return data
 
 
 def _check_trust(d: Path, names: list[str], trust_remote_code: bool, what: str) -> None:

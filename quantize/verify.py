@@ -419,6 +419,15 @@ def _prompts_and_speed(backend, on_progress, stage: str, total: int) -> tuple[di
     return outs, _decode_tps(backend)
 
 
+def _verdict(ref: Reference, metrics: dict, outs: dict, tps: Optional[float], own_ids: list[int],
+             min_top1: float, **extra) -> Verification:
+    """The verification of one artifact from what was measured, judged against ``min_top1``."""
+    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
+                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, **extra)
+    _judge(v, ref, min_top1)
+    return v
+
+
 def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = None, threads: Optional[int] = None,
                 min_top1: float = 0.8, on_progress: Optional[ProgressCallback] = None) -> Verification:
     """Load the GGUF with our runtime, compare it with the source, time a generation."""
@@ -447,9 +456,7 @@ def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = No
             _progress(on_progress, stage, total, total)
     finally:
         backend.close()
-    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
-                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, vision=vision)
-    _judge(v, ref, min_top1)
+    v = _verdict(ref, metrics, outs, tps, own_ids, min_top1, vision=vision)
     v.seconds = time.perf_counter() - t0
     return v
 
@@ -596,9 +603,7 @@ def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = No
         _progress(on_progress, stage, total, total)
     finally:
         backend.close()
-    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
-                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, metrics_stepwise=stepwise)
-    _judge(v, ref, min_top1)
+    v = _verdict(ref, metrics, outs, tps, own_ids, min_top1, metrics_stepwise=stepwise)
     if stepwise["top1_agreement"] - metrics["top1_agreement"] > 0.05:
         v.warnings.append(
             f"scored token by token it agrees on {stepwise['top1_agreement']:.0%}, but only on "
@@ -639,9 +644,7 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
         _progress(on_progress, stage, total, total)
     finally:
         backend.close()
-    v = Verification(metrics=metrics, completions=_completion_rows(ref, outs), decode_tps=tps,
-                     tokenizer_match=own_ids[:len(ref.token_ids)] == ref.token_ids, vision=vision)
-    _judge(v, ref, min_top1)
+    v = _verdict(ref, metrics, outs, tps, own_ids, min_top1, vision=vision)
     v.seconds = time.perf_counter() - t0
     return v
 
