@@ -321,11 +321,10 @@ class Store:
                 atomic_write_text(adir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             except BaseException:
                 shutil.rmtree(adir, ignore_errors=True)
-                for d in (adir.parent,):
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
+                try:
+                    adir.parent.rmdir()          # the model's folder, if this was its only artifact
+                except OSError:
+                    pass
                 raise
         return adir
 
