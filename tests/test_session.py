@@ -32,6 +32,16 @@ def test_second_turn_evaluates_only_new_tokens(backend):
     assert f.prompt_eval_tokens <= 30, f
 
 
+def test_reply_cut_at_max_tokens_evaluates_nothing_after_it(backend):
+    """The last token of a reply that hits max_tokens is not run through the model (nothing reads
+    those logits); the next turn evaluates it with the new prompt."""
+    backend.reset()
+    req = ChatRequest(messages=[Message("user", "Count: 1, 2, 3,")], raw=True, temperature=0, max_tokens=6)
+    last = list(backend.stream(req))[-1]
+    assert last.finish_reason == "length" and last.completion_tokens == 6
+    assert len(backend._keys) == last.prompt_tokens + 5
+
+
 def test_interrupted_turn_keeps_session_consistent(backend):
     s = ChatSession(backend, "smollm2", options=GenerationOptions(temperature=0, max_tokens=200))
     s.clear()

@@ -536,8 +536,8 @@ class GGUFBackend:
                 if stopped:
                     finish, hit_stop_string = "stop", True
                     break
-                if len(self._keys) + 1 >= self.n_ctx:
-                    finish = "length"
+                if n_out >= request.max_tokens or len(self._keys) + 1 >= self.n_ctx:
+                    finish = "length"     # the last token is not evaluated: nothing would read its logits
                     break
                 self._decode_one(tok)
         except GeneratorExit:

@@ -1003,8 +1003,8 @@ class ONNXBackend:
                 if constraint is not None and constraint.is_done():
                     finish = "stop"             # the document is complete: only EOS could follow
                     break
-                if len(self._keys) + 1 >= self.n_ctx:
-                    finish = "length"
+                if n_out >= request.max_tokens or len(self._keys) + 1 >= self.n_ctx:
+                    finish = "length"     # the last token is not evaluated: nothing would read its logits
                     break
                 logits = self._run([tok])
         except GeneratorExit:
