@@ -180,9 +180,10 @@ def main() -> None:
     results: dict[str, list] = {k: [] for k in runners}
     for f in runners.values():   # warm-up
         f()
-    for _ in range(args.repeat):  # alternating: a noisy neighbour slows every runner alike
-        for k, f in runners.items():
-            results[k].append(f())
+    order = list(runners)
+    for r in range(args.repeat):  # alternating, the order reversed every other round: a noisy neighbour
+        for k in (order if r % 2 == 0 else order[::-1]):   # slows every runner alike
+            results[k].append(runners[k]())
     if genai is not None:
         genai.stdin.close()
         genai.wait()
@@ -194,6 +195,15 @@ def main() -> None:
     for k, rs in results.items():
         print(f"{k:{w}s} {max(r[0] for r in rs):14.0f} {max(r[1] for r in rs):13.1f} "
               f"{statistics.median(r[1] for r in rs):14.1f}   " + " ".join(f"{r[1]:.1f}" for r in rs))
+    ref = "onnxruntime-genai + text" if genai is not None else None
+    if ref is not None:   # paired per round: the two runs of a round saw the same neighbours
+        for k, rs in results.items():
+            if k.startswith("onnxruntime-genai"):
+                continue
+            ratios = sorted(a[1] / b[1] for a, b in zip(rs, results[ref]))
+            print(f"{k:{w}s} decode / genai + text, per round: median {statistics.median(ratios):.3f} "
+                  f"(middle half {ratios[len(ratios) // 4]:.3f}-{ratios[(3 * len(ratios)) // 4]:.3f}); "
+                  f"prefill {statistics.median(a[0] / b[0] for a, b in zip(rs, results[ref])):.2f}")
     if genai is not None:
         print(f"onnxruntime-genai peak RSS {results['onnxruntime-genai + text'][-1][2] / 2**20:.0f} MiB "
               f"(edgevlm's: `vlm bench MODEL`, one model per process)")

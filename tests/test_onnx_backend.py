@@ -245,6 +245,7 @@ def test_chunks_carry_counts_and_timings(q4):
     assert last.finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
     assert last.prompt_tokens == last.prompt_eval_tokens == 5
     assert last.completion_tokens == 8 == len(q4.last_completion_ids)
+    assert len(q4._keys) == 5 + 7      # the 8th token is never run through the model: nothing reads its logits
     assert [c.completion_tokens for c in chunks[:-1]] == sorted(c.completion_tokens for c in chunks[:-1])
     assert last.prefill_s > 0 and last.decode_s > 0 and last.ttft_s >= last.prefill_s
     assert "".join(c.text for c in chunks) == q4.detokenize(q4.last_completion_ids)
@@ -484,13 +485,14 @@ def test_fused_graph_matches_transformers_logits(tmp_path, arch):
     ids = [5, 17, 200, 3, 99, 42, 7]
     with torch.no_grad():
         ref = model(torch.tensor([ids + [11]])).logits[0].numpy()
-    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 7), np.int64),
-            "position_ids": np.arange(7)[None]}
+    # positions come from the cache length inside GroupQueryAttention, as in onnxruntime-genai's graphs
+    assert "position_ids" not in {i.name for i in sess.get_inputs()}
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 7), np.int64)}
     feed.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for kv in ("key", "value")})
     outs = sess.run(None, feed)
     np.testing.assert_allclose(outs[0][0, -1], ref[6], atol=2e-4, rtol=1e-3)
     # one more token on top of the returned cache
-    step = {"input_ids": np.array([[11]]), "attention_mask": np.ones((1, 8), np.int64), "position_ids": np.array([[7]])}
+    step = {"input_ids": np.array([[11]]), "attention_mask": np.ones((1, 8), np.int64)}
     names = [o.name for o in sess.get_outputs()][1:]
     step.update({n.replace("present", "past_key_values"): v for n, v in zip(names, outs[1:])})
     np.testing.assert_allclose(sess.run(None, step)[0][0, -1], ref[7], atol=2e-4, rtol=1e-3)
