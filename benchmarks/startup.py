@@ -1,12 +1,13 @@
 """How long `vlm` takes to start: `vlm --help`, and `vlm ask` from process start to the first byte of
 its answer on stdout (imports, argument parsing, resolve, memory check, model load, prefill, first
-token). Medians of several runs; each run is a fresh process, as a shell script would start it.
+token), and to the start of its prompt's prefill. Medians of several runs; each run is a fresh process, as a shell script would start it.
 
     python benchmarks/startup.py [-m smollm2-135m] [--runs 9]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -14,15 +15,25 @@ import sys
 import time
 
 
-def first_byte(cmd: list[str]) -> float:
+def first_byte(cmd: list[str], out: list | None = None) -> float:
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    p.stdout.read(1)
+    head = p.stdout.read(1)
     dt = time.perf_counter() - t
-    p.communicate()
+    rest, _ = p.communicate()
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed with exit code {p.returncode}")
+    if out is not None:
+        out.append(head + rest)
     return dt
+
+
+def before_prefill(cmd: list[str]) -> float:
+    """Process start to the prompt's prefill: `vlm ask --json` prints its one line right after the answer,
+    and its timings.total_s runs from the answer's start (prompt rendered, prefill, decode) to its end."""
+    out: list = []
+    t = first_byte(cmd + ["--json"], out)
+    return t - json.loads(out[0])["timings"]["total_s"]
 
 
 def main() -> None:
@@ -37,6 +48,8 @@ def main() -> None:
         "vlm --help": [first_byte([vlm, "--help"]) for _ in range(a.runs)],
         f"vlm ask -m {a.model} (first answer byte)": [first_byte([vlm, "ask", "-m", a.model, a.prompt, "-n", "8"])
                                                       for _ in range(a.runs)],
+        f"vlm ask -m {a.model} (before the prompt's prefill)": [
+            before_prefill([vlm, "ask", "-m", a.model, a.prompt, "-n", "8"]) for _ in range(a.runs)],
     }
     for name, xs in rows.items():
         print(f"{name:<48} median {statistics.median(xs) * 1000:6.0f} ms   min {min(xs) * 1000:6.0f} ms")

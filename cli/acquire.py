@@ -48,6 +48,7 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     if not ignore_memory:
         loader.check_memory(resolved, n_ctx)        # again with the real files' metadata
     opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
-    with console.progress("Loading", enabled=False) as cb:
-        backend = loader.load_backend(resolved.artifact, opts, cb)
+    # No progress callback: loading takes well under a second, and each call of a Python callback makes
+    # llama.cpp take the GIL.
+    backend = loader.load_backend(resolved.artifact, opts)
     return backend, resolved

@@ -14,6 +14,9 @@ TopK = Annotated[int, typer.Option("--top-k", min=0, help="Top-k sampling; 0 = o
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for repeatable sampling.")]
 Ctx = Annotated[Optional[int], typer.Option("--ctx", "-c", min=128, help="Context length in tokens (default 4096, capped at the model's).")]
+OneShotCtx = Annotated[Optional[int], typer.Option(
+    "--ctx", "-c", min=128, help="Context length in tokens (default: enough for this question and --max-tokens, "
+                                 "at most 4096; with images 4096), capped at the model's.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: physical cores).")]
 System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Download a missing model without asking.")]

@@ -59,6 +59,23 @@ def test_closed_pipe_exits_quietly(smollm2_gguf):
     assert r.returncode == 141
 
 
+def test_one_shot_context_holds_question_template_and_answer(smollm2_gguf):
+    """Without --ctx, `vlm ask` sizes the context from the question's bytes: never smaller than the
+    templated prompt plus --max-tokens, even for token-dense text, and at most the usual 4096."""
+    from edgevlm.cli.ask import one_shot_ctx
+
+    assert one_shot_ctx(["hi", ""], 8) == 512
+    assert one_shot_ctx(["x" * 5000, ""], 512) == 4096
+    assert one_shot_ctx(["é" * 300, ""], 100) == 1024       # bytes, not characters: 600 + 256 + 100 -> 1024
+    dense = "0 1 2 3 4 5 6 7 8 9 ; : ! ? " * 40 + "🙂🚀✨" * 30        # short tokens, emoji split into bytes
+    for prompt, system in ((dense, ""), ("Why?", "You are terse.")):
+        args = ["-s", system] if system else []
+        r = vlm("ask", "-m", str(smollm2_gguf), "--json", "-t", "0", "-n", "64", *args, prompt)
+        assert r.returncode == 0, r.stderr
+        usage = json.loads(r.stdout)["usage"]
+        assert usage["prompt_tokens"] + 64 <= one_shot_ctx([prompt, system], 64), usage
+
+
 def test_prompt_longer_than_context(smollm2_gguf):
     long = "word " * 3000
     r = vlm("ask", "-m", str(smollm2_gguf), "--ctx", "512", long)

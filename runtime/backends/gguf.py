@@ -73,26 +73,6 @@ def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
         )
 
 
-def _warm_up(chat_template: Optional[str]) -> None:
-    """Import numpy (greedy argmax) and jinja2 and compile the chat template on a thread while the model
-    loads: llama.cpp releases the GIL, so ~60 + ~40 ms overlap the load instead of landing on the first
-    token. The compiled template is cached (``prompt._compile``); a broken one fails later, at render."""
-    import threading
-
-    def work() -> None:
-        import numpy  # noqa: F401
-
-        if chat_template:
-            from ..prompt import _compile
-
-            try:
-                _compile(chat_template)
-            except Exception:   # reported where it is used
-                pass
-
-    threading.Thread(target=work, daemon=True).start()
-
-
 class _Utf8Stream:
     """Turns token pieces (bytes, possibly split mid-character) into text."""
 
@@ -168,7 +148,6 @@ class GGUFBackend:
             check_mmproj(info, mm_info)
         llama_cpp, mtmd_cpp = _import_llama()
         _silence_native_logs(llama_cpp, mtmd_cpp)
-        _warm_up(info.chat_template)
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
@@ -457,7 +436,11 @@ class GGUFBackend:
 
     def _greedy_sample(self, _sampler, ctx, idx: int) -> int:
         """Greedy without the sampler chain: the chain copies all n_vocab logits into a candidate
-        array every token (0.4 ms for Gemma 3's 262k vocabulary, ~3% of a decode step)."""
+        array every token (0.4 ms for Gemma 3's 262k vocabulary, ~3% of a decode step).
+
+        numpy is imported here, at the first greedy token, not on a thread during the load or the
+        prefill: measured, both made the answer later (llama.cpp calls our log callback ~2,000 times
+        while loading, each call then waiting for the GIL; the prefill's threads lose their core)."""
         import numpy as np
 
         ptr = self._llama_cpp.llama_get_logits_ith(ctx, idx)
