@@ -47,7 +47,7 @@ def test_two_images_and_stdin(vision_model, images):
     assert doc["usage"]["image_tokens"] > 0 and doc["images"][0]["source"] == "-"
 
 
-def test_follow_up_about_same_image_reuses_cache(vision_model, images):
+def test_follow_up_about_same_image_reuses_cache(vision_model, images, monkeypatch):
     from edgevlm.runtime.loader import artifact_from_path, load_backend
     from edgevlm.runtime.media import load_image
     from edgevlm.runtime.protocol import LoadOptions
@@ -56,12 +56,25 @@ def test_follow_up_about_same_image_reuses_cache(vision_model, images):
     b = load_backend(artifact_from_path(vision_model["gguf"], vision_model["mmproj"], True), LoadOptions(n_ctx=4096))
     try:
         s = ChatSession(b, "fixture", options=GenerationOptions(temperature=0, max_tokens=4))
-        first = s.ask("What is this?", [load_image(images[1])])
+        img = load_image(images[1])
+        first = s.ask("What is this?", [img])
+        preprocessed = []
+        real = b._mtmd_cpp.mtmd_tokenize
+        monkeypatch.setattr(b._mtmd_cpp, "mtmd_tokenize", lambda *a: preprocessed.append(1) or real(*a))
         second = s.ask("And its colour?")
         assert first.final.image_tokens > 0 and first.final.image_encode_s > 0
         assert second.final.image_tokens == first.final.image_tokens    # image still in the conversation
         assert second.final.image_encode_s == 0                          # ...but not encoded again
         assert second.final.prompt_eval_tokens < first.final.image_tokens
+        assert preprocessed == []                                        # ...nor preprocessed again
+        # and the tokens are exactly those of libmtmd's own tokenization of the whole conversation
+        text, _, keys, _, _ = b._last_prompt
+        full_keys, _, chunks, n_image = b._tokenize_media(text, [img])
+        b._mtmd_cpp.mtmd_input_chunks_free(chunks)
+        assert keys == full_keys and n_image == first.final.image_tokens and len(preprocessed) == 1
+        b.reset()                                                        # a new conversation re-encodes
+        third = s.ask("And now?")
+        assert third.final.image_encode_s > 0 and len(preprocessed) == 2
     finally:
         b.close()
 
