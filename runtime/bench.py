@@ -132,6 +132,8 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             from .memory import kv_cache_bytes
 
             kv = kv_cache_bytes(getattr(b, "n_ctx", ctx), *info.kv_shape)
+        elif hasattr(b, "kv_cache_bytes"):        # ONNX: the decoder's past tensors, fp32 or fp16
+            kv = b.kv_cache_bytes()
         if resolved.artifact.format == "onnx":
             from .backends.onnx import weight_files
 

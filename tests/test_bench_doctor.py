@@ -91,5 +91,7 @@ def test_bench_vision_gguf_and_onnx(vision_model, tmp_path):
         assert im["tokens"] > 0 and im["encode_ms"]["mean"] > 0 and im["followup_ttft_s"]["mean"] > 0
         assert res["estimate_bytes"] >= 0.9 * res["peak_rss_bytes"]
     assert gguf["image"]["tokens"] == onnx["image"]["tokens"]
+    # the KV cache at each one's context (llama.cpp rounds it up): f16 in llama.cpp, fp32 in this ONNX export
+    assert onnx["kv_cache_bytes"] * gguf["n_ctx"] == 2 * gguf["kv_cache_bytes"] * onnx["n_ctx"] > 0
     # the projector is counted with the weights it is loaded with
     assert gguf["weights_bytes"] == vision_model["gguf"].stat().st_size + vision_model["mmproj"].stat().st_size

@@ -1026,6 +1026,13 @@ class ONNXBackend:
         self._past, self._past_keep, self._keys = [], [], []
         self._capacity = 0
 
+    def kv_cache_bytes(self) -> int:
+        """The KV cache at full context: K and V of every layer, in the decoder's past dtype."""
+        from ..memory import kv_cache_bytes
+
+        return kv_cache_bytes(self.n_ctx, self.n_layers, self.kv_heads, self.head_dim,
+                              bytes_per_elem=2 if self._kv_dtype == "float16" else 4)
+
     def describe(self) -> dict:
         return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "spin": getattr(self, "spin", None),
                 "vision": self.has_vision,
