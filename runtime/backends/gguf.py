@@ -126,6 +126,7 @@ class GGUFBackend:
         self._mtmd = None
         self._batch = None
         self._keys: list = []          # what each KV position holds: token id or (img, id, k)
+        self._last_prompt = None       # the last image prompt's (text, image ids, keys, plan, image tokens)
         self.info: Optional[GGUFInfo] = None
         self.artifact: Optional[Artifact] = None
         self.chat_template: Optional[str] = None
@@ -364,10 +365,9 @@ class GGUFBackend:
         Exact, not approximate: libmtmd tokenizes the text between media markers piece by piece, so the
         appended text yields the same tokens as a full tokenization when the last piece and the
         appended text tokenize the same apart as together (checked). Anything else returns None."""
-        last = getattr(self, "_last_prompt", None)
-        if last is None:
+        if self._last_prompt is None:
             return None
-        prev_text, prev_ids, prev_keys, prev_plan, n_image_pos = last
+        prev_text, prev_ids, prev_keys, prev_plan, n_image_pos = self._last_prompt
         suffix = text[len(prev_text):]
         if (not suffix or not text.startswith(prev_text) or self._marker in suffix
                 or [img.sha256 for img in images] != prev_ids
@@ -376,7 +376,7 @@ class GGUFBackend:
         images_end = max(item[1] + item[2] for item in prev_plan if item[0] == "i")
         if self._keys[:images_end] != prev_keys[:images_end]:
             return None                    # the images are no longer in the KV cache: encode them again
-        piece = prev_text.rsplit(self._marker, 1)[1]
+        piece = prev_text.rpartition(self._marker)[2]
         added = self.tokenize(suffix, add_special=False)
         if not added or self.tokenize(piece + suffix, add_special=False) != self.tokenize(piece, add_special=False) + added:
             return None
