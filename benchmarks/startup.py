@@ -1,6 +1,7 @@
 """How long `vlm` takes to start: `vlm --help`, and `vlm ask` from process start to the first byte of
 its answer on stdout (imports, argument parsing, resolve, memory check, model load, prefill, first
-token), and to the start of its prompt's prefill. Medians of several runs; each run is a fresh process, as a shell script would start it.
+token), and to the start of its prompt's prefill. Medians of several runs; each run is a fresh
+process, as a shell script would start it.
 
     python benchmarks/startup.py [-m smollm2-135m] [--runs 9]
 """

@@ -2,9 +2,9 @@
 
 The layout is optimum's / onnx-community's: one ``model.onnx`` (plus ``model.onnx_data`` when the
 weights pass 2 GB) taking ``input_ids``, ``attention_mask``, ``position_ids`` (optimum's exports; the
-fused builder's graphs place positions from the cache length) and ``past_key_values.{i}.key|value``, returning ``logits`` and ``present.{i}.key|value``, next to
-``config.json``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and the
-chat template. Quantized variants are written beside it under onnx-community's names
+fused builder's graphs place positions from the cache length) and ``past_key_values.{i}.key|value``,
+returning ``logits`` and ``present.{i}.key|value``, next to ``config.json``, ``generation_config.json``,
+``tokenizer.json``, ``tokenizer_config.json`` and the chat template. Quantized variants are written beside it under onnx-community's names
 (``model_int8.onnx``, ``model_q4.onnx``) or wherever the caller says.
 
 Two exporters fill that layout (``export_decoder(method=...)``): optimum's tracer for any decoder it

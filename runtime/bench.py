@@ -126,14 +126,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 # a second question about the same image, same session: KV prefix reused, image not re-encoded
                 f2 = run(prompt + " And what else?", [img], reset=False)
                 follow.append(f2.ttft_s)
-        info = getattr(b, "info", None)
-        kv = None
-        if info is not None and info.kv_shape:
-            from .memory import kv_cache_bytes
-
-            kv = kv_cache_bytes(getattr(b, "n_ctx", ctx), *info.kv_shape)
-        elif hasattr(b, "kv_cache_bytes"):        # ONNX: the decoder's past tensors, fp32 or fp16
-            kv = b.kv_cache_bytes()
+        kv = b.kv_cache_bytes()        # in each backend's own KV dtype: f16 in llama.cpp, the past's in ONNX
         if resolved.artifact.format == "onnx":
             from .backends.onnx import weight_files
 

@@ -609,6 +609,13 @@ class GGUFBackend:
             pass
 
     # ------------------------------------------------------------------ helpers for callers
+    def kv_cache_bytes(self) -> Optional[int]:
+        """The KV cache at full context (f16 K and V of every layer), or None when the header lacks the shape."""
+        from ..memory import kv_cache_bytes
+
+        shape = self.info.kv_shape if self.info is not None else None
+        return kv_cache_bytes(self.n_ctx, *shape) if shape else None
+
     def describe(self) -> dict:
         return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "vision": self.has_vision,
                 "extra_bufts": not avoid_amx_buffers()}
