@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgevlm.runtime.protocol import Artifact, ChatRequest, LoadOptions, Message
+from edgevlm.runtime.generation.core import generate
+from edgevlm.runtime.protocol import Artifact, ChatRequest, GenerationOptions, LoadOptions, Message
 
 
 def prompt_of(n_words: int) -> str:
@@ -42,9 +43,9 @@ def prompt_of(n_words: int) -> str:
 
 def run_backend(b, prompt: str, gen: int) -> tuple[float, float, int]:
     b.reset()
-    req = ChatRequest(messages=[Message("user", prompt)], raw=True, temperature=0, max_tokens=gen)
+    req = ChatRequest([Message("user", prompt)], GenerationOptions(raw=True, temperature=0, max_tokens=gen))
     last = None
-    for last in b.stream(req):
+    for last in generate(b, req):
         pass
     return last.prompt_eval_tokens / last.prefill_s, (last.completion_tokens - 1) / last.decode_s, last.prompt_eval_tokens
 

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from edgevlm.runtime.errors import ModelNotInstalled
-from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.device.memory import fmt_bytes
 from edgevlm.runtime.protocol import Backend, LoadOptions
 
 from . import console
@@ -18,7 +18,7 @@ def ensure_installed(resolved, *, yes: bool) -> None:
     """Pull a registry model that is not installed, asking first when a person is there to answer."""
     if resolved.installed:
         return
-    from edgevlm.runtime.store import Store
+    from edgevlm.runtime.models.store import Store
 
     size = resolved.download_size
     what = f"{resolved.model.name} ({resolved.alias_ref}, {fmt_bytes(size) if size else 'size unknown'})"
@@ -52,3 +52,17 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     # llama.cpp take the GIL.
     backend = loader.load_backend(resolved.artifact, opts)
     return backend, resolved
+
+
+def warn_unenforced(backend: Backend, json_schema: Optional[dict]) -> None:
+    """Compile the schema for this model now (cached for the answer) and say once on stderr which of
+    its keywords the constraint engine cannot enforce while generating; the answer is validated
+    against all of them afterwards."""
+    if json_schema is None:
+        return
+    from edgevlm.runtime.generation.constrain import compile_schema
+
+    _, unenforced = compile_schema(json_schema, backend.constraint_tokenizer())
+    if unenforced:
+        more = f" (+{len(unenforced) - 2} more)" if len(unenforced) > 2 else ""
+        console.warn("--schema: not enforced while generating, checked afterwards: " + "; ".join(unenforced[:2]) + more)

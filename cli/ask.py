@@ -2,35 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
 
-from edgevlm.runtime.errors import UsageError
 
 from . import console
 from .console import boundary
 from .options import (Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, OneShotCtx, Quiet, Raw, Seed, Stop, System,
                       Temperature, Threads, TopK, TopP, Yes)
-
-
-def load_media(refs: list[str], *, frames: Optional[int] = None, fps: Optional[float] = None, n_ctx: int = 4096):
-    """Images as they are; videos as sampled frames labelled with their timestamps."""
-    from edgevlm.runtime.config import load_config
-    from edgevlm.runtime.media import load_image, sniff_kind
-
-    limit = getattr(load_config(), "max_image_pixels", None)
-    kw = {"max_pixels": limit} if limit else {}
-    out = []
-    for r in refs:
-        if r != "-" and "://" not in r and sniff_kind(r) == "video":
-            from edgevlm.runtime.video import sample_frames
-
-            out.extend(sample_frames(r, frames=frames, fps=fps, n_ctx=n_ctx, **kw))
-        else:
-            out.append(load_image(r, **kw))
-    return out
 
 
 # Template text a chat format may add around one question (role markers, a default system prompt
@@ -77,12 +57,14 @@ def ask(
     Examples: vlm ask photo.jpg "How many people are here?" ; vlm ask "Why is the sky blue?" ;
     cat notes.txt | vlm ask "Summarize this"
     """
-    from edgevlm.runtime.session import ChatSession, GenerationOptions
+    from edgevlm.runtime.generation.session import ChatSession
+    from edgevlm.runtime.inputs.attachments import load_media
+    from edgevlm.runtime.protocol import GenerationOptions
 
-    from .acquire import open_model
+    from .acquire import open_model, warn_unenforced
     from .inputs import combine, read_stdin_text, split_args
 
-    from edgevlm.runtime.schema import load_schema, parse_and_validate
+    from edgevlm.runtime.generation.schema import load_schema, parse_and_validate
 
     from .options import DEFAULT_CTX
 
@@ -97,15 +79,16 @@ def ask(
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
                                    yes=yes, ignore_memory=ignore_memory)
     try:
-        completion_only = bool(getattr(resolved.model, "completion_only", False)) or not getattr(backend, "chat_template", True)
+        completion_only = (resolved.model is not None and resolved.model.completion_only) or not backend.chat_template
         if completion_only and not raw and not quiet:
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
+        warn_unenforced(backend, json_schema)
         if as_json or json_schema is not None:
             result = session.ask(prompt, images)
-            answer = parse_and_validate(result.text, json_schema) if json_schema is not None else result.text
+            answer = parse_and_validate(result.text, json_schema, result.final.finish_reason) if json_schema is not None else result.text
             if not as_json:
                 console.write_out(json.dumps(answer, ensure_ascii=False) + "\n")
                 return

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
@@ -32,7 +32,7 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart of the comparison.")] = None,
 ) -> None:
     """Measure models on this device: each in its own process, so peak memory is its own."""
-    from edgevlm.runtime.bench import device_summary, plot as draw, run_isolated
+    from edgevlm.runtime.device.bench import device_summary, plot as draw, run_isolated
 
     results = []
     for m in models:

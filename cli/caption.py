@@ -37,12 +37,13 @@ def caption(
 
     Exit code 0 when every image succeeded, 12 when some became error records.
     """
-    from edgevlm.runtime.batch import JsonlWriter, expand_inputs, file_sha256, record_key
-    from edgevlm.runtime.media import load_image
-    from edgevlm.runtime.protocol import ChatRequest, Message
-    from edgevlm.runtime.schema import load_schema, parse_and_validate
+    from edgevlm.runtime.inputs.batch import JsonlWriter, expand_inputs, file_sha256, record_key
+    from edgevlm.runtime.inputs.media import load_image
+    from edgevlm.runtime.generation.session import ChatSession
+    from edgevlm.runtime.protocol import GenerationOptions
+    from edgevlm.runtime.generation.schema import load_schema, parse_and_validate
 
-    from .acquire import open_model
+    from .acquire import open_model, warn_unenforced
 
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None          # invalid schemas fail before loading
@@ -56,8 +57,11 @@ def caption(
         backend, resolved = open_model(model, want_vision=True, mmproj=mmproj, ctx=ctx, threads=threads,
                                        yes=yes, ignore_memory=ignore_memory)
         name = resolved.alias_ref
+        session = ChatSession(backend, name, options=GenerationOptions(
+            max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=json_schema))
+        warn_unenforced(backend, json_schema)
         t_start = time.perf_counter()
-        with console.progress("Captioning") as cb:
+        with console.progress("Captioning", unit="items") as cb:
             for i, path in enumerate(inputs):
                 cb("images", i, len(inputs))
                 sha = file_sha256(path)
@@ -66,20 +70,14 @@ def caption(
                     skipped += 1
                     continue
                 rec: dict = {"path": path, "sha256": sha, "prompt": prompt, "model": name, "key": key}
-                t0 = time.perf_counter()
                 try:
                     img = load_image(path)
-                    req = ChatRequest(messages=[Message("user", prompt, [img])], max_tokens=max_tokens,
-                                      temperature=temperature, seed=seed, json_schema=json_schema)
-                    text, last = "", None
-                    for last in backend.stream(req):
-                        text += last.text
-                    rec["answer"] = parse_and_validate(text, json_schema) if json_schema else text.strip()
-                    rec["finish_reason"] = last.finish_reason
-                    rec["timings"] = {"total_s": round(time.perf_counter() - t0, 4), "ttft_s": round(last.ttft_s, 4),
-                                      "image_encode_s": round(last.image_encode_s, 4), "decode_s": round(last.decode_s, 4)}
-                    rec["usage"] = {"prompt_tokens": last.prompt_tokens, "image_tokens": last.image_tokens,
-                                    "completion_tokens": last.completion_tokens}
+                    session.clear(reset_cache=False)   # each image on its own; the prompt's KV prefix stays
+                    result = session.ask(prompt, [img])
+                    rec["answer"] = parse_and_validate(result.text, json_schema, result.final.finish_reason) if json_schema else result.text.strip()
+                    rec["finish_reason"] = result.final.finish_reason
+                    rec["usage"] = result.usage          # the same shapes as `vlm ask --json`
+                    rec["timings"] = result.timings
                     ok += 1
                 except EdgeVLMError as e:
                     rec["error"] = e.message

@@ -74,7 +74,7 @@ def _stream_answer(session, text: str, images) -> None:
 
 def _command(session, line: str, tty: bool) -> bool:
     """Handle a /command. Returns False to leave the chat."""
-    from .ask import load_media
+    from edgevlm.runtime.inputs.attachments import load_media
 
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -91,7 +91,7 @@ def _command(session, line: str, tty: bool) -> bool:
     elif cmd == "/image":
         if not arg:
             console.warn("usage: /image PATH")
-        elif not getattr(session.backend, "has_vision", False):
+        elif not session.backend.has_vision:
             console.warn("this model has no vision projector; start the chat with an image or -m a vision model.")
         else:
             try:
@@ -138,12 +138,13 @@ def chat(
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model; give images to talk about them. /help inside lists the commands."""
-    from edgevlm.runtime.session import ChatSession, GenerationOptions
+    from edgevlm.runtime.generation.session import ChatSession
+    from edgevlm.runtime.protocol import GenerationOptions
 
-    from .acquire import open_model
-    from .ask import load_media
+    from .acquire import open_model, warn_unenforced
+    from edgevlm.runtime.inputs.attachments import load_media
 
-    from edgevlm.runtime.schema import load_schema
+    from edgevlm.runtime.generation.schema import load_schema
 
     from .options import DEFAULT_CTX
 
@@ -157,6 +158,7 @@ def chat(
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
+        warn_unenforced(backend, json_schema)
         for img in images:
             session.add_image(img)
         if tty:

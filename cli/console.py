@@ -24,8 +24,7 @@ EXIT_TERMINATED = 143
 EXIT_PIPE = 141
 
 
-def debug() -> bool:
-    return os.environ.get("VLM_DEBUG", "") not in ("", "0")
+from edgevlm.runtime.env import debug  # noqa: E402  (re-exported: the CLI's one switch)
 
 
 def set_quiet(q: bool) -> None:
@@ -83,6 +82,9 @@ def boundary(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except typer.Abort:                 # Ctrl-C (or end of input) at a yes/no question
+            err.print("\n[dim]Interrupted.[/]")
+            raise typer.Exit(EXIT_INTERRUPTED)
         except EdgeVLMError as e:
             if debug():
                 traceback.print_exc()
@@ -114,22 +116,46 @@ def write_out(text: str) -> None:
 
 
 @contextmanager
-def progress(description: str, enabled: Optional[bool] = None) -> Iterator[Callable]:
-    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
-    show = (sys.stderr.isatty() and not QUIET) if enabled is None else enabled
-    if not show:
+def progress(description: str, unit: str = "bytes") -> Iterator[Callable]:
+    """The one progress display: a callback ``cb(stage, done, total)`` for runtime/quantize work.
+
+    ``unit``: "bytes" (downloads: sizes and speed), "items" (images: n of m), "steps" (long stages one
+    after another: n of m and time; off a terminal one line per stage, so logs still show where the
+    time went). Bars go to stderr on a terminal only; nothing with --quiet."""
+    if QUIET:
         yield lambda stage, done, total: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    if not sys.stderr.isatty():
+        if unit != "steps":
+            yield lambda stage, done, total: None
+            return
+        seen: set[str] = set()
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as prog:
+        def line(stage: str, done: int, total: Optional[int]) -> None:
+            if stage not in seen:
+                seen.add(stage)
+                info(f"[dim]{stage} ...[/]")
+
+        yield line
+        return
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    if unit == "bytes":
+        columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    else:
+        columns = (MofNCompleteColumn(), TimeElapsedColumn() if unit == "steps" else TimeRemainingColumn())
+    with Progress(TextColumn("{task.description}"), BarColumn(), *columns, console=err, transient=True) as prog:
         tasks: dict[str, int] = {}
 
         def cb(stage: str, done: int, total: Optional[int]) -> None:
             if stage not in tasks:
-                tasks[stage] = prog.add_task(f"{description} {stage}", total=total)
+                if unit == "steps":
+                    for other in tasks.values():               # one stage at a time: finish the last one
+                        t = prog.tasks[other] if other < len(prog.tasks) else None
+                        if t is not None and t.total:
+                            prog.update(other, completed=t.total)
+                tasks[stage] = prog.add_task(f"{description} {stage}".strip(), total=total)
             prog.update(tasks[stage], completed=done, total=total)
 
         yield cb

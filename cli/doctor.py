@@ -6,19 +6,20 @@ from typing import Annotated
 
 import typer
 
-from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
+from .options import DEFAULT_CTX
 
 
 @boundary
 def doctor(
-    ctx: Annotated[int, typer.Option("--ctx", min=128, help="Context length used for the memory estimates.")] = 4096,
+    ctx: Annotated[int, typer.Option("--ctx", min=128, help="Context length used for the memory estimates.")] = DEFAULT_CTX,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Check this device: CPU features, memory, GPUs, engine builds, which models fit, known problems."""
-    from edgevlm.runtime.doctor import report
+    from edgevlm.runtime.device.doctor import report
 
     r = report(ctx)
     if as_json:

@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
+from .options import DEFAULT_CTX
 
 ModelRef = Annotated[str, typer.Argument(help="Registry name (alias or alias:quant).", show_default=False)]
 
@@ -24,14 +25,14 @@ def pull(
 ) -> None:
     """Download a model from the registry (resumable, checksum-verified)."""
     from edgevlm.runtime import loader
-    from edgevlm.runtime.registry import Registry
-    from edgevlm.runtime.store import Store
+    from edgevlm.runtime.models.registry import Registry
+    from edgevlm.runtime.models.store import Store
 
     console.set_quiet(quiet)
     spec, aspec = Registry.load().resolve(model)
     resolved = loader.ResolvedModel(name=spec.alias, artifact=None, model=spec, artifact_spec=aspec)
     if not ignore_memory:
-        loader.check_memory(resolved, min(4096, spec.context_length or 4096))
+        loader.check_memory(resolved, min(DEFAULT_CTX, spec.context_length or DEFAULT_CTX))
     store = Store()
     if store.is_installed(spec.alias, aspec.key) and not force:
         console.info(f"{spec.alias}:{aspec.key} is already installed.")
@@ -49,8 +50,8 @@ def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """List installed models (or the registry with --available)."""
-    from edgevlm.runtime.registry import Registry
-    from edgevlm.runtime.store import Store
+    from edgevlm.runtime.models.registry import Registry
+    from edgevlm.runtime.models.store import Store
 
     store = Store()
     if available:
@@ -94,7 +95,7 @@ def rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Remove an installed model (all its quantizations, or alias:quant for one)."""
-    from edgevlm.runtime.store import Store
+    from edgevlm.runtime.models.store import Store
 
     alias, _, key = model.partition(":")
     if not yes and console.interactive():
@@ -113,7 +114,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Show a model's architecture, parameters, quantization, context, projector, template and files."""
-    from edgevlm.runtime.inspect import describe
+    from edgevlm.runtime.device.inspect import describe
 
     doc = describe(model, mmproj=mmproj, hash_files=not no_hash)
     if as_json:

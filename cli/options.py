@@ -28,4 +28,4 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notic
 Frames = Annotated[Optional[int], typer.Option("--frames", min=1, help="Video: number of frames to sample (default: chosen for the context).")]
 Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sample this many frames per second instead.")]
 
-DEFAULT_CTX = 4096
+from edgevlm.runtime.protocol import DEFAULT_CTX  # noqa: E402,F401  (re-exported for the commands)

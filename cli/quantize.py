@@ -2,51 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from edgevlm.runtime.memory import fmt_bytes
+from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
-
-
-@contextmanager
-def _progress() -> Iterator[Callable]:
-    """Bars on a terminal; elsewhere one line per step, so logs still show where the time went."""
-    if console.QUIET:
-        yield lambda stage, done, total: None
-        return
-    if not sys.stderr.isatty():
-        seen: set[str] = set()
-
-        def line(stage: str, done: int, total: Optional[int]) -> None:
-            if stage not in seen:
-                seen.add(stage)
-                console.info(f"[dim]{stage} ...[/]")
-
-        yield line
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console.err, transient=True) as prog:
-        tasks: dict[str, int] = {}
-
-        def bar(stage: str, done: int, total: Optional[int]) -> None:
-            if stage not in tasks:
-                for other in tasks.values():                 # one step at a time: finish the last one
-                    t = prog.tasks[other] if other < len(prog.tasks) else None
-                    if t is not None and t.total:
-                        prog.update(other, completed=t.total)
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
-        yield bar
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
@@ -101,7 +65,7 @@ def quantize(
 
     console.set_quiet(quiet)
     if list_types:
-        from edgevlm.quantize.pipeline import list_types as types
+        from edgevlm.quantize.targets import list_types as types
 
         rows = types(block_size)
         if as_json:
@@ -112,13 +76,14 @@ def quantize(
     if not src:
         raise UsageError("Missing SRC: a checkpoint folder or a hub repo id.",
                          hint="For example: vlm quantize ./my-model --to gguf:q4_k_m")
-    from edgevlm.quantize.pipeline import QuantizeOptions, quantize as run
+    from edgevlm.quantize.pipeline import quantize as run
+    from edgevlm.quantize.results import QuantizeOptions
 
     opts = QuantizeOptions(targets=list(to or []), out_dir=out, name=name, revision=revision, calibration=calibration,
                            mmproj_type=mmproj_type, block_size=block_size, verify_tokens=verify_tokens,
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force,
                            register=register, threads=threads)
-    with _progress() as cb:
+    with console.progress("", unit="steps") as cb:
         result = run(src, opts, on_progress=cb)
     if as_json:
         console.write_out(json.dumps(result.manifest, indent=2, ensure_ascii=False) + "\n")

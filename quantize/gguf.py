@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..runtime.env import debug
+from ..runtime.formats.model_json import read_json_object
 from ..runtime.errors import BackendError, BadModelFile, ModelNotFound, UsageError, missing_extra
 from ..runtime.protocol import ProgressCallback
 
@@ -64,7 +66,8 @@ QUANT_TYPES: dict[str, tuple[str, float]] = {
 }
 
 # Types llama.cpp refuses to make without an importance matrix (llama-quant.cpp: "Missing importance
-# matrix for tensor ... in a very low-bit quantization"). We cannot compute one yet.
+# matrix for tensor ... in a very low-bit quantization"): `vlm quantize --calibration FILE` computes one
+# (quantize/imatrix.py).
 IMATRIX_TYPES: dict[str, tuple[str, float]] = {
     "Q2_K_S": ("LLAMA_FTYPE_MOSTLY_Q2_K_S", 2.7),
     "IQ2_M": ("LLAMA_FTYPE_MOSTLY_IQ2_M", 2.7),
@@ -110,24 +113,9 @@ def _progress(on_progress: Optional[ProgressCallback], stage: str, done: int, to
         on_progress(stage, done, total)
 
 
-def _debug() -> bool:
-    return os.environ.get("VLM_DEBUG", "") not in ("", "0")
-
-
 # ----------------------------------------------------------------------------------- convert
 
-def _read_json(path: Path) -> dict:
-    """A checkpoint's JSON file (config.json ...) as a dict, or a one-line ``BadModelFile``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BadModelFile(f"{path} is not readable JSON: {e}", hint="Download the checkpoint again.") from e
-    if not isinstance(data, dict):
-        raise BadModelFile(f"{path} does not hold a JSON object.", hint="Download the checkpoint again.")
-    return data
-
-
-def _checkpoint_config(src_dir: Path) -> dict:
+def checkpoint_config(src_dir: Path) -> dict:
     if not src_dir.exists():
         raise ModelNotFound(f"Checkpoint folder not found: {src_dir}",
                             hint="Pass the folder of a Hugging Face checkpoint (config.json + *.safetensors).")
@@ -138,7 +126,7 @@ def _checkpoint_config(src_dir: Path) -> dict:
     if not cfg_path.is_file():
         raise BadModelFile(f"{src_dir} has no config.json, so it is not a Hugging Face checkpoint.",
                            hint="Pass the folder that holds config.json and the *.safetensors weights.")
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     weights = [p for pat in ("*.safetensors", "pytorch_model*.bin", "consolidated*.pth") for p in src_dir.glob(pat)]
     if not weights:
         raise BadModelFile(f"{src_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin).",
@@ -153,7 +141,7 @@ def _check_converter() -> None:
             raise missing_extra(module, extra="quantize", package=package)
 
 
-def _make_staging_dir(out_dir: Path) -> Path:
+def make_staging_dir(out_dir: Path) -> Path:
     """A fresh hidden folder beside ``out_dir``: same filesystem, so the final rename is atomic."""
     parent = out_dir.parent
     try:
@@ -172,7 +160,7 @@ def _make_staging_dir(out_dir: Path) -> Path:
                          hint="Choose an output folder you can write to.") from e
 
 
-def _publish_dir(staging: Path, out_dir: Path) -> None:
+def publish_dir(staging: Path, out_dir: Path) -> None:
     """Move the finished staging folder to ``out_dir`` (which must be absent or empty)."""
     try:
         if out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -199,7 +187,7 @@ for i, argv in enumerate(json.loads(sys.argv[1])):
 """
 
 
-def _run_converter(runs: list[tuple[str, list[str]]], cwd: Path, on_progress: Optional[ProgressCallback]) -> None:
+def run_converter(runs: list[tuple[str, list[str]]], cwd: Path, on_progress: Optional[ProgressCallback]) -> None:
     """Run llama.cpp's converter for each (stage, args) with its output captured; BackendError on failure.
 
     Progress per stage: tensors planned so far (total None), then percent written (total 100).
@@ -224,7 +212,7 @@ def _run_converter(runs: list[tuple[str, list[str]]], cwd: Path, on_progress: Op
                 line = raw.decode("utf-8", "replace").rstrip()
                 if not line:
                     continue
-                if _debug():
+                if debug():
                     sys.stderr.write(line + "\n")
                 if line.startswith(_RUN_MARK):
                     i = int(line[len(_RUN_MARK):])
@@ -284,7 +272,7 @@ def convert_hf_to_gguf(src_dir: Path, out_dir: Path, *, outtype: str = "f16", mm
     if ot not in OUTTYPES:
         raise UsageError(f"Unknown converter output type {outtype!r}.",
                          hint=f"Use one of {', '.join(OUTTYPES)}; quantize further with a quantization type.")
-    cfg = _checkpoint_config(src_dir)
+    cfg = checkpoint_config(src_dir)
     has_vision = isinstance(cfg.get("vision_config"), dict)
     if mmproj is None:
         mmproj = has_vision
@@ -303,13 +291,13 @@ def convert_hf_to_gguf(src_dir: Path, out_dir: Path, *, outtype: str = "f16", mm
     tag = ot.upper()
     model_name = f"{stem}-{tag}.gguf"
     mmproj_name = f"mmproj-{stem}-{tag}.gguf"
-    staging = _make_staging_dir(out_dir)
+    staging = make_staging_dir(out_dir)
     try:
         src, dst = str(src_dir.resolve()), staging.resolve()
         runs = [("convert", [src, "--outfile", str(dst / model_name), "--outtype", ot])]
         if mmproj:
             runs.append(("convert-mmproj", [src, "--mmproj", "--outfile", str(dst / mmproj_name), "--outtype", ot]))
-        _run_converter(runs, dst, on_progress)
+        run_converter(runs, dst, on_progress)
         if not (staging / model_name).is_file():
             raise BackendError(f"llama.cpp's converter finished but wrote no {model_name}.",
                                hint="VLM_DEBUG=1 shows its whole log.")
@@ -320,7 +308,7 @@ def convert_hf_to_gguf(src_dir: Path, out_dir: Path, *, outtype: str = "f16", mm
                 raise BackendError("llama.cpp's converter finished but wrote no vision projector.",
                                    hint="VLM_DEBUG=1 shows its whole log.")
             found[0].rename(staging / mmproj_name)
-        _publish_dir(staging, out_dir)
+        publish_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -329,7 +317,7 @@ def convert_hf_to_gguf(src_dir: Path, out_dir: Path, *, outtype: str = "f16", mm
 
 # ---------------------------------------------------------------------------------- quantize
 
-class _LogCapture:
+class LogCapture:
     """Routes llama.cpp's log into Python while quantizing: progress from its per-tensor lines, and the
     reason when it fails. Restores the previous logger afterwards."""
 
@@ -348,7 +336,7 @@ class _LogCapture:
         # An exception cannot cross back into C: keep the first one (Ctrl-C lands here) for later.
         try:
             s = (text or b"").decode("utf-8", "replace")
-            if _debug():
+            if debug():
                 sys.stderr.write(s)
             self.partial += s
             if "\n" in self.partial:
@@ -392,7 +380,7 @@ def _already_quantized(info) -> Optional[str]:
     q = [t for t in info.tensors if len(t.shape) >= 2 and t.type_id not in _FLOAT_TYPE_IDS]
     if not q:
         return None
-    from ..runtime.gguf_file import GGML_TYPES
+    from ..runtime.formats.gguf_file import GGML_TYPES
 
     counts: dict[str, int] = {}
     for t in q:
@@ -409,7 +397,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, allow_requantize: bool = 
     ``allow_requantize`` (quality drops twice). Vision projectors (mmproj) are not quantized here:
     ship them as converted. Progress: ``on_progress("quantize", tensor, n_tensors)``.
     """
-    from ..runtime.gguf_file import read_gguf
+    from ..runtime.formats.gguf_file import read_gguf
 
     src, dst = Path(src), Path(dst)
     key = quant_type(qtype)
@@ -465,7 +453,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, allow_requantize: bool = 
     try:
         llama_cpp.llama_backend_init()
         _progress(on_progress, "quantize", 0, len(info.tensors) or None)
-        with _LogCapture(llama_cpp, "quantize", on_progress) as log:
+        with LogCapture(llama_cpp, "quantize", on_progress) as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if log.interrupt is not None:
             raise log.interrupt
@@ -486,3 +474,5 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, allow_requantize: bool = 
 
 __all__ = ["ConvertResult", "QUANT_TYPES", "IMATRIX_TYPES", "OUTTYPES", "convert_hf_to_gguf", "quantize_gguf",
            "quant_type"]
+
+_checkpoint_config = checkpoint_config   # old name, still imported by quantize/onnx.py

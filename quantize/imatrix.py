@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..runtime.errors import BackendError, UsageError, missing_extra
 from ..runtime.protocol import ProgressCallback
-from .gguf import IMATRIX_TYPES, QUANT_TYPES, _LogCapture
+from .gguf import IMATRIX_TYPES, QUANT_TYPES, LogCapture
 
 # Where a vision-language checkpoint keeps its language model; gguf-py's map knows the plain names.
 _TEXT_PREFIXES = (("model.text_model.", "model."), ("model.language_model.", "model."),
@@ -34,7 +34,7 @@ def to_gguf_names(hf_imatrix: dict, gguf_path: Path) -> dict:
         import gguf
     except ImportError as e:
         raise missing_extra("gguf", extra="quantize") from e
-    from ..runtime.gguf_file import read_gguf
+    from ..runtime.formats.gguf_file import read_gguf
 
     info = read_gguf(gguf_path)
     arch_name = info.architecture
@@ -76,7 +76,7 @@ def quantize_with_imatrix(src: Path, dst: Path, qtype: str, imatrix: dict, *,
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the install
         raise missing_extra("llama_cpp", package="llama-cpp-python") from e
-    from ..runtime.gguf_file import read_gguf
+    from ..runtime.formats.gguf_file import read_gguf
 
     key = qtype.upper()
     table = {**QUANT_TYPES, **IMATRIX_TYPES}
@@ -107,7 +107,7 @@ def quantize_with_imatrix(src: Path, dst: Path, qtype: str, imatrix: dict, *,
         llama_cpp.llama_backend_init()
         if on_progress is not None:
             on_progress("quantize", 0, len(info.tensors) or None)
-        with _LogCapture(llama_cpp, "quantize", on_progress) as log:
+        with LogCapture(llama_cpp, "quantize", on_progress) as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if log.interrupt is not None:
             raise log.interrupt

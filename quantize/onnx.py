@@ -466,7 +466,7 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
 def _resolve_input(model_dir_or_file: str | Path) -> Path:
     p = Path(model_dir_or_file).expanduser()
     if p.is_dir():
-        from ..runtime.backends.onnx import pick_model_file
+        from ..runtime.formats.onnx_files import pick_model_file
 
         return pick_model_file(p)
     if not p.is_file():

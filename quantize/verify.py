@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..runtime.errors import BackendError, BadModelFile, missing_extra
-from ..runtime.protocol import ProgressCallback
+from ..runtime.protocol import DEFAULT_CTX, ProgressCallback
 
 # A paragraph written for this purpose (not from any corpus a model was calibrated on). Long enough
 # for a few hundred tokens with any common tokenizer; the first ``n_tokens`` tokens are used.
@@ -138,7 +138,7 @@ def source_reference(src_dir: Path, *, n_tokens: int = DEFAULT_TOKENS, trust_rem
     import numpy as np
     import torch
 
-    from ..runtime.hardware import default_threads
+    from ..runtime.device.hardware import default_threads
 
     torch.set_num_threads(default_threads())
     _progress(on_progress, "reference", 0, len(PROMPTS) + 2)
@@ -290,22 +290,18 @@ def _completion_rows(ref: Reference, outs: dict[str, str]) -> list[dict]:
 
 
 def _generate(backend, prompt: str, n: int):
-    from ..runtime.protocol import ChatRequest, Message
+    from ..runtime.generation.core import complete
+    from ..runtime.protocol import ChatRequest, GenerationOptions, Message
 
-    req = ChatRequest(messages=[Message(role="user", content=prompt)], max_tokens=n, temperature=0.0, raw=True)
-    text, last = [], None
-    for ch in backend.stream(req):
-        text.append(ch.text)
-        last = ch
-    return "".join(text), last
+    return complete(backend, ChatRequest([Message(role="user", content=prompt)],
+                                         GenerationOptions(max_tokens=n, temperature=0.0, raw=True)))
 
 
 def _decode_tps(backend, runs: int = 2) -> Optional[float]:
     """Decode tokens/s of a short raw generation: the best of ``runs`` (other processes only slow it down)."""
     best = None
     for _ in range(runs):
-        if hasattr(backend, "reset"):
-            backend.reset()
+        backend.reset()
         _, last = _generate(backend, SPEED_PROMPT, SPEED_TOKENS)
         if last is None or last.completion_tokens < 2 or last.decode_s <= 0:
             continue
@@ -316,71 +312,10 @@ def _decode_tps(backend, runs: int = 2) -> Optional[float]:
 
 # ---------------------------------------------------------------------------------------- GGUF
 
-def gguf_logits(path: Path, token_ids: list[int], *, threads: Optional[int] = None):
-    """Logits at every position of ``token_ids`` from llama.cpp (one batch, outputs on for all tokens).
-    Returns (numpy float32 [n, n_vocab], the tokenizer's ids for ``HELD_OUT_TEXT``)."""
-    import numpy as np
-
-    from ..runtime.backends.gguf import _import_llama, _silence_native_logs
-    from ..runtime.hardware import avoid_amx_buffers, default_threads
-
-    lc, _ = _import_llama()
-    _silence_native_logs(lc)
-    lc.llama_backend_init()
-    mp = lc.llama_model_default_params()
-    if avoid_amx_buffers():
-        mp.use_extra_bufts = False
-    model = lc.llama_model_load_from_file(str(path).encode(), mp)
-    if not model:
-        raise BadModelFile(f"llama.cpp could not load {Path(path).name}.", hint="VLM_DEBUG=1 shows llama.cpp's log.")
-    ctx = batch = None
-    try:
-        n = len(token_ids)
-        cp = lc.llama_context_default_params()
-        cp.n_ctx = max(n, 64)
-        cp.n_batch = cp.n_ubatch = max(n, 64)
-        cp.n_threads = cp.n_threads_batch = threads or default_threads()
-        cp.no_perf = True
-        ctx = lc.llama_init_from_model(model, cp)
-        if not ctx:
-            raise BackendError(f"llama.cpp could not create a {n}-token context for {Path(path).name}.",
-                               hint="There may not be enough memory.")
-        batch = lc.llama_batch_init(n, 0, 1)
-        batch.n_tokens = n
-        for i, t in enumerate(token_ids):
-            batch.token[i] = t
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
-        rc = lc.llama_decode(ctx, batch)
-        if rc != 0:
-            raise BackendError(f"llama.cpp failed to evaluate the held-out text (llama_decode returned {rc}).",
-                               hint="VLM_DEBUG=1 shows llama.cpp's log.")
-        vocab = lc.llama_model_get_vocab(model)
-        n_vocab = lc.llama_vocab_n_tokens(vocab)
-        out = np.empty((n, n_vocab), dtype=np.float32)
-        for i in range(n):
-            ptr = lc.llama_get_logits_ith(ctx, i)
-            out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-        data = HELD_OUT_TEXT.encode()
-        cap = len(data) + 16
-        buf = (lc.llama_token * cap)()
-        k = lc.llama_tokenize(vocab, data, len(data), buf, cap, True, False)
-        own = list(buf[:max(k, 0)])
-        return out, own
-    finally:
-        if batch is not None:
-            lc.llama_batch_free(batch)
-        if ctx is not None:
-            lc.llama_free(ctx)
-        lc.llama_model_free(model)
-
-
 # Context for the image check: SmolVLM's processor scales every image to a 2048-px edge and cuts it into
 # up to 16 tiles plus a global one, 64 tokens each (~1100 tokens); LLaVA 1.5 takes 576. The backends cap
 # it at the model's trained context.
-VISION_CTX = 4096
+VISION_CTX = DEFAULT_CTX
 
 
 def vision_smoke(backend) -> dict:
@@ -389,18 +324,17 @@ def vision_smoke(backend) -> dict:
 
     from PIL import Image
 
-    from ..runtime.protocol import ChatRequest, ImageInput, Message
+    from ..runtime.protocol import ChatRequest, GenerationOptions, ImageInput, Message
 
     img = Image.new("RGB", (96, 64))
     img.putdata([(x * 255 // 96, y * 255 // 64, (x * y) % 256) for y in range(64) for x in range(96)])
     rgb = img.tobytes()
     image = ImageInput(rgb=rgb, width=96, height=64, source="verify.png", sha256=hashlib.sha256(rgb).hexdigest())
-    req = ChatRequest(messages=[Message(role="user", content="Describe this image.", images=[image])],
-                      max_tokens=4, temperature=0.0)
-    last = None
-    for ch in backend.stream(req):
-        last = ch
-    if last is None or last.image_tokens <= 0:
+    req = ChatRequest([Message(role="user", content="Describe this image.", images=[image])], GenerationOptions(max_tokens=4, temperature=0.0))
+    from ..runtime.generation.core import complete
+
+    _, last = complete(backend, req)
+    if last.image_tokens <= 0:
         raise BackendError("The vision projector did not turn the test image into tokens.",
                            hint="The mmproj file may not belong to the text model.")
     return {"image_tokens": last.image_tokens, "image_encode_ms": round(last.image_encode_s * 1000, 1),
@@ -431,22 +365,19 @@ def _verdict(ref: Reference, metrics: dict, outs: dict, tps: Optional[float], ow
 def verify_gguf(model_path: Path, ref: Reference, *, mmproj: Optional[Path] = None, threads: Optional[int] = None,
                 min_top1: float = 0.8, on_progress: Optional[ProgressCallback] = None) -> Verification:
     """Load the GGUF with our runtime, compare it with the source, time a generation."""
-    from ..runtime.backends.gguf import GGUFBackend
+    from ..runtime.loader import load_backend
     from ..runtime.protocol import Artifact, LoadOptions
 
     t0 = time.perf_counter()
     stage = f"verify {Path(model_path).name}"
     total = len(PROMPTS) + 3 + (1 if mmproj else 0)
     _progress(on_progress, stage, 0, total)
-    logits, own_ids = gguf_logits(model_path, ref.token_ids, threads=threads)
-    metrics = compare(ref, logits)
-    del logits
-    _progress(on_progress, stage, 1, total)
-    backend = GGUFBackend()
+    backend = load_backend(Artifact(format="gguf", path=Path(model_path), name=Path(model_path).name, mmproj=mmproj),
+                           LoadOptions(n_ctx=VISION_CTX if mmproj is not None else 512, n_threads=threads))
     try:
-        backend.load(Artifact(format="gguf", path=Path(model_path), name=Path(model_path).name, mmproj=mmproj,
-                              vision=mmproj is not None),
-                     LoadOptions(n_ctx=VISION_CTX if mmproj is not None else 512, n_threads=threads))
+        metrics = compare(ref, backend.score(ref.token_ids))      # every position's logits, one batch
+        own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True, parse_special=False)
+        _progress(on_progress, stage, 1, total)
         outs, tps = _prompts_and_speed(backend, on_progress, stage, total)
         _progress(on_progress, stage, total - (1 if mmproj else 0), total)
         vision = None
@@ -488,95 +419,38 @@ def _all_positions(model) -> bool:
     return True
 
 
-_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-             "tensor(int32)": "int32", "tensor(bool)": "bool"}
-
-
 def onnx_logits(model_file: Path, token_ids: list[int], *, threads: Optional[int] = None, stepwise: bool = False):
-    """Logits at every position of ``token_ids`` from onnxruntime: in one run with an empty KV cache (as a
-    prompt is evaluated), or with ``stepwise`` one token at a time through the KV cache (as tokens are
-    generated). They differ when activations are quantized per tensor (dynamic int8): one outlier
-    position then sets the scale for the whole batch."""
-    import numpy as np
-
+    """Logits at every position of ``token_ids`` through our ONNX backend: in one run with an empty KV cache
+    (as a prompt is evaluated; the graph's last-position slice is undone in a temporary copy), or with
+    ``stepwise`` one token at a time through the KV cache (as tokens are generated). They differ when
+    activations are quantized per tensor (dynamic int8): one outlier position then sets the scale for the
+    whole batch."""
     try:
         import onnx
-        import onnxruntime as ort
     except ImportError as e:
-        raise missing_extra("onnxruntime", extra="quantize") from e
-    from ..runtime.hardware import default_threads
+        raise missing_extra("onnx", extra="quantize") from e
+    from ..runtime.loader import load_backend
+    from ..runtime.protocol import Artifact, LoadOptions
 
     model_file = Path(model_file)
-    proto = onnx.load(str(model_file), load_external_data=False)      # weights stay where they are
-    tmp = None
-    path = model_file
-    if not stepwise and _all_positions(proto):
-        tmp = model_file.with_name(f".verify-{os.getpid()}-{model_file.name}")   # beside its data file
-        onnx.save_model(proto, str(tmp))
-        path = tmp
-    del proto
+    path, tmp = model_file, None
+    if not stepwise:
+        proto = onnx.load(str(model_file), load_external_data=False)      # weights stay where they are
+        if _all_positions(proto):
+            tmp = model_file.with_name(f".verify-{os.getpid()}-{model_file.name}")   # beside its data file
+            onnx.save_model(proto, str(tmp))
+            path = tmp
+        del proto
     try:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or default_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise BadModelFile(f"onnxruntime could not load {model_file.name}: {str(e).strip().splitlines()[0][:300]}",
-                               hint="The export or quantization is broken; VLM_DEBUG=1 shows more.") from e
+        backend = load_backend(Artifact(format="onnx", path=path, name=model_file.name),
+                               LoadOptions(n_ctx=max(512, len(token_ids) + 8), n_threads=threads))
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-    cfg_path = next((d / "config.json" for d in (model_file.parent, model_file.parent.parent)
-                     if (d / "config.json").is_file()), None)
-    cfg = json.loads(cfg_path.read_text()) if cfg_path else {}
-    cfg = {**cfg, **cfg.get("text_config", {})} if isinstance(cfg.get("text_config"), dict) else cfg
-    inputs = {i.name: i for i in sess.get_inputs()}
-    past = [n for n in inputs if n.startswith("past_key_values.")]
-
-    def kv_shape(name):
-        shape = inputs[name].shape
-        heads = shape[1] if isinstance(shape[1], int) else (cfg.get("num_key_value_heads")
-                                                            or cfg.get("num_attention_heads"))
-        hd = shape[3] if isinstance(shape[3], int) else (cfg.get("head_dim")
-                                                         or cfg["hidden_size"] // cfg["num_attention_heads"])
-        return heads, hd
-
-    def run(toks: list[int], start: int, kv: dict):
-        n = len(toks)
-        feeds = {"input_ids": np.array([toks], dtype=np.int64)}
-        if "attention_mask" in inputs:
-            feeds["attention_mask"] = np.ones((1, start + n), dtype=np.int64)
-        if "position_ids" in inputs:
-            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
-        if "cache_position" in inputs:
-            feeds["cache_position"] = np.arange(start, start + n, dtype=np.int64)
-        for k in ("num_logits_to_keep", "logits_to_keep"):
-            if k in inputs:
-                feeds[k] = np.array(0, dtype=np.int64)           # 0 = every position
-        if "use_cache_branch" in inputs:
-            feeds["use_cache_branch"] = np.array([start > 0])
-        feeds.update(kv)
-        names = ["logits"] + [p.replace("past_key_values", "present") for p in past]
-        outs = sess.run(names, feeds)
-        return outs[0][0], {p: o for p, o in zip(past, outs[1:])}
-
-    empty = {}
-    for p in past:
-        heads, hd = kv_shape(p)
-        empty[p] = np.zeros((1, heads, 0, hd), dtype=_NP_TYPES.get(inputs[p].type, "float32"))
-    logits = None
-    if not stepwise:
-        logits, _ = run(list(token_ids), 0, empty)
-    if logits is None or logits.shape[0] != len(token_ids):   # step through (or a last-position-only graph)
-        rows = [None] * len(token_ids)
-        kv = empty
-        for i, t in enumerate(token_ids):
-            out, kv = run([t], i, kv)
-            rows[i] = out[-1]
-        logits = np.stack(rows)
-    return logits.astype(np.float32)
+    try:
+        return backend.score(list(token_ids), batched=not stepwise)
+    finally:
+        backend.close()
 
 
 def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = None, min_top1: float = 0.8,
@@ -592,12 +466,12 @@ def verify_onnx(model_file: Path, ref: Reference, *, threads: Optional[int] = No
     del logits
     stepwise = compare(ref, onnx_logits(model_file, ref.token_ids, threads=threads, stepwise=True))
     _progress(on_progress, stage, 1, total)
-    from ..runtime.backends.onnx import ONNXBackend
+    from ..runtime.loader import load_backend
     from ..runtime.protocol import Artifact, LoadOptions
 
-    backend = ONNXBackend()
+    backend = load_backend(Artifact(format="onnx", path=model_file, name=model_file.name),
+                           LoadOptions(n_ctx=512, n_threads=threads))
     try:
-        backend.load(Artifact(format="onnx", path=model_file, name=model_file.name), LoadOptions(n_ctx=512, n_threads=threads))
         own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
         outs, tps = _prompts_and_speed(backend, on_progress, stage, total)
         _progress(on_progress, stage, total, total)
@@ -618,9 +492,7 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
     """A three-part vision model through our ONNX backend: the held-out text scored token by token
     (token embeddings -> decoder, through the KV cache, as generation runs), the fixed prompts, and one
     image through the vision encoder."""
-    import numpy as np
-
-    from ..runtime.backends.onnx import ONNXBackend
+    from ..runtime.loader import load_backend
     from ..runtime.protocol import Artifact, LoadOptions
 
     t0 = time.perf_counter()
@@ -628,13 +500,11 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
     stage = f"verify {decoder_file.parent.name}/{decoder_file.name}"
     total = len(PROMPTS) + 3
     _progress(on_progress, stage, 0, total)
-    backend = ONNXBackend()
+    backend = load_backend(Artifact(format="onnx", path=decoder_file, name=decoder_file.name),
+                           LoadOptions(n_ctx=max(VISION_CTX, len(ref.token_ids) + 8), n_threads=threads))
     try:
-        backend.load(Artifact(format="onnx", path=decoder_file, name=decoder_file.name, vision=True),
-                     LoadOptions(n_ctx=max(VISION_CTX, len(ref.token_ids) + 8), n_threads=threads))
         own_ids = backend.tokenize(HELD_OUT_TEXT, add_special=True)
-        backend.reset()
-        rows = np.stack([backend._run([int(t)]).copy() for t in ref.token_ids])   # logits after each token
+        rows = backend.score(ref.token_ids, batched=False)    # logits after each token, as generation runs
         metrics = compare(ref, rows)
         del rows
         _progress(on_progress, stage, 1, total)
@@ -650,5 +520,5 @@ def verify_onnx_vision(decoder_file: Path, ref: Reference, *, threads: Optional[
 
 
 __all__ = ["HELD_OUT_TEXT", "PROMPTS", "Reference", "Verification", "collect_imatrix", "compare", "first_word",
-           "gguf_logits", "load_source", "onnx_logits", "source_reference", "verify_gguf", "verify_onnx",
+           "load_source", "onnx_logits", "source_reference", "verify_gguf", "verify_onnx",
            "verify_onnx_vision"]

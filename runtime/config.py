@@ -31,14 +31,12 @@ class Config:
     default_text_model: Optional[str] = None     # alias or alias:artifact; overrides the registry default
     default_vision_model: Optional[str] = None
     max_image_pixels: Optional[int] = None       # refuse (decompression bomb) / downscale above this
-    ctx: Optional[int] = None                    # default context length in tokens
 
 
 _TYPES: dict[str, type] = {
     "default_text_model": str,
     "default_vision_model": str,
     "max_image_pixels": int,
-    "ctx": int,
 }
 
 

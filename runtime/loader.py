@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .errors import BadModelFile, ModelNotFound
-from .gguf_file import read_gguf
-from .memory import (ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, ONNX_SINGLE_FILE_FRACTION, MemoryEstimate, check_fits,
+from .formats.gguf_file import read_gguf
+from .device.memory import (ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, ONNX_SINGLE_FILE_FRACTION, MemoryEstimate, check_fits,
                      estimate)
 from .protocol import Artifact, Backend, LoadOptions, ProgressCallback
+
+if TYPE_CHECKING:
+    from .models.registry import ArtifactSpec, ModelSpec
 
 
 @dataclass
@@ -18,8 +21,8 @@ class ResolvedModel:
 
     name: str
     artifact: Optional[Artifact]          # None while a registry artifact is not installed
-    model: object = None                  # registry.ModelSpec when from the registry
-    artifact_spec: object = None          # registry.ArtifactSpec when from the registry
+    model: Optional[ModelSpec] = None               # when from the registry
+    artifact_spec: Optional[ArtifactSpec] = None
 
     @property
     def installed(self) -> bool:
@@ -55,24 +58,21 @@ def artifact_from_path(path: Path, mmproj: Optional[Path], want_vision: bool) ->
         if len(ggufs) == 1:
             return artifact_from_path(ggufs[0], mmproj or _find_mmproj(ggufs[0]), want_vision)
         if onnx:
-            return Artifact(format="onnx", path=path, name=path.name,
-                            vision=any(p.name.startswith("vision_encoder") for p in onnx))
+            return Artifact(format="onnx", path=path, name=path.name)
         raise BadModelFile(f"{path} holds no single .gguf model file.", hint="Pass the .gguf file itself with -m.")
     if path.suffix == ".onnx":       # this very file (model_q4.onnx, decoder_model_merged_int8.onnx, ...)
-        return Artifact(format="onnx", path=path, name=f"{path.parent.name}/{path.name}",
-                        vision=any(path.parent.glob("vision_encoder*.onnx")))
+        return Artifact(format="onnx", path=path, name=f"{path.parent.name}/{path.name}")
     if mmproj is None and want_vision:
         mmproj = _find_mmproj(path)
-    return Artifact(format="gguf", path=path, name=path.name, mmproj=mmproj.expanduser() if mmproj else None,
-                    vision=mmproj is not None)
+    return Artifact(format="gguf", path=path, name=path.name, mmproj=mmproj.expanduser() if mmproj else None)
 
 
 def resolve(ref: Optional[str], *, want_vision: bool, mmproj: Optional[Path] = None, home: Optional[Path] = None) -> ResolvedModel:
     if ref and (_looks_like_path(ref) or Path(ref).expanduser().exists()):
         art = artifact_from_path(Path(ref), mmproj, want_vision)
         return ResolvedModel(name=art.name, artifact=art)
-    from .registry import Registry
-    from .store import Store
+    from .models.registry import Registry
+    from .models.store import Store
 
     registry = Registry.load(home)
     if not ref:
@@ -98,7 +98,7 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
         ctx = min(n_ctx, info.context_length or n_ctx)
         return estimate(info.file_size, ctx, info.kv_shape, mm)
     if art is not None and art.format == "onnx":
-        from .backends.onnx import kv_shape_from_config, weight_files
+        from .formats.onnx_files import kv_shape_from_config, weight_files
 
         # the files that load (not every variant in the folder), and an fp32 KV cache (what exports use)
         files = weight_files(Path(art.path))
@@ -137,7 +137,7 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
 
 
 def check_memory(resolved: ResolvedModel, n_ctx: int, available: Optional[int] = None) -> MemoryEstimate:
-    from .hardware import memory_info
+    from .device.hardware import memory_info
 
     est = estimate_memory(resolved, n_ctx)
     check_fits(est, memory_info().available if available is None else available,

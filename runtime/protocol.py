@@ -7,10 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Protocol
+
+if TYPE_CHECKING:
+    import numpy
 
 # on_progress(stage, done, total): total may be None when unknown.
 ProgressCallback = Callable[[str, int, Optional[int]], None]
+
+
+def report(cb: Optional[ProgressCallback], stage: str, done: int, total: Optional[int]) -> None:
+    """Call ``cb`` when there is one: long work reports progress without caring who listens."""
+    if cb is not None:
+        cb(stage, done, total)
+
+
+def prefixed(cb: Optional[ProgressCallback], prefix: str) -> Optional[ProgressCallback]:
+    """``cb`` with every stage name prefixed (a step inside a bigger one)."""
+    if cb is None:
+        return None
+    return lambda stage, done, total: cb(f"{prefix} {stage}", done, total)
 
 
 @dataclass(frozen=True)
@@ -24,15 +40,6 @@ class ImageInput:
     sha256: str              # of the original bytes the user gave us
     label: str = ""          # optional text placed before the image (e.g. a video timestamp)
 
-    def encode(self, fmt: str = "PNG") -> bytes:
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.frombytes("RGB", (self.width, self.height), self.rgb).save(buf, format=fmt)
-        return buf.getvalue()
-
 
 @dataclass
 class Message:
@@ -42,8 +49,10 @@ class Message:
 
 
 @dataclass
-class ChatRequest:
-    messages: list[Message]
+class GenerationOptions:
+    """How to generate: sampling, limits, stop strings, output constraint. The one options type: the CLI
+    builds it, a session holds it, every request carries it."""
+
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.95
@@ -54,6 +63,22 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     json_schema: Optional[dict] = None           # constrain output to this schema
     raw: bool = False                            # plain completion: no chat template
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+
+@dataclass
+class Prefill:
+    """What ``Backend.prefill`` did: the counts and the time that the answer's first chunk reports."""
+
+    prompt_tokens: int            # tokens in the whole prompt (incl. reused and image positions)
+    eval_tokens: int              # positions evaluated now (prompt minus the reused KV prefix)
+    image_tokens: int = 0         # image embedding positions in the prompt
+    image_encode_s: float = 0.0
 
 
 @dataclass
@@ -70,11 +95,16 @@ class Chunk:
     decode_s: float = 0.0         # time spent generating after the first token
     ttft_s: float = 0.0           # from stream() call to first token
     finish_reason: Optional[str] = None   # "stop" | "length" | "cancelled"
+    token_ids: Optional[list[int]] = None  # last chunk only: the generated ids (no end-of-generation token)
+
+
+# The context when none is asked for (capped at the model's trained context), everywhere.
+DEFAULT_CTX = 4096
 
 
 @dataclass
 class LoadOptions:
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_CTX
     n_threads: Optional[int] = None     # None: physical cores
     n_batch: int = 512
     seed: int = -1
@@ -90,21 +120,83 @@ class Artifact:
     path: Path                       # the model file (gguf) or directory (onnx)
     name: str                        # registry alias or file name
     mmproj: Optional[Path] = None
-    chat_format: Optional[str] = None    # None: use the template embedded in the model
     context_length: Optional[int] = None
-    vision: bool = False
+
+
+class TextStream(Protocol):
+    """Generated token ids -> text, correct across multi-byte characters split between tokens."""
+
+    def feed(self, token: int) -> str: ...
+
+    def flush(self) -> str: ...
 
 
 class Backend(Protocol):
+    """What differs between engines: loading, evaluating tokens and images into a KV cache, and reading
+    the logits. The decode loop, sampling, constraints, stop strings and timings are written once above
+    it (``runtime/generation/core.py``)."""
+
     format: ClassVar[str]
-    supports_images: ClassVar[bool]
+    artifact: Optional[Artifact]
+    chat_template: Optional[str]     # the model's own template, None for plain-completion models
+    n_ctx: int                       # positions the KV cache holds
+    n_threads: int
+    load_s: float
+
+    @property
+    def has_vision(self) -> bool: ...
 
     def load(self, artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> None: ...
 
-    def stream(self, request: ChatRequest) -> Iterator[Chunk]: ...
+    # --- the generation seam
+    def prefill(self, request: ChatRequest) -> Prefill:
+        """Render and tokenize the request's prompt, keep the KV prefix it shares with the cache, encode
+        its images and evaluate the rest; afterwards ``logits()`` is the next token's distribution.
+        Raises ContextOverflow when the prompt does not fit."""
+        ...
+
+    def logits(self) -> "numpy.ndarray":
+        """float32 [n_vocab] for the position after the last evaluated one; the caller may modify it in
+        place; valid until the next ``eval``."""
+        ...
+
+    def eval(self, token: int) -> None:
+        """Append ``token`` to the KV cache and evaluate it."""
+        ...
+
+    def kv_used(self) -> int: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def eog_ids(self) -> set[int]: ...
+
+    def text_stream(self) -> TextStream:
+        """A detokenizer for the tokens generated after the last prefill."""
+        ...
+
+    def constraint_tokenizer(self):
+        """An ``llguidance.LLTokenizer`` for this model's vocabulary (built once, cached)."""
+        ...
+
+    def score(self, token_ids: list[int], *, batched: bool = True) -> "numpy.ndarray":
+        """Logits [n, n_vocab] after each of ``token_ids``, from an empty cache: in one batch, as a prompt
+        is evaluated, or (``batched=False``) one token at a time, as tokens are generated. Leaves the
+        KV cache empty."""
+        ...
+
+    # --- tokens and state
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
 
     def count_tokens(self, text: str) -> int: ...
 
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation)."""
+        ...
+
     def kv_cache_bytes(self) -> Optional[int]: ...
+
+    def describe(self) -> dict: ...
 
     def close(self) -> None: ...

@@ -14,14 +14,36 @@ VPY=.venv/bin/python
 #    unpinned pulls GBs of CUDA packages.
 "$VPY" -m pip install -q "torch==2.13.0"
 
-# 2. llama-cpp-python is source-only. On this CI's x86-64 CPUs a native build enables ggml's AMX
-#    kernels, which crash (llama.cpp issue 20824), so the test setup builds without GGML_NATIVE.
-#    These flags are x86-64 only and belong to the test setup, not to users (see README).
-if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+# 2. llama-cpp-python is source-only. A native build enables ggml's AMX kernels, which crash on some
+#    Intel CPUs (llama.cpp issue 20824), so on x86-64 the test setup builds without GGML_NATIVE and
+#    turns on exactly the instruction sets this CPU has (AVX-512 on one machine, AVX2 only on another:
+#    a wheel built for the wrong one dies with SIGILL). RPC is on, so `vlm worker` / --rpc are tested.
+#    pip caches a built wheel by version, not by build flags, so the wheel is built once per set of
+#    flags into a cache folder of our own and installed from there.
+llama_cmake_args() {
+  local args="-DGGML_RPC=ON"
   if [ "$(uname -m)" = "x86_64" ]; then
-    export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON}"
+    local f
+    f=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    args="-DGGML_NATIVE=OFF $args"
+    for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+                avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+      case "$f" in *" ${pair%%:*} "*) args="$args -DGGML_${pair#*:}=ON" ;; esac
+    done
   fi
-  "$VPY" -m pip install -q "llama-cpp-python==0.3.36"
+  echo "$args"
+}
+export CMAKE_ARGS="${CMAKE_ARGS:-$(llama_cmake_args)}"
+LLAMA_VERSION=0.3.36
+WHEELS="${VLM_TEST_CACHE:-$HOME/.cache/edgevlm-tests}/wheels/llama-$LLAMA_VERSION-$(echo "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$LLAMA_VERSION $CMAKE_ARGS" ]; then
+  if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "Building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS=$CMAKE_ARGS (a few minutes, once)" >&2
+    "$VPY" -m pip wheel -q --no-deps --no-cache-dir -w "$WHEELS.tmp" "llama-cpp-python==$LLAMA_VERSION"
+    mv "$WHEELS.tmp" "$WHEELS"
+  fi
+  "$VPY" -m pip install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-*.whl
+  echo "$LLAMA_VERSION $CMAKE_ARGS" > .venv/.llama-build
 fi
 
 # 3. edgevlm itself with the extras the tests exercise.

@@ -18,8 +18,8 @@ MODELS_HOME = CACHE / "home"
 
 def _pull(alias: str) -> Path:
     """Install a registry model into the shared test store with our own `vlm pull` code path."""
-    from edgevlm.runtime.registry import Registry
-    from edgevlm.runtime.store import Store
+    from edgevlm.runtime.models.registry import Registry
+    from edgevlm.runtime.models.store import Store
 
     spec, art = Registry.load(MODELS_HOME).resolve(alias)
     store = Store(MODELS_HOME)

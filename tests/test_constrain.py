@@ -1,4 +1,4 @@
-"""JSON-schema constrained decoding (runtime/constrain.py) over llguidance, with SmolLM2's real tokenizer.
+"""JSON-schema constrained decoding (runtime/generation/constrain.py) over llguidance, with SmolLM2's real tokenizer.
 
 The decode loops pick the highest of *random* logits after ``mask()``: an adversarial "model" that
 would write garbage on its own, so whatever comes out valid is the constraint's doing.
@@ -19,7 +19,7 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("tokenizers")
 pytest.importorskip("llguidance")
 
-from edgevlm.runtime.constrain import JSONSchemaConstraint  # noqa: E402
+from edgevlm.runtime.generation.constrain import JSONSchemaConstraint, compile_schema, tokenizer_from_hf  # noqa: E402
 from edgevlm.runtime.errors import BackendError, MissingExtra, UsageError  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -58,6 +58,10 @@ def eos_ids(tokenizer) -> set[int]:
     return {tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")}
 
 
+def _c(tokenizer, schema, n_vocab: int = N_TOK, eos_ids=()):
+    return JSONSchemaConstraint(tokenizer_from_hf(tokenizer, n_vocab, eos_ids), schema, eos_ids)
+
+
 def _decode_random(c: JSONSchemaConstraint, n_vocab: int, eos: set[int], seed: int, timings: list | None = None):
     """Greedy over seeded random logits, masked; returns (ids without EOS, ended by EOS)."""
     rng = np.random.default_rng(seed)
@@ -83,7 +87,7 @@ def _decode_random(c: JSONSchemaConstraint, n_vocab: int, eos: set[int], seed: i
 @pytest.mark.parametrize("schema", [PERSON, TAGGED, SMALL_INT], ids=["person", "enum-array", "small-int"])
 def test_random_logits_decode_to_valid_json(tokenizer, eos_ids, schema):
     for seed in range(8):
-        c = JSONSchemaConstraint(tokenizer, schema, N_TOK, eos_ids)
+        c = _c(tokenizer, schema, N_TOK, eos_ids)
         ids, _ = _decode_random(c, N_TOK, eos_ids, seed)
         text = tokenizer.decode(ids, skip_special_tokens=False)
         doc = json.loads(text)
@@ -93,7 +97,7 @@ def test_random_logits_decode_to_valid_json(tokenizer, eos_ids, schema):
 
 
 def test_done_allows_only_eos(tokenizer, eos_ids):
-    c = JSONSchemaConstraint(tokenizer, PERSON, N_TOK, eos_ids)
+    c = _c(tokenizer, PERSON, N_TOK, eos_ids)
     for tok in tokenizer.encode('{"name": "Ada", "age": 36}').ids:
         assert not c.is_done()
         c.advance(tok)
@@ -107,7 +111,7 @@ def test_done_allows_only_eos(tokenizer, eos_ids):
 
 def test_tokenizer_as_path_and_schema_x_guidance(tokenizer_json, tokenizer, eos_ids):
     schema = {**PERSON, "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}}
-    c = JSONSchemaConstraint(tokenizer_json, schema, N_TOK, eos_ids)
+    c = JSONSchemaConstraint(tokenizer_from_hf(tokenizer_json, N_TOK, eos_ids), schema, eos_ids)
     ids, _ = _decode_random(c, N_TOK, eos_ids, seed=1)
     text = tokenizer.decode(ids)
     jsonschema.validate(json.loads(text), PERSON)
@@ -118,19 +122,18 @@ def test_tokenizer_as_path_and_schema_x_guidance(tokenizer_json, tokenizer, eos_
     {"type": "wat"},                                              # not JSON Schema (jsonschema's check)
     {"type": "object", "required": "name"},                       # idem
     ["not", "an", "object"],
-    {"type": "string", "pattern": "(?<=x)a"},                     # valid, but llguidance cannot compile it
-    {"$ref": "#/definitions/nope"},
+    {"$ref": "#/definitions/nope"},                               # a reference to nothing
 ])
 def test_invalid_schema_is_a_usage_error(tokenizer, eos_ids, schema):
     with pytest.raises(UsageError, match="--schema"):
-        JSONSchemaConstraint(tokenizer, schema, N_TOK, eos_ids)
+        _c(tokenizer, schema, N_TOK, eos_ids)
 
 
 def test_forbidden_token_is_a_backend_error(tokenizer, eos_ids):
-    c = JSONSchemaConstraint(tokenizer, PERSON, N_TOK, eos_ids)
+    c = _c(tokenizer, PERSON, N_TOK, eos_ids)
     with pytest.raises(BackendError, match="does not allow"):
         c.advance(tokenizer.token_to_id("hello"))
-    c = JSONSchemaConstraint(tokenizer, PERSON, N_TOK, eos_ids)
+    c = _c(tokenizer, PERSON, N_TOK, eos_ids)
     for tok in tokenizer.encode('{"name": "Ada"').ids:
         c.advance(tok)
     with pytest.raises(BackendError):   # EOS before the document is complete
@@ -141,13 +144,13 @@ def test_forbidden_token_is_a_backend_error(tokenizer, eos_ids):
 
 def test_padded_vocab(tokenizer, eos_ids):
     n_vocab = N_TOK + 128 + 5          # model rows padded past the tokenizer (and not a multiple of 32)
-    c = JSONSchemaConstraint(tokenizer, TAGGED, n_vocab, eos_ids)
+    c = _c(tokenizer, TAGGED, n_vocab, eos_ids)
     logits = np.full(n_vocab, 100.0, dtype=np.float32)
     c.mask(logits)
     assert np.isneginf(logits[N_TOK:]).all()
     assert np.isfinite(logits[:N_TOK]).sum() >= 1
     for seed in range(4):   # the padding ids are never chosen, however high they score
-        c = JSONSchemaConstraint(tokenizer, TAGGED, n_vocab, eos_ids)
+        c = _c(tokenizer, TAGGED, n_vocab, eos_ids)
         rng = np.random.default_rng(seed)
         ids = []
         while not c.is_done() and len(ids) < 200:
@@ -159,28 +162,50 @@ def test_padded_vocab(tokenizer, eos_ids):
             if tok not in eos_ids:
                 ids.append(tok)
         jsonschema.validate(json.loads(tokenizer.decode(ids)), TAGGED)
-    c = JSONSchemaConstraint(tokenizer, TAGGED, n_vocab, eos_ids)
+    c = _c(tokenizer, TAGGED, n_vocab, eos_ids)
     with pytest.raises(BackendError):
         c.advance(N_TOK + 3)
 
 
 def test_vocab_smaller_than_tokenizer_is_refused(tokenizer, eos_ids):
     with pytest.raises(BackendError, match="vocab"):
-        JSONSchemaConstraint(tokenizer, PERSON, N_TOK - 1000, eos_ids)
+        _c(tokenizer, PERSON, N_TOK - 1000, eos_ids)
 
 
-def test_missing_llguidance_names_the_extra(tokenizer, eos_ids, monkeypatch):
+def test_missing_llguidance_names_the_package(tokenizer, eos_ids, monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(MissingExtra) as e:
-        JSONSchemaConstraint(tokenizer, PERSON, N_TOK, eos_ids)
-    assert "edgevlm[onnx]" in e.value.hint
+        _c(tokenizer, PERSON, N_TOK, eos_ids)
+    assert "llguidance" in e.value.hint
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "(?<=x)a"},                      # a regex llguidance cannot compile
+    {"type": "object", "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"]},
+    {"type": "string", "format": "edgevlm-made-up-format"},
+])
+def test_unenforceable_keywords_compile_leniently(tokenizer, eos_ids, schema):
+    """Keywords the engine cannot enforce do not make the schema unusable: it generates under the rest
+    and says what it ignored (the CLI prints it; the answer is validated with jsonschema afterwards)."""
+    tok = tokenizer_from_hf(tokenizer, N_TOK, eos_ids)
+    _, unenforced = compile_schema(schema, tok)
+    assert unenforced, schema
+    c = JSONSchemaConstraint(tok, schema, eos_ids)
+    ids, _ = _decode_random(c, N_TOK, eos_ids, seed=0)
+    json.loads(tokenizer.decode(ids))                               # still JSON of the right shape
+
+
+def test_compiled_grammar_is_cached(tokenizer, eos_ids):
+    tok = tokenizer_from_hf(tokenizer, N_TOK, eos_ids)
+    a = compile_schema(TAGGED, tok)
+    assert compile_schema(json.loads(json.dumps(TAGGED)), tok) is a
 
 
 def test_mask_cost_is_reported(tokenizer, eos_ids, record_property):
     """Per-step cost of mask() over SmolLM2's vocabulary (reported, not asserted)."""
     timings: list[float] = []
     for seed in range(5):
-        c = JSONSchemaConstraint(tokenizer, TAGGED, N_TOK, eos_ids)
+        c = _c(tokenizer, TAGGED, N_TOK, eos_ids)
         _decode_random(c, N_TOK, eos_ids, seed, timings)
     us = np.array(timings[5:]) * 1e6   # skip the very first calls (lazy tables)
     stats = {"steps": len(us), "median_us": round(float(np.median(us)), 1),

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from edgevlm.runtime.errors import BadModelFile
-from edgevlm.runtime.gguf_file import read_gguf
+from edgevlm.runtime.formats.gguf_file import read_gguf
 
 pytestmark = pytest.mark.model
 
@@ -59,3 +59,29 @@ def test_not_a_gguf(tmp_path):
         read_gguf(p)
     with pytest.raises(BadModelFile, match="not found"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+def test_type_tables_agree_with_the_gguf_package():
+    """Our copies of ggml's tables (we read headers without importing gguf: it is an optional extra and
+    slow to import) must say what gguf-py says: type ids, names, block sizes, bytes per block, value
+    types and file types."""
+    gguf = pytest.importorskip("gguf")
+    from edgevlm.runtime.formats import gguf_file as G
+
+    for tid, (name, block, size) in G.GGML_TYPES.items():
+        t = gguf.GGMLQuantizationType(tid)
+        assert t.name == name, tid
+        if name == "Q8_1":
+            # ggml.h's block_q8_1 holds two fp16 scales (36 bytes); gguf-py still lists the old f32 pair
+            # (40). Q8_1 is ggml's activation format and never stored in a file, so neither matters.
+            assert gguf.GGML_QUANT_SIZES[t] == (32, 40)
+            continue
+        assert gguf.GGML_QUANT_SIZES[t] == (block, size), name
+    for vid, fmt in G._SCALAR.items():
+        assert gguf.GGUFValueType(vid).name.lower() in {
+            "<B": "uint8", "<b": "int8", "<H": "uint16", "<h": "int16", "<I": "uint32", "<i": "int32",
+            "<f": "float32", "<?": "bool", "<Q": "uint64", "<q": "int64", "<d": "float64"}[fmt], vid
+    assert gguf.GGUFValueType(G._STRING).name == "STRING" and gguf.GGUFValueType(G._ARRAY).name == "ARRAY"
+    for fid, name in G.FILE_TYPES.items():
+        assert gguf.LlamaFileType(fid).name == f"MOSTLY_{name}" or gguf.LlamaFileType(fid).name == f"ALL_{name}", fid
+    assert G.GGUF_MAGIC == struct.pack("<I", gguf.GGUF_MAGIC)

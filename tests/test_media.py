@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from edgevlm.runtime.errors import BadMedia, EdgeVLMError
-from edgevlm.runtime.media import (
+from edgevlm.runtime.inputs.media import (
     DEFAULT_MAX_PIXELS,
     HARD_LIMIT_PIXELS,
     image_from_pil,
@@ -251,7 +251,7 @@ def test_50_megapixel_jpeg_is_downscaled_with_aspect_ratio_in_low_memory(tmp_pat
     # needs 200 MB (about 260 MB peak with the resize); decoding at 1/2 scale peaks near 95 MB.
     code = (
         "import json, resource, sys\n"
-        "from edgevlm.runtime.media import load_image\n"
+        "from edgevlm.runtime.inputs.media import load_image\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "inp = load_image(sys.argv[1])\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -20,9 +20,12 @@ from conftest import CACHE, vlm
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
 
-from edgevlm.runtime.backends.onnx import MODEL_PREFERENCE, ONNXBackend, _Sampler, pick_model_file  # noqa: E402
+from edgevlm.runtime.backends.onnx import ONNXBackend  # noqa: E402
+from edgevlm.runtime.formats.onnx_files import MODEL_PREFERENCE, pick_model_file  # noqa: E402
 from edgevlm.runtime.errors import BadModelFile, ContextOverflow, ModelNotFound, UsageError  # noqa: E402
-from edgevlm.runtime.protocol import Artifact, ChatRequest, ImageInput, LoadOptions, Message  # noqa: E402
+from edgevlm.runtime.generation.core import generate  # noqa: E402
+from edgevlm.runtime.generation.sampling import Sampler  # noqa: E402
+from edgevlm.runtime.protocol import Artifact, ChatRequest, GenerationOptions, ImageInput, LoadOptions, Message  # noqa: E402
 
 ONNX_RECIPE = "smollm2-onnx-v2"   # bump when export/quantize settings change
 PROMPTS = [   # raw completions, 16 greedy tokens each, compared with transformers token for token
@@ -95,7 +98,7 @@ def q4(request):
 
 def _run(backend: ONNXBackend, request: ChatRequest) -> tuple[str, object]:
     text, last = "", None
-    for chunk in backend.stream(request):
+    for chunk in generate(backend, request):
         text += chunk.text
         last = chunk
     return text, last
@@ -103,7 +106,7 @@ def _run(backend: ONNXBackend, request: ChatRequest) -> tuple[str, object]:
 
 def _raw(prompt: str, n: int = 16, **kw) -> ChatRequest:
     kw.setdefault("temperature", 0)
-    return ChatRequest(messages=[Message("user", prompt)], raw=True, max_tokens=n, **kw)
+    return ChatRequest([Message("user", prompt)], GenerationOptions(raw=True, max_tokens=n, **kw))
 
 
 # ---------------------------------------------------------------------------------------------- unit
@@ -141,18 +144,18 @@ def test_sampler_greedy_topk_topp_and_seed():
     import numpy as np
 
     logits = np.array([0.0, 5.0, 4.9, -3.0, 1.0], dtype=np.float32)
-    assert _Sampler(ChatRequest([], temperature=0))(logits) == 1
+    assert Sampler(GenerationOptions(temperature=0))(logits) == 1
     # top-k 2 only ever draws the two best; same seed, same draws
     def draws(seed):
-        s = _Sampler(ChatRequest([], temperature=1.0, top_k=2, top_p=1.0, min_p=0, seed=seed))
+        s = Sampler(GenerationOptions(temperature=1.0, top_k=2, top_p=1.0, min_p=0, seed=seed))
         return [s(logits) for _ in range(200)]
     assert set(draws(7)) == {1, 2}
     assert draws(3) == draws(3) and draws(3) != draws(4)
     # top-p small keeps only the best token
-    s = _Sampler(ChatRequest([], temperature=1.0, top_k=0, top_p=0.01, min_p=0, seed=1))
+    s = Sampler(GenerationOptions(temperature=1.0, top_k=0, top_p=0.01, min_p=0, seed=1))
     assert {s(logits) for _ in range(50)} == {1}
     # repeat penalty pushes a repeated token below its rival
-    s = _Sampler(ChatRequest([], temperature=0, repeat_penalty=2.0))
+    s = Sampler(GenerationOptions(temperature=0, repeat_penalty=2.0))
     assert s(logits) == 1 and s(logits) == 2
 
 
@@ -217,7 +220,7 @@ def test_fp32_greedy_tokens_equal_transformers(request, smollm2_hf, export):
         if want and want[-1] in eos:
             want = want[:-1]
         text, last = _run(fp32, _raw(prompt, 16))
-        assert fp32.last_completion_ids == want, (prompt, text)
+        assert last.token_ids == want, (prompt, text)
         assert text == tok.decode(want)
 
 
@@ -240,15 +243,15 @@ def test_quantized_complete_paris(request, export, name):
 @pytest.mark.slow
 def test_chunks_carry_counts_and_timings(q4):
     q4.reset()
-    chunks = list(q4.stream(_raw("The capital of France is", 8)))
+    chunks = list(generate(q4, _raw("The capital of France is", 8)))
     last = chunks[-1]
     assert last.finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
     assert last.prompt_tokens == last.prompt_eval_tokens == 5
-    assert last.completion_tokens == 8 == len(q4.last_completion_ids)
-    assert len(q4._keys) == 5 + 7      # the 8th token is never run through the model: nothing reads its logits
+    assert last.completion_tokens == 8 == len(last.token_ids)
+    assert q4.kv_used() == 5 + 7      # the 8th token is never run through the model: nothing reads its logits
     assert [c.completion_tokens for c in chunks[:-1]] == sorted(c.completion_tokens for c in chunks[:-1])
     assert last.prefill_s > 0 and last.decode_s > 0 and last.ttft_s >= last.prefill_s
-    assert "".join(c.text for c in chunks) == q4.detokenize(q4.last_completion_ids)
+    assert "".join(c.text for c in chunks) == q4.detokenize(last.token_ids)
 
 
 @pytest.mark.model
@@ -256,23 +259,23 @@ def test_chunks_carry_counts_and_timings(q4):
 def test_chat_keeps_kv_cache_between_turns(q4):
     q4.reset()
     msgs = [Message("user", "What is the capital of France?")]
-    answer, first = _run(q4, ChatRequest(msgs, max_tokens=24, temperature=0))
+    answer, first = _run(q4, ChatRequest(msgs, GenerationOptions(max_tokens=24, temperature=0)))
     assert first.prompt_eval_tokens == first.prompt_tokens > 20
     msgs += [Message("assistant", answer.strip()), Message("user", "And of Germany?")]
-    second_text, second = _run(q4, ChatRequest(msgs, max_tokens=24, temperature=0))
+    second_text, second = _run(q4, ChatRequest(msgs, GenerationOptions(max_tokens=24, temperature=0)))
     # only the new turn is evaluated: everything up to the first answer is reused from the KV cache
     assert second.prompt_tokens > first.prompt_tokens
     assert second.prompt_eval_tokens < second.prompt_tokens - first.prompt_tokens + 4
     assert second.prompt_eval_tokens < second.prompt_tokens / 2
     # and reusing the cache changes nothing: a cold run gives the same tokens
-    cached_ids = list(q4.last_completion_ids)
+    cached_ids = list(second.token_ids)
     q4.reset()
-    cold_text, cold = _run(q4, ChatRequest(msgs, max_tokens=24, temperature=0))
+    cold_text, cold = _run(q4, ChatRequest(msgs, GenerationOptions(max_tokens=24, temperature=0)))
     assert cold.prompt_eval_tokens == cold.prompt_tokens == second.prompt_tokens
-    assert q4.last_completion_ids == cached_ids and cold_text == second_text
+    assert cold.token_ids == cached_ids and cold_text == second_text
     # an edited earlier turn only reuses the common prefix (the cache is cut back, not appended to)
     edited = [Message("user", "What is the capital of Italy?")]
-    _, third = _run(q4, ChatRequest(edited, max_tokens=4, temperature=0))
+    _, third = _run(q4, ChatRequest(edited, GenerationOptions(max_tokens=4, temperature=0)))
     assert 0 < third.prompt_eval_tokens < third.prompt_tokens
 
 
@@ -289,7 +292,7 @@ def test_long_prompt_prefills_in_chunks(request, q4):
     whole, a = _run(q4, _raw(prompt, 12))
     chunked, b = _run(small, _raw(prompt, 12))
     assert a.prompt_eval_tokens == b.prompt_eval_tokens > 3 * 7
-    assert small.last_completion_ids == q4.last_completion_ids, (whole, chunked)
+    assert b.token_ids == a.token_ids, (whole, chunked)
 
 
 @pytest.mark.model
@@ -301,7 +304,7 @@ def test_stop_strings_and_eos(q4):
     cut, last = _run(q4, _raw("1, 2, 3, 4, 5,", 24, stop=[" 7"]))
     assert cut == text[: text.index(" 7")] and last.finish_reason == "stop"
     # the chat template's end-of-turn token ends the answer
-    _, last = _run(q4, ChatRequest([Message("user", "Say hi.")], max_tokens=200, temperature=0))
+    _, last = _run(q4, ChatRequest([Message("user", "Say hi.")], GenerationOptions(max_tokens=200, temperature=0)))
     assert last.finish_reason == "stop" and last.completion_tokens < 200
 
 
@@ -324,13 +327,13 @@ def test_context_overflow_and_images_are_clear_errors(smollm2_onnx):
     b = _load(smollm2_onnx / "model_q4.onnx", n_ctx=16)
     try:
         with pytest.raises(ContextOverflow) as e:
-            list(b.stream(_raw("word " * 40, 4)))
+            list(generate(b, _raw("word " * 40, 4)))
         assert e.value.hint
         text, last = _run(b, _raw("The capital of France is", 64))
         assert last.finish_reason == "length" and last.prompt_tokens + last.completion_tokens <= 16
         img = ImageInput(rgb=b"\0" * 12, width=2, height=2, source="x.png", sha256="0" * 64)
         with pytest.raises(UsageError):
-            list(b.stream(ChatRequest([Message("user", "What is this?", images=[img])])))
+            list(generate(b, ChatRequest([Message("user", "What is this?", images=[img])])))
     finally:
         b.close()
 
@@ -503,7 +506,7 @@ def test_vlm_bench_runs_onnx_next_to_gguf(smollm2_onnx, smollm2_gguf):
     """vlm bench takes ONNX artifacts like GGUF ones: one report, both formats, schema-valid."""
     import jsonschema
 
-    from edgevlm.runtime.bench import REPORT_SCHEMA
+    from edgevlm.runtime.device.bench import REPORT_SCHEMA
 
     r = vlm("bench", str(smollm2_onnx / "model_q4.onnx"), str(smollm2_gguf), "--json", "--repeat", "1",
             "--prompt-tokens", "32", "--gen-tokens", "8", "--threads", "2")
@@ -520,8 +523,8 @@ def test_vlm_bench_runs_onnx_next_to_gguf(smollm2_onnx, smollm2_gguf):
 def test_memory_estimate_not_below_measured_rss_onnx(smollm2_onnx, variant):
     """The estimate counts the one variant that loads (not every file in the folder), and onnxruntime's
     extra memory; it must never be lower than the measured peak RSS by more than 10%."""
-    from edgevlm.runtime.backends.onnx import weight_files
-    from edgevlm.runtime.bench import run_isolated
+    from edgevlm.runtime.formats.onnx_files import weight_files
+    from edgevlm.runtime.device.bench import run_isolated
 
     path = smollm2_onnx / variant
     data = path.with_name(path.name + "_data")              # vlm quantize keeps weights out of the graph

@@ -1,6 +1,6 @@
 """Vision-language models on the ONNX backend: the tiny random-weight Idefics3 fixture exported to the
 three-part layout (vision_encoder / embed_tokens / decoder_model_merged) by
-``edgevlm.quantize.onnx_vision``, images prepared without torch by ``edgevlm.runtime.idefics3``.
+``edgevlm.quantize.onnx_vision``, images prepared without torch by ``edgevlm.runtime.inputs.idefics3``.
 
 Checked against transformers on the same checkpoint: the preprocessing (pixels and token ids) exactly,
 and greedy generation token for token. Random weights give gibberish, so token ids are compared, not text.
@@ -19,8 +19,9 @@ pytest.importorskip("tokenizers")
 
 from edgevlm.runtime.backends.onnx import ONNXBackend  # noqa: E402
 from edgevlm.runtime.errors import BadModelFile, UsageError  # noqa: E402
-from edgevlm.runtime.idefics3 import Idefics3Preprocessor  # noqa: E402
-from edgevlm.runtime.protocol import Artifact, ChatRequest, ImageInput, LoadOptions, Message  # noqa: E402
+from edgevlm.runtime.inputs.idefics3 import Idefics3Preprocessor  # noqa: E402
+from edgevlm.runtime.generation.core import generate  # noqa: E402
+from edgevlm.runtime.protocol import Artifact, ChatRequest, GenerationOptions, ImageInput, LoadOptions, Message  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def hf(vision_model):
 
 def _load(path: Path) -> ONNXBackend:
     b = ONNXBackend()
-    b.load(Artifact(format="onnx", path=path, name=path.name, vision=True), LoadOptions(n_threads=2))
+    b.load(Artifact(format="onnx", path=path, name=path.name), LoadOptions(n_threads=2))
     return b
 
 
@@ -81,12 +82,12 @@ def _hf_inputs(processor, images, question: str = QUESTION):
 
 
 def _run(backend: ONNXBackend, request: ChatRequest):
-    chunks = list(backend.stream(request))
-    return chunks[-1], list(backend.last_completion_ids)
+    chunks = list(generate(backend, request))
+    return chunks[-1], list(chunks[-1].token_ids)
 
 
 def _ask(images, question: str = QUESTION, n: int = 12) -> ChatRequest:
-    return ChatRequest(messages=[Message("user", question, [img for _, img in images])], temperature=0, max_tokens=n)
+    return ChatRequest([Message("user", question, [img for _, img in images])], GenerationOptions(temperature=0, max_tokens=n))
 
 
 # ---------------------------------------------------------------------------------------------- unit
@@ -186,9 +187,9 @@ def test_second_turn_reuses_image_and_cache(fp32):
     fp32.reset()
     first, toks = _run(fp32, _ask(images, n=6))
     assert first.image_encode_s > 0 and first.prompt_eval_tokens == first.prompt_tokens
-    follow = ChatRequest(messages=[Message("user", QUESTION, [images[0][1]]),
+    follow = ChatRequest([Message("user", QUESTION, [images[0][1]]),
                                    Message("assistant", fp32.tokenizer.decode(toks)),
-                                   Message("user", "And what colour is it?")], temperature=0, max_tokens=6)
+                                   Message("user", "And what colour is it?")], GenerationOptions(temperature=0, max_tokens=6))
     second, _ = _run(fp32, follow)
     assert second.image_tokens == first.image_tokens
     assert second.prompt_tokens > first.prompt_tokens
@@ -202,7 +203,7 @@ def test_second_turn_reuses_image_and_cache(fp32):
 
 def test_text_only_prompt_on_vision_model(fp32):
     fp32.reset()
-    last, toks = _run(fp32, ChatRequest(messages=[Message("user", "Hello")], temperature=0, max_tokens=4))
+    last, toks = _run(fp32, ChatRequest([Message("user", "Hello")], GenerationOptions(temperature=0, max_tokens=4)))
     assert last.image_tokens == 0 and last.image_encode_s == 0 and last.completion_tokens == len(toks)
 
 
@@ -210,7 +211,7 @@ def test_text_only_prompt_on_vision_model(fp32):
 def test_quantized_variants_load_and_generate(vision_onnx, variant):
     b = _load(vision_onnx / "onnx" / f"decoder_model_merged_{variant}.onnx")
     try:
-        assert b.has_vision and b.supports_images
+        assert b.has_vision
         assert {p.name for p in b.part_files.values()} == {
             f"decoder_model_merged_{variant}.onnx", f"vision_encoder_{variant}.onnx", f"embed_tokens_{variant}.onnx"}
         last, toks = _run(b, _ask([_image(120, 200, seed=7)], n=8))
@@ -251,5 +252,5 @@ def test_image_marker_typed_in_text_is_refused(fp32):
     fp32.reset()
     _, img = _image(64, 64, seed=3)
     with pytest.raises(UsageError) as e:
-        list(fp32.stream(ChatRequest(messages=[Message("user", "look <image> here", [img])], max_tokens=2)))
+        list(generate(fp32, ChatRequest([Message("user", "look <image> here", [img])], GenerationOptions(max_tokens=2))))
     assert "<image>" in e.value.hint

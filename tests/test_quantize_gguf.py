@@ -22,7 +22,7 @@ from edgevlm.quantize.gguf import (
     quantize_gguf,
 )
 from edgevlm.runtime.errors import BackendError, BadModelFile, EdgeVLMError, ModelNotFound, UsageError
-from edgevlm.runtime.gguf_file import read_gguf
+from edgevlm.runtime.formats.gguf_file import read_gguf
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -43,15 +43,15 @@ def _image(width: int = 200, height: int = 120):
 
 def _ask(model: Path, mmproj: Path | None, text: str, images=(), max_tokens: int = 8):
     from edgevlm.runtime.backends.gguf import GGUFBackend
-    from edgevlm.runtime.protocol import Artifact, ChatRequest, LoadOptions, Message
+    from edgevlm.runtime.generation.core import generate
+    from edgevlm.runtime.protocol import Artifact, ChatRequest, GenerationOptions, LoadOptions, Message
 
     backend = GGUFBackend()
     try:
-        backend.load(Artifact(format="gguf", path=model, name=model.name, mmproj=mmproj, vision=mmproj is not None),
+        backend.load(Artifact(format="gguf", path=model, name=model.name, mmproj=mmproj),
                      LoadOptions(n_ctx=1024, n_threads=2))
-        req = ChatRequest(messages=[Message(role="user", content=text, images=list(images))],
-                          temperature=0, max_tokens=max_tokens)
-        return list(backend.stream(req))
+        req = ChatRequest([Message(role="user", content=text, images=list(images))], GenerationOptions(temperature=0, max_tokens=max_tokens))
+        return list(generate(backend, req))
     finally:
         backend.close()
 

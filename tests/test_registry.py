@@ -9,7 +9,7 @@ import yaml
 
 from edgevlm.runtime.config import Config, load_config, save_config, vlm_home
 from edgevlm.runtime.errors import ModelNotFound, UsageError
-from edgevlm.runtime.registry import Registry, RegistryError, register_user_model, shipped_registry_path
+from edgevlm.runtime.models.registry import Registry, RegistryError, register_user_model, shipped_registry_path
 
 SHA = "ab" * 32
 
@@ -188,18 +188,18 @@ def test_register_user_model(home, shipped):
 def test_config_roundtrip_and_errors(home):
     assert vlm_home() == home
     assert load_config() == Config()
-    path = save_config(Config(default_text_model="tiny", max_image_pixels=4_000_000, ctx=2048))
+    path = save_config(Config(default_text_model="tiny", max_image_pixels=4_000_000))
     assert path == home / "config.yaml"
-    assert load_config() == Config(default_text_model="tiny", max_image_pixels=4_000_000, ctx=2048)
-    path.write_text("ctx: 2048\ndefault_txt_model: tiny\n")
+    assert load_config() == Config(default_text_model="tiny", max_image_pixels=4_000_000)
+    path.write_text("max_image_pixels: 2048\ndefault_txt_model: tiny\n")
     with pytest.raises(UsageError, match="unknown setting 'default_txt_model'") as ei:
         load_config()
     assert "default_text_model" in ei.value.hint
-    path.write_text("ctx: [1, 2\n")
+    path.write_text("max_image_pixels: [1, 2\n")
     with pytest.raises(UsageError, match=f"{path} is not valid YAML"):
         load_config()
-    path.write_text("ctx: -5\n")
-    with pytest.raises(UsageError, match="'ctx' must be a positive whole number"):
+    path.write_text("max_image_pixels: -5\n")
+    with pytest.raises(UsageError, match="'max_image_pixels' must be a positive whole number"):
         load_config(home)
     path.write_text("")
     assert load_config(home) == Config()

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from edgevlm.runtime.loader import artifact_from_path, load_backend
+from edgevlm.runtime.generation.core import generate
 from edgevlm.runtime.protocol import ChatRequest, LoadOptions, Message
-from edgevlm.runtime.session import ChatSession, GenerationOptions
+from edgevlm.runtime.generation.session import ChatSession, GenerationOptions
 
 pytestmark = pytest.mark.model
 
@@ -36,10 +37,10 @@ def test_reply_cut_at_max_tokens_evaluates_nothing_after_it(backend):
     """The last token of a reply that hits max_tokens is not run through the model (nothing reads
     those logits); the next turn evaluates it with the new prompt."""
     backend.reset()
-    req = ChatRequest(messages=[Message("user", "Count: 1, 2, 3,")], raw=True, temperature=0, max_tokens=6)
-    last = list(backend.stream(req))[-1]
+    req = ChatRequest([Message("user", "Count: 1, 2, 3,")], GenerationOptions(raw=True, temperature=0, max_tokens=6))
+    last = list(generate(backend, req))[-1]
     assert last.finish_reason == "length" and last.completion_tokens == 6
-    assert len(backend._keys) == last.prompt_tokens + 5
+    assert backend.kv_used() == last.prompt_tokens + 5
 
 
 def test_interrupted_turn_keeps_session_consistent(backend):
@@ -55,17 +56,16 @@ def test_interrupted_turn_keeps_session_consistent(backend):
 
 
 def test_greedy_is_deterministic_and_cache_independent(backend):
-    req = ChatRequest(messages=[Message("user", "The capital of France is")], raw=True, temperature=0, max_tokens=6)
+    req = ChatRequest([Message("user", "The capital of France is")], GenerationOptions(raw=True, temperature=0, max_tokens=6))
     backend.reset()
-    a = "".join(c.text for c in backend.stream(req))
-    b = "".join(c.text for c in backend.stream(req))    # prompt fully cached, one token re-evaluated
+    a = "".join(c.text for c in generate(backend, req))
+    b = "".join(c.text for c in generate(backend, req))    # prompt fully cached, one token re-evaluated
     assert a == b and a.startswith(" Paris")
 
 
 def test_stop_strings(backend):
-    req = ChatRequest(messages=[Message("user", "Count: 1, 2, 3, 4,")], raw=True, temperature=0, max_tokens=30,
-                      stop=[" 7"])
-    chunks = list(backend.stream(req))
+    req = ChatRequest([Message("user", "Count: 1, 2, 3, 4,")], GenerationOptions(raw=True, temperature=0, max_tokens=30, stop=[" 7"]))
+    chunks = list(generate(backend, req))
     text = "".join(c.text for c in chunks)
     assert " 7" not in text and " 6" in text and chunks[-1].finish_reason == "stop"
 
@@ -73,9 +73,8 @@ def test_stop_strings(backend):
 def test_json_schema_constrains_output(backend):
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
               "required": ["city", "population"], "additionalProperties": False}
-    req = ChatRequest(messages=[Message("user", "Give the largest city of France as JSON.")], temperature=0,
-                      max_tokens=60, json_schema=schema)
-    text = "".join(c.text for c in backend.stream(req))
+    req = ChatRequest([Message("user", "Give the largest city of France as JSON.")], GenerationOptions(temperature=0, max_tokens=60, json_schema=schema))
+    text = "".join(c.text for c in generate(backend, req))
     doc = json.loads(text)
     import jsonschema
     jsonschema.validate(doc, schema)

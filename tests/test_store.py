@@ -17,11 +17,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from edgevlm.runtime.download import download
+from edgevlm.runtime.models.download import download
 from edgevlm.runtime.errors import ChecksumMismatch, DownloadError, ModelNotInstalled, OfflineError
-from edgevlm.runtime.registry import Registry, validate_model
-from edgevlm.runtime.sources import find_wheel
-from edgevlm.runtime.store import Store
+from edgevlm.runtime.models.registry import Registry, validate_model
+from edgevlm.runtime.models.sources import find_wheel
+from edgevlm.runtime.models.store import Store
 
 MiB = 1024 * 1024
 

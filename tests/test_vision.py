@@ -49,9 +49,9 @@ def test_two_images_and_stdin(vision_model, images):
 
 def test_follow_up_about_same_image_reuses_cache(vision_model, images, monkeypatch):
     from edgevlm.runtime.loader import artifact_from_path, load_backend
-    from edgevlm.runtime.media import load_image
+    from edgevlm.runtime.inputs.media import load_image
     from edgevlm.runtime.protocol import LoadOptions
-    from edgevlm.runtime.session import ChatSession, GenerationOptions
+    from edgevlm.runtime.generation.session import ChatSession, GenerationOptions
 
     b = load_backend(artifact_from_path(vision_model["gguf"], vision_model["mmproj"], True), LoadOptions(n_ctx=4096))
     try:

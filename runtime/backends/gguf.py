@@ -8,20 +8,19 @@ per-token loop is one decode, one native sample and one piece lookup.
 """
 from __future__ import annotations
 
-import codecs
 import ctypes
-import json
 import logging
-import os
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
+from ..env import debug
 from ..errors import BackendError, BadMedia, BadModelFile, ContextOverflow, UsageError
-from ..gguf_file import GGUFInfo, read_gguf
-from ..hardware import avoid_amx_buffers, default_threads
-from ..llamacpp import import_llama as _import_llama
-from ..prompt import render_chat
-from ..protocol import Artifact, ChatRequest, Chunk, LoadOptions, Message, ProgressCallback
+from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
+from ..device.hardware import avoid_amx_buffers, default_threads
+from .llamacpp import import_llama as _import_llama
+from ..generation.prompt import render_chat
+from ..generation.text import Utf8Stream
+from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 
 _IMG = "img"  # key prefix for image positions in the KV bookkeeping
 
@@ -29,13 +28,9 @@ _IMG = "img"  # key prefix for image positions in the KV bookkeeping
 _LOG_CALLBACKS: list = []
 
 
-def _debug() -> bool:
-    return os.environ.get("VLM_DEBUG", "") not in ("", "0")
-
-
 def _silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
     """llama.cpp and libmtmd log to stderr by default; scripts want stderr clean unless VLM_DEBUG."""
-    if _debug():
+    if debug():
         return
     logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
     if not _LOG_CALLBACKS:
@@ -49,76 +44,24 @@ def _silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
 
 
 
-def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
-    """Refuse a vision projector that does not belong to the text model, before llama.cpp sees it."""
-    if not mmproj.is_mmproj:
-        raise BadModelFile(
-            f"{mmproj.path.name} is not a vision projector (its architecture is {mmproj.architecture!r}).",
-            hint="Pass the model's mmproj-*.gguf file with --mmproj.",
-        )
-    if model.is_mmproj:
-        raise BadModelFile(
-            f"{model.path.name} is a vision projector (mmproj), not a language model.",
-            hint="Pass the language model with -m and the projector with --mmproj.",
-        )
-    if not mmproj.get("clip.has_vision_encoder", True) and not mmproj.get("clip.has_audio_encoder", False):
-        raise BadModelFile(f"{mmproj.path.name} has no vision encoder.", hint="Use the model's image projector.")
-    n_embd = model.get(f"{model.architecture}.embedding_length")
-    proj = mmproj.projector_dim
-    if n_embd and proj and int(n_embd) != int(proj):
-        raise BadModelFile(
-            f"{mmproj.path.name} does not belong to {model.path.name}: the projector outputs {proj}-wide "
-            f"embeddings but the model expects {n_embd}.",
-            hint="Use the mmproj file published with this model (`vlm info MODEL` shows it).",
-        )
+class _PieceStream:
+    """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
 
+    def __init__(self, backend: "GGUFBackend") -> None:
+        self._b = backend
+        self._utf8 = Utf8Stream()
 
-class _Utf8Stream:
-    """Turns token pieces (bytes, possibly split mid-character) into text."""
-
-    def __init__(self) -> None:
-        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, b: bytes) -> str:
-        return self._dec.decode(b)
+    def feed(self, token: int) -> str:
+        b = self._b
+        n = b._llama_cpp.llama_token_to_piece(b._vocab, token, b._piece_buf, 256, 0, False)
+        return self._utf8.feed(b._piece_buf.raw[: max(n, 0)])
 
     def flush(self) -> str:
-        return self._dec.decode(b"", final=True)
-
-
-class _StopFilter:
-    """Holds back text that might be the start of a stop string; cuts at the first stop string."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+        return self._utf8.flush()
 
 
 class GGUFBackend:
     format = "gguf"
-    supports_images = True
 
     def __init__(self) -> None:
         self._model = None
@@ -127,6 +70,8 @@ class GGUFBackend:
         self._batch = None
         self._keys: list = []          # what each KV position holds: token id or (img, id, k)
         self._last_prompt = None       # the last image prompt's (text, image ids, keys, plan, image tokens)
+        self._eog: Optional[set[int]] = None
+        self._ll_tokenizer = None
         self.info: Optional[GGUFInfo] = None
         self.artifact: Optional[Artifact] = None
         self.chat_template: Optional[str] = None
@@ -273,9 +218,8 @@ class GGUFBackend:
 
     # ------------------------------------------------------------------ prompt
     def render(self, request: ChatRequest) -> str:
-        images = [img for m in request.messages for img in m.images]
         marker = getattr(self, "_marker", "<__media__>")
-        if request.raw or not self.chat_template:
+        if request.options.raw or not self.chat_template:
             parts = []
             for m in request.messages:
                 if m.role == "system":
@@ -430,70 +374,11 @@ class GGUFBackend:
                                    hint="The context may be full: lower --max-tokens or raise --ctx.")
             self._keys.extend(part)
 
-    def _decode_one(self, tok: int) -> None:
-        self._tok_one[0] = tok
-        rc = self._llama_cpp.llama_decode(self._ctx, self._llama_cpp.llama_batch_get_one(self._tok_one, 1))
-        if rc != 0:
-            raise BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).", hint="Raise --ctx.")
-        self._keys.append(tok)
-
-    # ------------------------------------------------------------------ sampling
-    def _sampler(self, request: ChatRequest):
-        lc = self._llama_cpp
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if request.json_schema is not None:
-            from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-            try:
-                gbnf = json_schema_to_gbnf(json.dumps(request.json_schema))
-            except Exception as e:
-                lc.llama_sampler_free(chain)
-                raise UsageError(f"This JSON schema cannot be turned into a grammar: {e}",
-                                 hint="Simplify the schema (llama.cpp supports most of draft 2020-12).") from e
-            g = lc.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
-            if not g:
-                lc.llama_sampler_free(chain)
-                raise UsageError("llama.cpp rejected the grammar built from this JSON schema.",
-                                 hint="Simplify the schema; VLM_DEBUG=1 shows llama.cpp's log.")
-            lc.llama_sampler_chain_add(chain, g)
-        if request.repeat_penalty and request.repeat_penalty != 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(64, request.repeat_penalty, 0.0, 0.0))
-        if request.temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if request.top_k > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(request.top_k))
-            if 0 < request.top_p < 1:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(request.top_p, 1))
-            if request.min_p > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(request.min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(request.temperature))
-            seed = lc.LLAMA_DEFAULT_SEED if request.seed is None else (request.seed & 0xFFFFFFFF)
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
-
-    @staticmethod
-    def _is_plain_greedy(request: ChatRequest) -> bool:
-        return request.temperature <= 0 and request.json_schema is None and request.repeat_penalty in (0, 1.0)
-
-    def _greedy_sample(self, _sampler, ctx, idx: int) -> int:
-        """Greedy without the sampler chain: the chain copies all n_vocab logits into a candidate
-        array every token (0.4 ms for Gemma 3's 262k vocabulary, ~3% of a decode step).
-
-        numpy is imported here, at the first greedy token, not on a thread during the load or the
-        prefill: measured, both made the answer later (llama.cpp calls our log callback ~2,000 times
-        while loading, each call then waiting for the GIL; the prefill's threads lose their core)."""
-        import numpy as np
-
-        ptr = self._llama_cpp.llama_get_logits_ith(ctx, idx)
-        return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
-
-    # ------------------------------------------------------------------ generation
-    def stream(self, request: ChatRequest) -> Iterator[Chunk]:
+    # ------------------------------------------------------------------ generation seam
+    def prefill(self, request: ChatRequest) -> Prefill:
         if self._ctx is None:
             raise BackendError("The model is not loaded.", hint="This is a bug: load() must come first.")
         lc = self._llama_cpp
-        t_start = time.perf_counter()
         keys, plan, chunks, n_image_tokens = self._prepare(request)
         try:
             if len(keys) >= self.n_ctx:
@@ -518,7 +403,7 @@ class GGUFBackend:
                         continue
                     if ch is None:   # _follow_up checked that the KV cache holds this image
                         raise BackendError("An image of the conversation left the KV cache.",
-                                           hint="This is a bug; start a new session (/reset).")
+                                           hint="This is a bug; start a new conversation (/clear).")
                     ti = time.perf_counter()
                     new_n_past = lc.llama_pos(0)
                     rc = self._mtmd_cpp.mtmd_helper_eval_chunk_single(
@@ -532,53 +417,95 @@ class GGUFBackend:
         finally:
             if chunks is not None:
                 self._mtmd_cpp.mtmd_input_chunks_free(chunks)
-        t_prefill = time.perf_counter()
-        prompt_tokens, evaluated = len(keys), len(keys) - reused
-        base = dict(prompt_tokens=prompt_tokens, prompt_eval_tokens=evaluated, image_tokens=n_image_tokens,
-                    prefill_s=t_prefill - t_start, image_encode_s=image_s)
+        return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused, image_tokens=n_image_tokens,
+                       image_encode_s=image_s)
 
-        sampler = self._sampler(request)
-        utf8 = _Utf8Stream()
-        stops = _StopFilter(request.stop)
-        n_out = 0
-        finish = "length"
-        hit_stop_string = False
-        t_first = None
-        vocab, ctx = self._vocab, self._ctx
-        is_eog, to_piece = lc.llama_vocab_is_eog, lc.llama_token_to_piece
-        buf = self._piece_buf
-        sample = self._greedy_sample if self._is_plain_greedy(request) else lc.llama_sampler_sample
+    def logits(self):
+        """llama.cpp's own logits buffer for the last evaluated position, as a numpy view (no copy).
+
+        numpy is imported here, at the first token, not on a thread during the load or the prefill:
+        measured, both made the answer later (llama.cpp calls our log callback ~2,000 times while
+        loading, each call then waiting for the GIL; the prefill's threads lose their core)."""
+        import numpy as np
+
+        ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def eval(self, token: int) -> None:
+        self._tok_one[0] = token
+        rc = self._llama_cpp.llama_decode(self._ctx, self._llama_cpp.llama_batch_get_one(self._tok_one, 1))
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).", hint="Raise --ctx.")
+        self._keys.append(token)
+
+    def kv_used(self) -> int:
+        return len(self._keys)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def eog_ids(self) -> set[int]:
+        if self._eog is None:
+            self._eog = {t for t in range(self._n_vocab) if self._llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+        return self._eog
+
+    def text_stream(self) -> "_PieceStream":
+        return _PieceStream(self)
+
+    def constraint_tokenizer(self):
+        """llguidance's tokenizer for this vocabulary, from llama.cpp's own (llguidance.llamacpp)."""
+        if self._ll_tokenizer is None:
+            from ..generation.constrain import import_llguidance
+
+            import_llguidance()
+            import llguidance.llamacpp
+
+            self._ll_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
+        return self._ll_tokenizer
+
+    def score(self, token_ids: list[int], *, batched: bool = True):
+        """Logits after each token, from an empty cache. Batched: one llama_decode with every position's
+        logits, in a context of its own sized to the text (ours reserves one logits row)."""
+        import numpy as np
+
+        lc = self._llama_cpp
+        n = len(token_ids)
+        out = np.empty((n, self._n_vocab), dtype=np.float32)
+        self.reset()
+        if not batched:
+            for i, t in enumerate(token_ids):
+                self._decode_tokens([int(t)], logits_last=True)
+                out[i] = self.logits()
+            self.reset()
+            return out
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = max(n, 64)
+        cp.n_batch = cp.n_ubatch = max(n, 64)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(self._model, cp)
+        if not ctx:
+            raise BackendError(f"llama.cpp could not create a {n}-token context to score the text.",
+                               hint="There may not be enough memory.")
+        batch = lc.llama_batch_init(n, 0, 1)
         try:
-            while n_out < request.max_tokens:
-                tok = sample(sampler, ctx, -1)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if is_eog(vocab, tok):
-                    finish = "stop"
-                    break
-                n_out += 1
-                n = to_piece(vocab, tok, buf, 256, 0, False)
-                text, stopped = stops.feed(utf8.feed(buf.raw[: max(n, 0)]))
-                if text:
-                    yield Chunk(text=text, completion_tokens=n_out, **base)
-                if stopped:
-                    finish, hit_stop_string = "stop", True
-                    break
-                if n_out >= request.max_tokens or len(self._keys) + 1 >= self.n_ctx:
-                    finish = "length"     # the last token is not evaluated: nothing would read its logits
-                    break
-                self._decode_one(tok)
-        except GeneratorExit:
-            finish = "cancelled"
-            raise
+            batch.n_tokens = n
+            for i, t in enumerate(token_ids):
+                batch.token[i] = t
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True
+            rc = lc.llama_decode(ctx, batch)
+            if rc != 0:
+                raise BackendError(f"llama.cpp failed to evaluate the text (llama_decode returned {rc}).",
+                                   hint="VLM_DEBUG=1 shows llama.cpp's log.")
+            for i in range(n):
+                out[i] = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(self._n_vocab,))
         finally:
-            lc.llama_sampler_free(sampler)
-        tail = "" if hit_stop_string else stops.feed(utf8.flush())[0] + stops.flush()
-        t_end = time.perf_counter()
-        yield Chunk(
-            text=tail, completion_tokens=n_out, finish_reason=finish,
-            ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end), **base,
-        )
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+        return out
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -611,7 +538,7 @@ class GGUFBackend:
     # ------------------------------------------------------------------ helpers for callers
     def kv_cache_bytes(self) -> Optional[int]:
         """The KV cache at full context (f16 K and V of every layer), or None when the header lacks the shape."""
-        from ..memory import kv_cache_bytes
+        from ..device.memory import kv_cache_bytes
 
         shape = self.info.kv_shape if self.info is not None else None
         return kv_cache_bytes(self.n_ctx, *shape) if shape else None
@@ -621,4 +548,4 @@ class GGUFBackend:
                 "extra_bufts": not avoid_amx_buffers()}
 
 
-__all__ = ["GGUFBackend", "check_mmproj", "Message"]
+__all__ = ["GGUFBackend"]

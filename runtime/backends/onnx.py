@@ -51,29 +51,21 @@ spin by default, which is faster on cores of our own and slower on cores shared 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from ..errors import BackendError, BadModelFile, ContextOverflow, ModelNotFound, UsageError, missing_extra
-from ..hardware import default_threads
-from ..prompt import _compile, render_chat
-from ..protocol import Artifact, ChatRequest, Chunk, ImageInput, LoadOptions, ProgressCallback
-from .gguf import _StopFilter
+from ..env import debug
+from ..errors import BackendError, BadModelFile, ContextOverflow, UsageError, missing_extra
+from ..device.hardware import default_threads
+from ..generation.prompt import _compile, render_chat
+from ..formats.model_json import read_json_object
+from ..formats.onnx_files import pick_model_file, vision_parts
+from ..protocol import DEFAULT_CTX, Artifact, ChatRequest, ImageInput, LoadOptions, Prefill, ProgressCallback
 
-# Directory lookup order (see module docstring). Full precision first: it is what an export writes and
-# what a quantizer wants as input; onnx-community publishes the quantized variants under these names.
-MODEL_PREFERENCE = (
-    "model.onnx", "decoder_model_merged.onnx",
-    "model_q4.onnx", "model_int8.onnx", "model_quantized.onnx", "model_q4f16.onnx",
-    "model_fp16.onnx", "decoder_model_merged_q4.onnx", "decoder_model_merged_int8.onnx",
-    "decoder_model_merged_quantized.onnx", "decoder_model_merged_fp16.onnx",
-    "model_uint8.onnx", "model_bnb4.onnx",
-)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -82,72 +74,8 @@ _EOG_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<
               "<|return|>", "<|eom_id|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<end_of_utterance>")
 
 
-# The three-part vision layout: the parts that go with a decoder taking inputs_embeds, and the decoder
-# names whose suffix (``_int8``, ``_q4``, ...) the other parts share.
-VISION_PARTS = ("vision_encoder", "embed_tokens")
-_DECODER_STEMS = ("decoder_model_merged", "decoder_model", "model")
 _IMG = "img"               # key prefix of image positions in the KV bookkeeping: (_IMG, image id, offset)
 _FEATURE_CACHE_BYTES = 256 * 1024 ** 2   # image features kept for re-use (most recent first)
-
-
-def vision_parts(model_file: Path) -> dict[str, Path]:
-    """The vision encoder and token-embedding graphs that go with the decoder ``model_file``: the ones with
-    the decoder's suffix, else the fp32 ones. Raises ``BadModelFile`` naming what is missing."""
-    stem = model_file.stem
-    suffix = next((stem[len(p):] for p in _DECODER_STEMS if stem.startswith(p)), "")
-    found, missing = {}, []
-    for part in VISION_PARTS:
-        for name in dict.fromkeys((f"{part}{suffix}.onnx", f"{part}.onnx")):
-            if (model_file.parent / name).is_file():
-                found[part] = model_file.parent / name
-                break
-        else:
-            missing.append(f"{part}{suffix}.onnx" if suffix else f"{part}.onnx")
-    if missing:
-        raise BadModelFile(
-            f"{model_file.name} is the decoder of a three-part vision model, but {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing from {model_file.parent}.",
-            hint="Download or export the whole model: vision_encoder*.onnx, embed_tokens*.onnx and "
-                 "decoder_model_merged*.onnx belong together (`edgevlm.quantize.onnx_vision.export_vision`).",
-        )
-    return found
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The files whose weights loading ``path`` (an .onnx file or a model directory) reads: the decoder
-    ``pick_model_file`` chooses, its vision parts when it has them, and their external data files. What
-    memory estimates and `vlm info` count: a directory may hold several variants, but only one loads."""
-    model_file = pick_model_file(path)
-    graphs = [model_file]
-    if any(model_file.parent.glob("vision_encoder*.onnx")):
-        graphs += list(vision_parts(model_file).values())
-    files = []
-    for g in graphs:
-        files.append(g)
-        files += [x for x in (g.with_name(g.name + "_data"), g.with_name(g.name + ".data")) if x.is_file()]
-    return files
-
-
-def kv_shape_from_config(path: Path) -> Optional[tuple[int, int, int]]:
-    """(layers, kv_heads, head_dim) of the decoder, from the config.json beside the model, or None."""
-    model_file = pick_model_file(path)
-    for d in (model_file.parent, model_file.parent.parent, Path(path)):
-        cfg_path = d / "config.json"
-        if cfg_path.is_file():
-            try:
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            if isinstance(cfg.get("text_config"), dict):
-                cfg = {**cfg, **cfg["text_config"]}
-            try:
-                layers, heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
-                kv = int(cfg.get("num_key_value_heads") or heads)
-                head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                return None
-            return layers, kv, head_dim
-    return None
 
 
 def _image_id(img: ImageInput) -> str:
@@ -159,10 +87,6 @@ def _image_id(img: ImageInput) -> str:
 
         sha = hashlib.sha256(img.rgb).hexdigest()
     return f"{sha}:{img.width}x{img.height}"
-
-
-def _debug() -> bool:
-    return os.environ.get("VLM_DEBUG", "") not in ("", "0")
 
 
 def _import_ort():
@@ -181,43 +105,6 @@ def _want_spinning() -> bool:
     cannot tell our own spinning from other work -- so spin by default and let ``VLM_ORT_SPIN=0``
     turn it off on shared machines."""
     return os.environ.get("VLM_ORT_SPIN", "1") != "0"
-
-
-def pick_model_file(path: Path) -> Path:
-    """The .onnx file to load for ``path`` (a file, or a directory: see ``MODEL_PREFERENCE``)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        if path.suffix != ".onnx":
-            raise BadModelFile(f"{path.name} is not an .onnx file.", hint="Pass the model's .onnx file or its directory.")
-        return path
-    if not path.is_dir():
-        raise ModelNotFound(f"No such ONNX model: {path}", hint="Pass the model's directory or its .onnx file.")
-    for d in (path, path / "onnx"):
-        for name in MODEL_PREFERENCE:
-            if (d / name).is_file():
-                return d / name
-    found = sorted(p for d in (path, path / "onnx") if d.is_dir() for p in d.glob("*.onnx"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise BadModelFile(f"{path} holds no .onnx model.",
-                           hint="Export one with `vlm quantize --to onnx`, or pass the directory that holds model.onnx.")
-    raise BadModelFile(
-        f"{path} holds several .onnx files and none has a standard name: {', '.join(p.name for p in found[:6])}.",
-        hint="Pass the one to run as -m DIR/FILE.onnx.",
-    )
-
-
-def read_json_object(p: Path) -> dict:
-    """A model's JSON file (config, tokenizer settings...) as a dict, or a one-line ``BadModelFile``."""
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadModelFile(f"{p.name} in {p.parent} is not valid JSON: {e}",
-                           hint="The download may be incomplete: fetch the model's files again.") from e
-    if not isinstance(data, dict):
-        raise BadModelFile(f"{p.name} in {p.parent} is not a JSON object.", hint="Fetch the model's files again.")
-    return data
 
 
 def _token_content(v) -> Optional[str]:
@@ -271,64 +158,8 @@ class _TextStream:
         return out
 
 
-class _Sampler:
-    """llama.cpp's chain in numpy: repeat penalty, top-k, top-p, min-p (on raw probabilities), then
-    temperature and a draw from a seeded generator. Temperature <= 0 is greedy."""
-
-    def __init__(self, request: ChatRequest) -> None:
-        import numpy as np
-
-        self.np = np
-        self.greedy = request.temperature <= 0
-        self.temp = float(request.temperature)
-        self.top_k = int(request.top_k)
-        self.top_p = float(request.top_p)
-        self.min_p = float(request.min_p)
-        self.penalty = float(request.repeat_penalty or 1.0)
-        self.recent: list[int] = []
-        self.rng = np.random.default_rng(None if request.seed is None else request.seed & 0xFFFFFFFF)
-
-    def __call__(self, logits) -> int:
-        np = self.np
-        if self.penalty != 1.0 and self.recent:
-            logits = logits.copy()
-            idx = np.fromiter(set(self.recent[-64:]), dtype=np.int64)
-            v = logits[idx]
-            logits[idx] = np.where(v > 0, v / self.penalty, v * self.penalty)
-        if self.greedy:
-            tok = int(np.argmax(logits))
-        else:
-            tok = self._draw(logits)
-        if self.penalty != 1.0:
-            self.recent.append(tok)
-        return tok
-
-    def _draw(self, logits) -> int:
-        np = self.np
-        n = logits.shape[0]
-        if 0 < self.top_k < n:
-            cand = np.argpartition(logits, n - self.top_k)[n - self.top_k:]
-        else:
-            cand = np.arange(n)
-        vals = logits[cand].astype(np.float64)
-        order = np.argsort(-vals, kind="stable")
-        cand, vals = cand[order], vals[order]
-        p = np.exp(vals - vals[0])
-        p /= p.sum()
-        keep = len(p)
-        if 0 < self.top_p < 1:
-            keep = min(keep, int(np.searchsorted(np.cumsum(p), self.top_p)) + 1)
-        if self.min_p > 0:
-            keep = min(keep, max(1, int(np.count_nonzero(p >= self.min_p * p[0]))))
-        cand, vals = cand[:keep], vals[:keep]
-        q = np.exp((vals - vals[0]) / self.temp)
-        q /= q.sum()
-        return int(cand[self.rng.choice(keep, p=q)])
-
-
 class ONNXBackend:
     format = "onnx"
-    supports_images = False
 
     def __init__(self) -> None:
         self._sess = None
@@ -351,9 +182,10 @@ class ONNXBackend:
         self.n_threads = 1
         self.n_layers = 0
         self.load_s = 0.0
-        self.last_completion_ids: list[int] = []   # token ids generated by the latest stream() (no EOS)
+        self._last_row = None          # logits after the last evaluated position (a view, see logits())
+        self._context_ids: list[int] = []   # the last prompt's token ids (for the detokenizer's context)
+        self._ll_tokenizer = None
         # Vision (three-part models): set at load when the decoder takes inputs_embeds.
-        self.supports_images = False   # shadows the class attribute per instance
         self._embeds = False           # the decoder reads inputs_embeds (then _embed_sess makes them)
         self._embed_sess = None
         self._vision_sess = None
@@ -384,7 +216,7 @@ class ONNXBackend:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 0 if _debug() else 3
+        so.log_severity_level = 0 if debug() else 3
         self.spin = _want_spinning()
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         sess = self._session(ort, so, model_file)
@@ -402,7 +234,7 @@ class ONNXBackend:
             and os.environ.get("VLM_ONNX_KV", "") != "concat"
 
         n_train = int(self.config.get("max_position_embeddings") or 0) or (artifact.context_length or 0)
-        n_ctx = opts.n_ctx if opts.n_ctx > 0 else (n_train or 4096)
+        n_ctx = opts.n_ctx if opts.n_ctx > 0 else (n_train or DEFAULT_CTX)
         if n_train > 0:
             n_ctx = min(n_ctx, n_train)
         self.n_ctx = n_ctx
@@ -437,7 +269,7 @@ class ONNXBackend:
 
     def _load_vision(self, ort, so, model_file: Path, dirs: list[Path]) -> None:
         """The vision encoder, token embeddings and image preprocessor of a three-part model."""
-        from ..idefics3 import Idefics3Preprocessor
+        from ..inputs.idefics3 import Idefics3Preprocessor
 
         parts = vision_parts(model_file)
         self._processor = Idefics3Preprocessor.from_dirs(dirs, self._raw_config)
@@ -463,7 +295,6 @@ class ONNXBackend:
             raise BadModelFile(f"The tokenizer has no {self._processor.image_token} token, so it cannot place images.",
                                hint="Copy the tokenizer.json published with this model.")
         self.part_files = {"decoder": model_file, **parts}
-        self.supports_images = True
 
     @staticmethod
     def _sidecar_dirs(model_file: Path, given: Path) -> list[Path]:
@@ -675,7 +506,7 @@ class ONNXBackend:
     def render(self, request: ChatRequest) -> str:
         """The prompt text. For a vision model every image is one ``<image>`` marker in it (expanded to the
         model's tile tokens by ``_prepare``)."""
-        if self.supports_images:
+        if self.has_vision:
             return self._render_vision(request)
         if any(m.images for m in request.messages):
             raise UsageError(
@@ -683,7 +514,7 @@ class ONNXBackend:
                 "so it cannot read images.",
                 hint="Use a vision model: an Idefics3 / SmolVLM three-part ONNX export, or a GGUF vision model.",
             )
-        if request.raw or not self.chat_template:
+        if request.options.raw or not self.chat_template:
             parts = [m.content for m in request.messages if m.role != "system"]
             return parts[0] if len(parts) == 1 else "\n".join(parts)
         return render_chat(self.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token)
@@ -691,7 +522,7 @@ class ONNXBackend:
     def _render_vision(self, request: ChatRequest) -> str:
         marker = self._processor.image_token
         n_images = sum(len(m.images) for m in request.messages)
-        if request.raw or not self.chat_template:
+        if request.options.raw or not self.chat_template:
             parts = ["".join(img.label + marker for img in m.images) + m.content
                      for m in request.messages if m.role != "system"]
             return "\n".join(parts)
@@ -721,7 +552,7 @@ class ONNXBackend:
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
         text = self.render(request)
-        if request.raw or not self.chat_template:
+        if request.options.raw or not self.chat_template:
             # plain completion: the tokenizer's own rule (e.g. a BOS), unless the text already has it
             add = not (self.bos_token and text.startswith(self.bos_token))
             return self.tokenize(text, add_special=add)
@@ -743,7 +574,7 @@ class ONNXBackend:
         except ValueError as e:
             raise UsageError(f"Cannot place the images in the prompt: {e}.",
                              hint=f"Leave the text {proc.image_token} out of the prompt; attach images instead.") from e
-        add = (request.raw or not self.chat_template) and not (self.bos_token and text.startswith(self.bos_token))
+        add = (request.options.raw or not self.chat_template) and not (self.bos_token and text.startswith(self.bos_token))
         ids = self.tokenize(text, add_special=add)
         img_id = self._image_token_id
         positions = [i for i, t in enumerate(ids) if t == img_id]
@@ -880,10 +711,11 @@ class ONNXBackend:
             io.bind_ortvalue_output(present, value)
         self._capacity = cap
 
-    def _run(self, toks: list, embeds=None):
+    def _run(self, toks: list, embeds=None, all_rows: bool = False):
         """Evaluate ``toks`` (KV keys: token ids, or image keys with ``embeds``) after the cached ones;
-        returns the logits row of the last one (a view). Decoders taking ``inputs_embeds`` get ``embeds``
-        [n, hidden], or the token embeddings of ``toks`` when none are given."""
+        returns the logits row of the last one (a view), or with ``all_rows`` every position's rows
+        [n, n_vocab] (graphs that can give them: see ``score``). Decoders taking ``inputs_embeds`` get
+        ``embeds`` [n, hidden], or the token embeddings of ``toks`` when none are given."""
         np = self._np
         io = self._io
         n, p = len(toks), len(self._keys)
@@ -907,11 +739,14 @@ class ONNXBackend:
         if "cache_position" in inputs:
             io.bind_cpu_input("cache_position", self._positions[0, p:total])
         if self._keep_logits:
-            io.bind_cpu_input(self._keep_logits, np.array(1, dtype=np.int64))
+            io.bind_cpu_input(self._keep_logits, np.array(0 if all_rows else 1, dtype=np.int64))
         if "use_cache_branch" in inputs:
             io.bind_cpu_input("use_cache_branch", np.array([p > 0]))
-        rows = 1 if (self._keep_logits or self._last_only) else n
-        if self._logits_buf is not None:
+        rows = 1 if ((self._keep_logits and not all_rows) or self._last_only) else n
+        if all_rows:
+            logits = np.empty((1, n, self.n_vocab), dtype=self._logits_dtype)
+            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+        elif self._logits_buf is not None:
             logits = self._logits_buf.reshape(-1)[: rows * self.n_vocab].reshape(1, rows, self.n_vocab)
             io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         else:
@@ -931,9 +766,11 @@ class ONNXBackend:
             self._past = outs[1:]
             self._past_keep = []
             io.clear_binding_outputs()
-            if self._logits_buf is None:
+            if self._logits_buf is None and not all_rows:
                 logits = outs[0].numpy()
         self._keys.extend(toks)
+        if all_rows:
+            return logits[0].astype(np.float32)
         row = logits[0, -1]
         return row if row.dtype == np.float32 else row.astype(np.float32)
 
@@ -943,11 +780,10 @@ class ONNXBackend:
             row = self._run(toks[s: s + self.n_batch], None if embeds is None else embeds[s: s + self.n_batch])
         return row
 
-    # ------------------------------------------------------------------ generation
-    def stream(self, request: ChatRequest) -> Iterator[Chunk]:
+    # ------------------------------------------------------------------ generation seam
+    def prefill(self, request: ChatRequest) -> Prefill:
         if self._sess is None:
             raise BackendError("The model is not loaded.", hint="This is a bug: load() must come first.")
-        t_start = time.perf_counter()
         keys, ids, spans = self._prepare(request)
         if not keys:
             raise UsageError("The prompt is empty.", hint="Give the model some text.")
@@ -956,66 +792,54 @@ class ONNXBackend:
                 f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
                 hint="Shorten the input, or raise --ctx (up to the model's trained context).",
             )
-        sampler = _Sampler(request)
-        constraint = None
-        if request.json_schema is not None:     # before the prefill: a schema llguidance refuses fails fast
-            from ..constrain import JSONSchemaConstraint
-
-            constraint = JSONSchemaConstraint(self.tokenizer, request.json_schema, self.n_vocab, self.eos_ids)
         reused = self._reuse_prefix(keys)
         embeds, image_s = None, 0.0
         if self._embeds:
             embeds, image_s = self._prompt_embeds(ids, spans, reused)
-        logits = self._prefill(keys[reused:], embeds)
-        t_prefill = time.perf_counter()
-        base = dict(prompt_tokens=len(keys), prompt_eval_tokens=len(keys) - reused,
-                    image_tokens=sum(len(sp[0]) for sp in spans), prefill_s=t_prefill - t_start,
-                    image_encode_s=image_s)
+        self._last_row = self._prefill(keys[reused:], embeds)
+        self._context_ids = ids
+        return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused,
+                       image_tokens=sum(len(sp[0]) for sp in spans), image_encode_s=image_s)
 
-        generated = self.last_completion_ids = []
-        text_stream = _TextStream(self.tokenizer, ids)
-        stops = _StopFilter(request.stop)
-        eos = self.eos_ids
-        n_out = 0
-        finish = "length"
-        hit_stop_string = False
-        t_first = None
+    def logits(self):
+        return self._last_row
+
+    def eval(self, token: int) -> None:
+        self._last_row = self._run([token])
+
+    def kv_used(self) -> int:
+        return len(self._keys)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def eog_ids(self) -> set[int]:
+        return self.eos_ids
+
+    def text_stream(self) -> _TextStream:
+        return _TextStream(self.tokenizer, self._context_ids)
+
+    def constraint_tokenizer(self):
+        """llguidance's tokenizer, from tokenizer.json (as wide as the logits row)."""
+        if self._ll_tokenizer is None:
+            from ..generation.constrain import tokenizer_from_hf
+
+            self._ll_tokenizer = tokenizer_from_hf(self.tokenizer, self.n_vocab, self.eos_ids)
+        return self._ll_tokenizer
+
+    def score(self, token_ids: list[int], *, batched: bool = True):
+        """Logits after each token from an empty cache. Batched needs a graph that returns every
+        position's logits (not one sliced to the last position); otherwise it steps through."""
+        np = self._np
+        self.reset()
         try:
-            while n_out < request.max_tokens:
-                if constraint is not None:
-                    constraint.mask(logits)     # in place: forbidden tokens -> -inf (EOS only once complete)
-                tok = sampler(logits)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if constraint is not None:
-                    constraint.advance(tok)     # BackendError if the sampler ignored the mask
-                if tok in eos:
-                    finish = "stop"
-                    break
-                n_out += 1
-                generated.append(tok)
-                text, stopped = stops.feed(text_stream.feed(tok))
-                if text:
-                    yield Chunk(text=text, completion_tokens=n_out, **base)
-                if stopped:
-                    finish, hit_stop_string = "stop", True
-                    break
-                if constraint is not None and constraint.is_done():
-                    finish = "stop"             # the document is complete: only EOS could follow
-                    break
-                if n_out >= request.max_tokens or len(self._keys) + 1 >= self.n_ctx:
-                    finish = "length"     # the last token is not evaluated: nothing would read its logits
-                    break
-                logits = self._run([tok])
-        except GeneratorExit:
-            finish = "cancelled"
-            raise
-        tail = "" if hit_stop_string else stops.feed(text_stream.flush())[0] + stops.flush()
-        t_end = time.perf_counter()
-        yield Chunk(
-            text=tail, completion_tokens=n_out, finish_reason=finish,
-            ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end), **base,
-        )
+            if batched and not self._last_only and self.n_vocab:
+                rows = [self._run(list(token_ids[s: s + self.n_batch]), all_rows=True)
+                        for s in range(0, len(token_ids), self.n_batch)]
+                return np.concatenate(rows)
+            return np.stack([self._run([int(t)]).copy() for t in token_ids])
+        finally:
+            self.reset()
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -1028,7 +852,7 @@ class ONNXBackend:
 
     def kv_cache_bytes(self) -> int:
         """The KV cache at full context: K and V of every layer, in the decoder's past dtype."""
-        from ..memory import kv_cache_bytes
+        from ..device.memory import kv_cache_bytes
 
         return kv_cache_bytes(self.n_ctx, self.n_layers, self.kv_heads, self.head_dim,
                               bytes_per_elem=2 if self._kv_dtype == "float16" else 4)
@@ -1042,4 +866,4 @@ class ONNXBackend:
                       f"{'shared buffer' if self._shared else 'concat'})" if self._sess is not None else None}
 
 
-__all__ = ["ONNXBackend", "pick_model_file", "MODEL_PREFERENCE"]
+__all__ = ["ONNXBackend"]

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import UsageError
+from ..digest import sha256_file
+from ..errors import UsageError
 
 _GLOB_CHARS = set("*?[")
 
@@ -44,11 +45,7 @@ def expand_inputs(args: Iterable[str]) -> list[str]:
 
 def file_sha256(path: str) -> Optional[str]:
     try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

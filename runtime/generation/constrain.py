@@ -1,15 +1,21 @@
-"""JSON-schema constrained decoding for backends that sample in numpy (the ONNX backend).
+"""JSON-schema constrained decoding: one engine (llguidance) for every backend.
 
-A thin wrapper over llguidance (https://github.com/guidance-ai/llguidance): it compiles the schema
-into a grammar, and at each step fills a bitmask of the tokens the grammar allows next (a few tens of
-microseconds for a 49k vocabulary), which ``mask`` turns into ``-inf`` on the logits row. The sampler
-then picks among what is left, and ``advance`` tells the matcher which token was chosen::
+llguidance (https://github.com/guidance-ai/llguidance) compiles the schema into a grammar and, at each
+step, fills a bitmask of the tokens the grammar allows next (tens of microseconds for a 49k vocabulary);
+``mask`` turns it into ``-inf`` on the logits row in our own decode loop (``core.generate``), the sampler
+picks among what is left, and ``advance`` tells the matcher which token was chosen::
 
-    c = JSONSchemaConstraint(tokenizer, schema, n_vocab, eos_ids)
+    c = JSONSchemaConstraint.for_backend(backend, schema)
     while not c.is_done():
         tok = sample(c.mask(logits))
         c.advance(tok)          # an EOS is accepted only where the document is complete
-        ...
+
+The backend supplies llguidance's tokenizer: from tokenizer.json (ONNX) or from llama.cpp's own vocabulary
+(GGUF). No schema reaches llama.cpp's grammar code, so none can crash the process there.
+
+Keywords the engine cannot enforce (``format`` values it does not know, patterns it cannot compile, ``not``,
+remote ``$ref``s, ...) do not make the schema unusable: it compiles leniently, generates under what it can
+enforce, and ``unenforced`` lists what it ignored; the caller validates the answer with ``jsonschema``.
 
 The JSON is compact apart from ``", "`` and ``": "`` (what ``json.dumps`` writes, and what small models
 expect); a schema's own ``"x-guidance"`` options override that. Model logits wider than the tokenizer
@@ -21,48 +27,33 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import BackendError, UsageError, missing_extra
+from ..errors import BackendError, UsageError, missing_extra
 
 # Applied before the schema's own "x-guidance" options (see llguidance's JsonCompileOptions).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-_cache: dict = {}   # the last compiled tokenizer: building one walks the whole vocabulary (~0.2 s)
-
-
-def _import_llguidance():
+def import_llguidance():
     try:
         import llguidance
         import llguidance.numpy  # noqa: F401  (the bitmask helpers)
     except ImportError as e:
-        raise missing_extra("llguidance", extra="onnx") from e
+        raise missing_extra("llguidance") from e
     return llguidance
 
 
-def _ll_tokenizer(tokenizer: Any, n_vocab: int | None, eos_ids: tuple[int, ...]):
-    """An ``llguidance.LLTokenizer`` for a ``tokenizers.Tokenizer`` or a tokenizer.json path, cached
-    for the last (tokenizer, n_vocab, eos) seen."""
-    llg = _import_llguidance()
-    if isinstance(tokenizer, (str, Path)):
-        p = Path(tokenizer).expanduser()
-        try:
-            st = p.stat()
-            key = (str(p.resolve()), st.st_mtime_ns, st.st_size, n_vocab, eos_ids)
-        except OSError as e:
-            raise BackendError(f"Cannot read the tokenizer {p}: {e.strerror or e}",
-                               hint="Pass the model's tokenizer.json.") from e
-    else:
-        key = (id(tokenizer), n_vocab, eos_ids)   # the cache holds the object, so its id stays unique
-    hit = _cache.get("entry")
-    if hit is not None and hit[0] == key:
-        return hit[2]
+def tokenizer_from_hf(tokenizer: Any, n_vocab: int | None, eos_ids: Iterable[int]):
+    """An ``llguidance.LLTokenizer`` for a ``tokenizers.Tokenizer`` or a tokenizer.json path, ``n_vocab``
+    wide (the model's logits row; None: the tokenizer's size)."""
+    llg = import_llguidance()
     try:
-        text = p.read_text(encoding="utf-8") if isinstance(tokenizer, (str, Path)) else tokenizer.to_str()
-        ll = llg.LLTokenizer(text, n_vocab=n_vocab, eos_token=list(eos_ids) or None)
+        if isinstance(tokenizer, (str, Path)):
+            text = Path(tokenizer).expanduser().read_text(encoding="utf-8")
+        else:
+            text = tokenizer.to_str()
+        return llg.LLTokenizer(text, n_vocab=n_vocab or None, eos_token=sorted(int(i) for i in eos_ids) or None)
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(f"llguidance cannot read this tokenizer: {str(e).splitlines()[0][:200]}",
                            hint="Constrained output needs the model's own Hugging Face tokenizer.json.") from e
-    _cache["entry"] = (key, tokenizer, ll)
-    return ll
 
 
 def _check_schema(schema: dict) -> None:
@@ -78,37 +69,68 @@ def _check_schema(schema: dict) -> None:
     load_schema(text)
 
 
+def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
+    """The grammar for ``schema`` and the warnings of what it does not enforce; cached per tokenizer.
+    Strict first (every keyword enforced); a schema with keywords the engine cannot enforce compiles
+    leniently instead. ``UsageError`` (one line) for schemas that are invalid or cannot be compiled."""
+    _check_schema(schema)
+    llg = import_llguidance()
+    key = (json.dumps(schema, sort_keys=True), id(ll_tokenizer))
+    hit = _GRAMMARS.get(key)
+    if hit is not None and hit[0] is ll_tokenizer:
+        return hit[1], hit[2]
+    why = ""
+    result = None
+    for lenient in (False, True):
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": lenient})
+        except (ValueError, RuntimeError) as e:
+            why = _first_line(str(e))
+            continue
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
+        if is_error:
+            why = " ".join((messages[0] if messages else "invalid grammar").split())[:300]
+            continue
+        result = (grammar, [" ".join(m.split())[:200] for m in messages])
+        break
+    if result is None:
+        raise UsageError(f"--schema cannot be used to constrain the output: {why}",
+                         hint="Check that the schema is valid JSON Schema and can be satisfied.")
+    if len(_GRAMMARS) >= _GRAMMARS_MAX:
+        _GRAMMARS.pop(next(iter(_GRAMMARS)))
+    _GRAMMARS[key] = (ll_tokenizer, *result)
+    return result
+
+
+# Compiled grammars, by (schema text, tokenizer): a caption run or a server compiles a schema once.
+_GRAMMARS: dict = {}
+_GRAMMARS_MAX = 32
+
+
 class JSONSchemaConstraint:
     """Keeps a sampler's output inside a JSON schema (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, schema: dict, n_vocab: int, eos_ids: Iterable[int]) -> None:
-        """``tokenizer``: a ``tokenizers.Tokenizer`` or the path of a tokenizer.json; ``n_vocab``: the
-        width of the model's logits row (at least the tokenizer's size; 0: the tokenizer's size); ``eos_ids``: the ids that end
-        the answer (allowed, and accepted by ``advance``, once the document is complete)."""
-        _check_schema(schema)
-        llg = _import_llguidance()
+    def __init__(self, ll_tokenizer: Any, schema: dict, eos_ids: Iterable[int] = ()) -> None:
+        """``ll_tokenizer``: an ``llguidance.LLTokenizer`` as wide as the logits row; ``eos_ids``: the ids
+        that end the answer (allowed, and accepted by ``advance``, once the document is complete)."""
+        llg = import_llguidance()
         import numpy as np
 
         self._np = np
         self._llg_np = llg.numpy
         self.eos_ids = frozenset(int(i) for i in eos_ids)
-        self._tok = _ll_tokenizer(tokenizer, int(n_vocab) or None, tuple(sorted(self.eos_ids)))
-        try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except ValueError as e:
-            raise UsageError(f"--schema cannot be compiled: {e}") from e
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self._tok)
-        if is_error:
-            why = " ".join(messages[0].split())[:300]
-            raise UsageError(f"--schema cannot be used to constrain the output: {why}",
-                             hint="llguidance supports most of JSON Schema but not every keyword "
-                                  "(e.g. regex look-arounds); simplify the schema.")
+        self._tok = ll_tokenizer
+        grammar, self.unenforced = compile_schema(schema, ll_tokenizer)
         self._m = llg.LLMatcher(self._tok, grammar, log_level=0)
         if self._m.is_error():
             raise UsageError(f"--schema cannot be used to constrain the output: {_first_line(self._m.get_error())}",
                              hint="Simplify the schema.")
         self._bits = llg.numpy.allocate_token_bitmask(1, self._tok.vocab_size)
         self._bytes = self._bits.view(np.uint8).reshape(-1)   # bit i of the little-endian words = token i
+
+    @classmethod
+    def for_backend(cls, backend, schema: dict) -> "JSONSchemaConstraint":
+        return cls(backend.constraint_tokenizer(), schema, backend.eog_ids())
 
     def mask(self, logits):
         """Set the logits of the tokens the grammar forbids next to ``-inf``, in place; returns ``logits``

@@ -9,8 +9,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from .errors import BackendError
-from .protocol import Message
+from ..errors import BackendError
+from ..protocol import Message
 
 
 @lru_cache(maxsize=8)

@@ -1,7 +1,7 @@
 """`vlm bench`: what a device really does with a model -- load, TTFT, prefill, decode, image encode, peak RSS.
 
 Each model is measured in its own child process so that its peak RSS is its own, not the sum of
-everything measured before it. The child runs ``python -m edgevlm.runtime.bench`` and prints one
+everything measured before it. The child runs ``python -m edgevlm.runtime.device.bench`` and prints one
 JSON object; the parent collects them into a report (REPORT_SCHEMA).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import BackendError, EdgeVLMError
+from ..errors import BackendError, EdgeVLMError
 
 _STAT = {"type": "object", "required": ["mean", "stdev", "min", "max"],
          "properties": {k: {"type": ["number", "null"]} for k in ("mean", "stdev", "min", "max")}}
@@ -71,21 +71,16 @@ def _prompt_of(backend, n_tokens: int) -> str:
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
     text = " ".join(words[i % len(words)] for i in range(n_tokens * 2))
     toks = backend.tokenize(text, add_special=False, parse_special=False)[: max(1, n_tokens - 1)]
-    detok = getattr(backend, "detokenize", None)
-    if detok is not None:
-        return detok(toks)
-    # fall back: trim words until the count fits
-    while backend.count_tokens(text) > n_tokens - 1:
-        text = text.rsplit(" ", 1)[0]
-    return text
+    return backend.detokenize(toks)
 
 
 def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256, gen_tokens: int = 128,
             repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None) -> dict:
     """Measure one model in this process (called in the child)."""
-    from .loader import estimate_memory, load_backend, resolve
-    from .media import load_image
-    from .protocol import ChatRequest, LoadOptions, Message
+    from ..loader import estimate_memory, load_backend, resolve
+    from ..inputs.media import load_image
+    from ..generation.core import complete
+    from ..protocol import ChatRequest, GenerationOptions, LoadOptions, Message
 
     img = load_image(image) if image else None
     resolved = resolve(model, want_vision=img is not None)
@@ -97,18 +92,14 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
     load_s = time.perf_counter() - t0
     try:
         prompt = _prompt_of(b, prompt_tokens)
-        if img is not None and not getattr(b, "has_vision", False):
+        if img is not None and not b.has_vision:
             raise BackendError(f"{resolved.alias_ref} has no vision projector.", hint="Benchmark images with a vision model.")
 
         def run(text: str, images: list, reset: bool = True):
             if reset:
                 b.reset()
-            req = ChatRequest(messages=[Message("user", text, images)], raw=True, temperature=0,
-                              max_tokens=gen_tokens)
-            last = None
-            for last in b.stream(req):
-                pass
-            return last
+            req = ChatRequest([Message("user", text, images)], GenerationOptions(raw=True, temperature=0, max_tokens=gen_tokens))
+            return complete(b, req)[1]
 
         run(prompt[:200], [], True)                     # warm-up: first-touch of weights, thread pools
         ttft, pp, tg, enc, follow = [], [], [], [], []
@@ -128,22 +119,22 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 follow.append(f2.ttft_s)
         kv = b.kv_cache_bytes()        # in each backend's own KV dtype: f16 in llama.cpp, the past's in ONNX
         if resolved.artifact.format == "onnx":
-            from .backends.onnx import weight_files
+            from ..formats.onnx_files import weight_files
 
             weights = sum(p.stat().st_size for p in weight_files(resolved.artifact.path))
         else:
             weights = resolved.artifact.path.stat().st_size if resolved.artifact.path.is_file() else sum(
                 p.stat().st_size for p in resolved.artifact.path.rglob("*") if p.is_file())
         mmproj = resolved.artifact.mmproj
-        if mmproj is not None and getattr(b, "has_vision", False) and Path(mmproj).is_file():
+        if mmproj is not None and b.has_vision and Path(mmproj).is_file():
             weights += Path(mmproj).stat().st_size       # the projector is weights in memory too
         try:
-            est = estimate_memory(resolved, getattr(b, "n_ctx", ctx)).total
+            est = estimate_memory(resolved, b.n_ctx).total
         except EdgeVLMError:
             est = None
         return {
             "model": resolved.alias_ref, "path": str(resolved.artifact.path), "format": resolved.artifact.format,
-            "threads": getattr(b, "n_threads", threads or 0), "n_ctx": getattr(b, "n_ctx", ctx),
+            "threads": b.n_threads, "n_ctx": b.n_ctx,
             "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeat": repeat, "load_s": load_s,
             "ttft_s": _stat(ttft), "prefill_tps": _stat(pp), "decode_tps": _stat(tg),
             "image": None if img is None else {
@@ -158,7 +149,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
 
 def run_isolated(model: str, **kw) -> dict:
     """Measure one model in a child process; its errors come back as EdgeVLMError."""
-    args = [sys.executable, "-m", "edgevlm.runtime.bench", model, json.dumps(kw)]
+    args = [sys.executable, "-m", "edgevlm.runtime.device.bench", model, json.dumps(kw)]
     r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -191,7 +182,7 @@ def plot(report: dict, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from .errors import missing_extra
+        from ..errors import missing_extra
 
         raise missing_extra("matplotlib", extra="plot") from e
     res = report["results"]
@@ -216,11 +207,13 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def _child(argv: list[str]) -> int:
+    from ..env import debug
+
     model, kw = argv[0], json.loads(argv[1])
     try:
         doc = measure(model, **kw)
     except EdgeVLMError as e:
-        if os.environ.get("VLM_DEBUG"):
+        if debug():
             import traceback
 
             traceback.print_exc()

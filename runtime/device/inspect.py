@@ -1,20 +1,12 @@
 """`vlm info`: what a model is, read from its own files (or the registry when not installed)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Optional
 
-from .errors import BadModelFile
-from .gguf_file import read_gguf
-
-
-def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from ..digest import sha256_file
+from ..errors import BadModelFile
+from ..formats.gguf_file import read_gguf
 
 
 def _human_params(n: int) -> str:
@@ -29,7 +21,7 @@ def _file_entry(p: Path, hash_files: bool) -> dict:
 
 
 def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -> dict:
-    from . import loader
+    from .. import loader
 
     resolved = loader.resolve(ref, want_vision=True, mmproj=mmproj)
     art = resolved.artifact
@@ -60,7 +52,7 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
     files = [art.path]
     if art.mmproj is not None:
         mm = read_gguf(art.mmproj)
-        from .backends.gguf import check_mmproj
+        from ..formats.gguf_file import check_mmproj
 
         try:
             check_mmproj(info, mm)
@@ -128,7 +120,7 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
     """`vlm info` for an ONNX artifact: the decoder that would load, its vision parts and sidecars."""
     import json
 
-    from .backends.onnx import pick_model_file, vision_parts, weight_files
+    from ..formats.onnx_files import pick_model_file, vision_parts, weight_files
 
     model_file = pick_model_file(path)
     d = model_file.parent

@@ -1,32 +1,16 @@
 """Chat sessions: history, system prompt, images, saving; one backend whose KV cache follows the talk."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import UsageError
-from .protocol import Backend, ChatRequest, Chunk, ImageInput, Message
-
-
-@dataclass
-class GenerationOptions:
-    """The sampling half of a ChatRequest, fixed for a session (same field names)."""
-
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    json_schema: Optional[dict] = None
-    raw: bool = False
+from ..errors import UsageError
+from ..protocol import Backend, ChatRequest, Chunk, GenerationOptions, ImageInput, Message
+from .core import generate
 
 
 @dataclass
@@ -79,12 +63,14 @@ class ChatSession:
     def add_image(self, image: ImageInput) -> None:
         self.pending_images.append(image)
 
-    def clear(self) -> None:
+    def clear(self, reset_cache: bool = True) -> None:
+        """Forget the conversation. ``reset_cache=False`` keeps the KV cache: the next prompt evaluates
+        only what differs from it (a batch asking one question of many images keeps the template's
+        prefix); it is never needed for correctness."""
         self.history.clear()
         self.pending_images.clear()
-        reset = getattr(self.backend, "reset", None)
-        if reset is not None:
-            reset()
+        if reset_cache:
+            self.backend.reset()
 
     def set_system(self, text: Optional[str]) -> None:
         self.system = text or None
@@ -94,11 +80,11 @@ class ChatSession:
         """Stream the answer to ``user_text``; images given here plus any added with add_image()."""
         imgs = self.pending_images + list(images or [])
         self.pending_images = []
-        req = ChatRequest(messages=self.messages_for(user_text, imgs), **dataclasses.asdict(self.options))
+        req = ChatRequest(messages=self.messages_for(user_text, imgs), options=self.options)
         answer: list[str] = []
         completed = False
         try:
-            for chunk in self.backend.stream(req):
+            for chunk in generate(self.backend, req):
                 answer.append(chunk.text)
                 yield chunk
             completed = True

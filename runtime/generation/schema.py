@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .errors import EdgeVLMError, UsageError
+from ..errors import EdgeVLMError, UsageError
 
 
 class SchemaViolation(EdgeVLMError, ValueError):
@@ -43,17 +43,23 @@ def load_schema(arg: str) -> dict:
     return schema
 
 
-def parse_and_validate(text: str, schema: dict) -> Any:
+def parse_and_validate(text: str, schema: dict, finish_reason: Optional[str] = None) -> Any:
+    """The answer as JSON, checked against ``schema`` (every keyword, including those the constraint
+    engine could not enforce while generating). ``finish_reason`` "length" means the answer was cut
+    off, which is what the hint then says."""
     import jsonschema
 
+    cut = finish_reason == "length"
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SchemaViolation(f"The answer is not valid JSON ({e.msg}); it may have been cut off.",
-                              hint="Raise --max-tokens, or simplify the schema.") from e
+        raise SchemaViolation(f"The answer is not valid JSON ({e.msg})" + ("; it was cut off." if cut else "."),
+                              hint="Raise --max-tokens." if cut else "Simplify the schema.") from e
     try:
         jsonschema.validate(doc, schema)
     except jsonschema.ValidationError as e:
         raise SchemaViolation(f"The answer does not match the schema: {e.message}.",
-                              hint="Raise --max-tokens, or simplify the schema.") from e
+                              hint="Raise --max-tokens." if cut else
+                              "The schema uses keywords that cannot be enforced while generating (see the "
+                              "warning above); simplify them, or try another --seed.") from e
     return doc

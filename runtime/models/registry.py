@@ -10,11 +10,11 @@ import copy
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from .errors import ModelNotFound, UsageError
+from ..errors import ModelNotFound, UsageError
 
 REGISTRY_FILE = "models.yaml"
 KINDS = ("text", "vision", "guard")
@@ -345,7 +345,7 @@ class Registry:
     @classmethod
     def load(cls, home: Optional[Path] = None, *, shipped: Optional[Path] = None) -> "Registry":
         """Shipped registry + ``$VLM_HOME/models.yaml`` (overlay wins) + config.yaml's default models."""
-        from .config import load_config, vlm_home
+        from ..config import load_config, vlm_home
 
         home = home if home is not None else vlm_home()
         shipped = shipped if shipped is not None else shipped_registry_path()
@@ -401,7 +401,7 @@ def register_user_model(home: Optional[Path], alias: str, model_dict: dict) -> M
     import yaml
     from filelock import FileLock
 
-    from .config import atomic_write_text, vlm_home
+    from ..config import atomic_write_text, vlm_home
 
     home = home if home is not None else vlm_home()
     path = home / REGISTRY_FILE

@@ -5,14 +5,14 @@ the first frame at or after it, so a two-hour film costs the same as a ten-secon
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import BadMedia, UsageError, missing_extra
+from ..digest import sha256_file
+from ..errors import BadMedia, UsageError, missing_extra
 from .media import DEFAULT_MAX_PIXELS, image_from_pil
-from .protocol import ImageInput
+from ..protocol import DEFAULT_CTX, ImageInput
 
 MAX_FRAMES = 64
 MAX_VIDEO_PIXELS = 8192 * 8192     # a frame larger than this is refused before decoding
@@ -29,16 +29,8 @@ def _stamp(t: float) -> str:
     return f"[{int(m):02d}:{s:04.1f}]"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * 1024 * 1024), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sample_frames(path: str | os.PathLike, *, frames: Optional[int] = None, fps: Optional[float] = None,
-                  n_ctx: int = 4096, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageInput]:
+                  n_ctx: int = DEFAULT_CTX, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageInput]:
     """Frames evenly spread over the video (``frames``) or every 1/``fps`` seconds, each labelled
     with its timestamp (``[mm:ss.s]``) so the model can tell when things happen."""
     try:
@@ -78,7 +70,7 @@ def sample_frames(path: str | os.PathLike, *, frames: Optional[int] = None, fps:
         else:
             n = min(MAX_FRAMES, frames or default_frame_count(n_ctx))
             times = [duration * (i + 0.5) / n for i in range(n)] if duration else [0.0]
-        sha = _file_sha256(p)
+        sha = sha256_file(p)
         out: list[ImageInput] = []
         try:
             for t in times:

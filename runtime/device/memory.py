@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InsufficientMemory
+from ..errors import InsufficientMemory
 
 MiB = 1024 * 1024
 # Compute buffers, the runtime itself (Python, llama.cpp, tokenizer) and allocator slack. Measured

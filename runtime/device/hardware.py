@@ -174,7 +174,7 @@ def memory_info() -> MemoryInfo:
         try:
             lim = parse_size(cap)
         except ValueError:
-            from .errors import UsageError
+            from ..errors import UsageError
 
             raise UsageError(f"VLM_MEMORY_LIMIT={cap!r} is not a size.", hint="Use e.g. 4G or 512M.") from None
         total, avail = min(total, lim), min(avail, lim)
@@ -197,7 +197,7 @@ def cpu_has_amx() -> bool:
 def llama_system_info() -> str:
     """llama.cpp's own build report (which SIMD paths and backends were compiled in)."""
     try:
-        from .llamacpp import import_llama
+        from ..backends.llamacpp import import_llama
 
         raw = import_llama()[0].llama_print_system_info()
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

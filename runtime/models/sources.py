@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urldefrag, urljoin, urlparse, urlunparse
 
-from .config import fsync_dir
+from ..config import fsync_dir
 from .download import (CHUNK, REPORT_HINT, _OPENER, _user_agent, _write_all, check_online,
                        download_file, network_error, sha256_file)
-from .errors import ChecksumMismatch, DownloadError, OfflineError
-from .protocol import ProgressCallback
+from ..errors import ChecksumMismatch, DownloadError, OfflineError
+from ..protocol import ProgressCallback
 from .registry import SHA256_RE, FileSpec
 
 DEFAULT_PYPI_INDEX = "https://pypi.org/simple"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..protocol import DEFAULT_CTX
 from .hardware import cpu_info, default_threads, llama_build_has_amx, llama_system_info, memory_info
 
 FEATURES_SHOWN = {
@@ -53,11 +54,11 @@ def _rosetta() -> bool:
         return False
 
 
-def model_fits(n_ctx: int = 4096, available: Optional[int] = None) -> list[dict]:
+def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None) -> list[dict]:
     """Every registry artifact with its memory estimate and whether it fits in available memory now."""
-    from .loader import ResolvedModel, estimate_memory
-    from .registry import Registry
-    from .store import Store
+    from ..loader import ResolvedModel, estimate_memory
+    from ..models.registry import Registry
+    from ..models.store import Store
 
     avail = memory_info().available if available is None else available
     store = Store()
@@ -89,7 +90,7 @@ def recommend(rows: list[dict]) -> dict[str, Optional[str]]:
     return best
 
 
-def report(n_ctx: int = 4096) -> dict:
+def report(n_ctx: int = DEFAULT_CTX) -> dict:
     cpu = cpu_info()
     mem = memory_info()
     family = "arm" if cpu.arch in ("arm64", "aarch64") else "x86"

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .errors import BadMedia, BadModelFile
-from .protocol import ImageInput
+from ..errors import BadMedia, BadModelFile
+from ..protocol import ImageInput
 
 SUPPORTED_IMAGE_PROCESSORS = (
     "Idefics3ImageProcessor", "Idefics3ImageProcessorFast", "SmolVLMImageProcessor", "SmolVLMImageProcessorFast",
@@ -159,7 +159,7 @@ class Idefics3Preprocessor:
         def find(name: str) -> Optional[Path]:
             return next((d / name for d in dirs if (d / name).is_file()), None)
 
-        from .backends.onnx import read_json_object as read
+        from ..formats.model_json import read_json_object as read
 
         pre = find("preprocessor_config.json")
         if pre is None:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlparse
 
-from .config import fsync_dir
-from .errors import ChecksumMismatch, DownloadError, OfflineError
-from .protocol import ProgressCallback
+from ..config import fsync_dir
+from ..digest import sha256_file  # noqa: F401  (re-exported for the store)
+from ..errors import ChecksumMismatch, DownloadError, OfflineError
+from ..protocol import ProgressCallback
 
 CHUNK = 1 << 20
 MB = 1024 * 1024
@@ -58,14 +59,6 @@ def check_online(what: str) -> None:
     if var:
         raise OfflineError(f"Offline mode is on ({var}=1), so {what} cannot be downloaded.",
                            hint=f"Unset {var} to download, or copy the model files in and use `-m PATH`.")
-
-
-def sha256_file(path: Path, hasher=None) -> str:
-    h = hasher if hasher is not None else hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mb(n: Optional[int]) -> str:

@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .config import atomic_write_text, vlm_home
-from .errors import BadModelFile, DownloadError, EdgeVLMError, ModelNotInstalled
-from .memory import fmt_bytes
-from .protocol import Artifact, ProgressCallback
+from ..config import atomic_write_text, vlm_home
+from ..errors import BadModelFile, DownloadError, EdgeVLMError, ModelNotInstalled
+from ..device.memory import fmt_bytes
+from ..protocol import Artifact, ProgressCallback
 from .registry import ALIAS_RE, KEY_RE, ArtifactSpec, FileSpec, ModelSpec
 
 MANIFEST = "manifest.json"
@@ -125,8 +125,7 @@ class Store:
                 raise BadModelFile(f"{p} is missing from the installed {ref}.",
                                    hint=f"Run `vlm pull --force {ref}` to download it again.")
         return Artifact(format=manifest.get("format", aspec.format), path=path, name=model.alias, mmproj=mmproj,
-                        chat_format=model.chat_format, context_length=model.context_length,
-                        vision=mmproj is not None or model.kind == "vision")
+                        context_length=model.context_length)
 
     # -- pull -------------------------------------------------------------------------------------
     def _lock(self, alias: str, key: str):

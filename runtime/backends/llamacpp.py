@@ -1,7 +1,7 @@
 """Importing llama-cpp-python's ctypes bindings without its heavy package __init__."""
 from __future__ import annotations
 
-from .errors import missing_extra
+from ..errors import missing_extra
 
 
 def _defer_llama_cpp_init() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import BadModelFile
+from ..errors import BadModelFile
 
 GGUF_MAGIC = b"GGUF"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -304,3 +304,27 @@ def _read_gguf(path: Path) -> GGUFInfo:
     if not tensors:
         raise r._bad("it contains no tensors")
     return info
+
+
+def check_mmproj(model: GGUFInfo, mmproj: GGUFInfo) -> None:
+    """Refuse a vision projector that does not belong to the text model, before llama.cpp sees it."""
+    if not mmproj.is_mmproj:
+        raise BadModelFile(
+            f"{mmproj.path.name} is not a vision projector (its architecture is {mmproj.architecture!r}).",
+            hint="Pass the model's mmproj-*.gguf file with --mmproj.",
+        )
+    if model.is_mmproj:
+        raise BadModelFile(
+            f"{model.path.name} is a vision projector (mmproj), not a language model.",
+            hint="Pass the language model with -m and the projector with --mmproj.",
+        )
+    if not mmproj.get("clip.has_vision_encoder", True) and not mmproj.get("clip.has_audio_encoder", False):
+        raise BadModelFile(f"{mmproj.path.name} has no vision encoder.", hint="Use the model's image projector.")
+    n_embd = model.get(f"{model.architecture}.embedding_length")
+    proj = mmproj.projector_dim
+    if n_embd and proj and int(n_embd) != int(proj):
+        raise BadModelFile(
+            f"{mmproj.path.name} does not belong to {model.path.name}: the projector outputs {proj}-wide "
+            f"embeddings but the model expects {n_embd}.",
+            hint="Use the mmproj file published with this model (`vlm info MODEL` shows it).",
+        )

@@ -27,8 +27,8 @@ from typing import BinaryIO, Iterator, Literal, Optional, Tuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .errors import BadMedia, UsageError
-from .protocol import ImageInput
+from ..errors import BadMedia, UsageError
+from ..protocol import ImageInput
 
 DEFAULT_MAX_PIXELS = 4_000_000
 """Images with more pixels are downscaled (aspect kept) before they reach the vision encoder."""

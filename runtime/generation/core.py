@@ -1,0 +1,90 @@
+"""The one decode loop: every backend's answers are generated here.
+
+A backend evaluates (``prefill`` the prompt, ``eval`` one token) and exposes the logits; this loop
+samples, applies the JSON-schema constraint, turns tokens into text, cuts at stop strings, decides the
+finish reason and measures the timings -- once, for GGUF and ONNX alike. Layers, as in mlx-lm:
+``generate`` yields ``Chunk``s (text, counts, timings, finish reason); ``ChatSession`` keeps history.
+
+Finish reasons: "stop" (end-of-generation token, stop string, or a complete constrained document),
+"length" (``max_tokens`` or the context is full), "cancelled" (the consumer closed the generator).
+The last token of an answer cut at ``max_tokens`` is not evaluated: nothing would read its logits.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from ..protocol import Backend, ChatRequest, Chunk
+from .sampling import Sampler
+from .text import StopFilter
+
+
+def generate(backend: Backend, request: ChatRequest) -> Iterator[Chunk]:
+    """Stream the answer to ``request`` from ``backend``; the last chunk has ``finish_reason`` set."""
+    opts = request.options
+    t_start = time.perf_counter()
+    constraint = None
+    if opts.json_schema is not None:      # compiled before the prefill: a schema the engine refuses fails fast
+        from .constrain import JSONSchemaConstraint
+
+        constraint = JSONSchemaConstraint.for_backend(backend, opts.json_schema)
+    pre = backend.prefill(request)
+    t_prefill = time.perf_counter()
+    base = dict(prompt_tokens=pre.prompt_tokens, prompt_eval_tokens=pre.eval_tokens, image_tokens=pre.image_tokens,
+                prefill_s=t_prefill - t_start, image_encode_s=pre.image_encode_s)
+
+    sampler = Sampler(opts)
+    text = backend.text_stream()
+    stops = StopFilter(opts.stop)
+    generated: list[int] = []
+    finish = "length"
+    hit_stop_string = False
+    t_first = None
+    is_eog, n_ctx = backend.is_eog, backend.n_ctx
+    try:
+        while len(generated) < opts.max_tokens:
+            logits = backend.logits()
+            if constraint is not None:
+                constraint.mask(logits)           # in place: forbidden tokens -> -inf (EOS only once complete)
+            tok = sampler(logits)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if constraint is not None:
+                constraint.advance(tok)           # BackendError if the sampler ignored the mask
+            if is_eog(tok):
+                finish = "stop"
+                break
+            generated.append(tok)
+            piece, stopped = stops.feed(text.feed(tok))
+            if piece:
+                yield Chunk(text=piece, completion_tokens=len(generated), **base)
+            if stopped:
+                finish, hit_stop_string = "stop", True
+                break
+            if constraint is not None and constraint.is_done():
+                finish = "stop"                   # the document is complete: only EOS could follow
+                break
+            if len(generated) >= opts.max_tokens or backend.kv_used() + 1 >= n_ctx:
+                finish = "length"
+                break
+            backend.eval(tok)
+    except GeneratorExit:
+        finish = "cancelled"
+        raise
+    tail = "" if hit_stop_string else stops.feed(text.flush())[0] + stops.flush()
+    t_end = time.perf_counter()
+    yield Chunk(text=tail, completion_tokens=len(generated), finish_reason=finish, token_ids=generated,
+                ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end), **base)
+
+
+def complete(backend: Backend, request: ChatRequest) -> tuple[str, Chunk]:
+    """The whole answer as one string, and the last chunk (counts, timings, finish reason)."""
+    parts, last = [], None
+    for chunk in generate(backend, request):
+        parts.append(chunk.text)
+        last = chunk
+    assert last is not None
+    return "".join(parts), last
+
+
+__all__ = ["generate", "complete"]
