@@ -7,17 +7,19 @@ import json
 import os
 import re
 import socket
+import signal
 import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from edgevlm.runtime.models.download import download
+from edgevlm.runtime.models.download import download_file
 from edgevlm.runtime.errors import ChecksumMismatch, DownloadError, ModelNotInstalled, OfflineError
 from edgevlm.runtime.models.registry import Registry, validate_model
 from edgevlm.runtime.models.sources import find_wheel
@@ -38,7 +40,7 @@ def sha(data: bytes) -> str:
 class Seen:
     method: str
     path: str
-    headers: dict
+    headers: Any                                 # email.message.Message: get() ignores case
 
 
 @dataclass
@@ -54,6 +56,7 @@ class FileServer:
         self.modes: dict[str, list[str]] = {}      # path -> modes for the next GETs (then "normal")
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
+        self.release = threading.Event()             # "pause:N" sends the rest of the body once this is set
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,7 +86,7 @@ class FileServer:
     def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = urlsplit(h.path).path
         with self.lock:
-            self.seen.append(Seen(h.command, path, dict(h.headers)))
+            self.seen.append(Seen(h.command, path, h.headers))   # case-insensitive get
             modes = self.modes.get(path) or []
             mode = modes.pop(0) if (modes and not head) else "normal"
         entry = self.files.get(path)
@@ -123,6 +126,16 @@ class FileServer:
             h.wfile.write(body[:int(mode[5:])])
             h.wfile.flush()
             h.close_connection = True
+            return
+        if mode.startswith("pause:"):                # send N bytes, then wait for the test (then the rest)
+            h.wfile.write(body[:int(mode[6:])])
+            h.wfile.flush()
+            self.release.wait(10)
+            h.close_connection = True
+            try:
+                h.wfile.write(body[int(mode[6:]):])
+            except OSError:                          # the client has gone (that is the point)
+                pass
             return
         if mode == "slow":
             for i in range(0, len(body), 256 * 1024):
@@ -168,7 +181,11 @@ def gguf_artifact(files: list[dict], mmproj: str | None = None) -> dict:
 
 
 def no_part_files(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.endswith((".part", ".part.json"))]
+    return not [p for p in root.rglob("*") if p.name.endswith((".part", ".part.json", ".incomplete", ".hf"))]
+
+
+def download(url: str, dest: Path, **kw) -> Path:
+    return download_file(url, dest, **kw).path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,7 +339,7 @@ def test_pull_installs_with_manifest_written_last(server, home, blob):
     assert manifest["installed_at"] and manifest["edgevlm_version"]
     art = store.artifact(spec)
     assert art.path == path / "tiny.gguf" and art.path.read_bytes() == blob
-    assert art.mmproj == path / "mmproj.gguf" and art.vision and art.format == "gguf"
+    assert art.mmproj == path / "mmproj.gguf" and art.format == "gguf"
     assert list((home / "downloads").iterdir()) == []
     # a second pull is a no-op; --force downloads again
     store.pull(spec)
@@ -426,33 +443,107 @@ def test_concurrent_pulls_of_one_artifact_serialize(server, home, blob):
 # Sources: hf and pypi through their real client code
 
 
-def test_hf_source_uses_hub_metadata_and_token(server, home, blob, monkeypatch):
-    path = "/org/tiny-GGUF/resolve/main/tiny-q4_0.gguf"
-    server.add(path, blob, ETag=f'"{sha(blob)}"', **{"X-Repo-Commit": "0123abcd"})
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def serve_hf(server: FileServer, repo: str, file: str, data: bytes, lfs: bool = True, **headers) -> str:
+    """A file as the hub serves it: at its branch and at its commit, with X-Repo-Commit and an ETag
+    (an LFS file's is its sha256). Returns the path huggingface_hub downloads from (the commit's)."""
+    etag = sha(data) if lfs else "abc123"
+    for rev in ("main", COMMIT):
+        server.add(f"/{repo}/resolve/{rev}/{file}", data, ETag=f'"{etag}"', **{"X-Repo-Commit": COMMIT, **headers})
+    return f"/{repo}/resolve/{COMMIT}/{file}"
+
+
+def hf_model(file: str = "tiny-q4_0.gguf", **fields):
+    return model(artifacts={"q4_0": gguf_artifact([
+        {"name": "tiny.gguf", "source": {"hf": {"repo": "org/tiny-GGUF", "file": file}}, **fields}])})
+
+
+@pytest.fixture(scope="module")
+def big_blob() -> bytes:
+    """Over huggingface_hub's 10 MiB write chunk, so an interrupted download leaves bytes to resume from."""
+    return os.urandom(12 * MiB + 4321)
+
+
+def test_hf_source_downloads_through_huggingface_hub(server, home, blob, monkeypatch):
+    path = serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", blob)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_testtoken")
-    spec = model(artifacts={"q4_0": gguf_artifact([
-        {"name": "tiny.gguf", "source": {"hf": {"repo": "org/tiny-GGUF", "file": "tiny-q4_0.gguf"}}}])})
+    seen = []
     store = Store(home)
-    adir = store.pull(spec)
+    adir = store.pull(hf_model(), on_progress=lambda stage, done, total: seen.append((stage, done, total)))
     assert (adir / "tiny.gguf").read_bytes() == blob
-    assert [s.method for s in server.seen if s.path == path][-2:] == ["HEAD", "GET"]   # metadata, then bytes
-    assert server.gets(path)[0].headers.get("Authorization") == "Bearer hf_testtoken"
+    assert [s.method for s in server.seen if s.path == path][-1] == "GET"          # the commit, once
+    assert len(server.gets(path)) == 1 and server.gets(path)[0].headers.get("Authorization") == "Bearer hf_testtoken"
     rec = store.manifest("tiny", "q4_0")["files"][0]
     assert rec["sha256"] == sha(blob) and rec["size"] == len(blob)
-    assert rec["source"]["hf"]["commit"] == "0123abcd"
+    assert rec["source"]["hf"] == {"repo": "org/tiny-GGUF", "file": "tiny-q4_0.gguf", "revision": "main",
+                                   "commit": COMMIT}
+    assert seen[-1] == ("tiny.gguf", len(blob), len(blob))                         # bytes, the size from the hub
+    assert list((home / "downloads").iterdir()) == []                              # huggingface_hub's folder too
 
 
-def test_hf_source_checks_the_lfs_sha256(server, home, blob, monkeypatch):
-    path = "/org/tiny-GGUF/resolve/main/tiny-q4_0.gguf"
-    server.add(path, blob, ETag=f'"{sha(blob)}"')
-    server.modes[path] = ["corrupt"]
+def test_hf_source_checks_the_lfs_sha256_and_the_registry_sha256(server, home, blob, monkeypatch):
+    path = serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", blob)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    spec = model(artifacts={"q4_0": gguf_artifact([
-        {"name": "tiny.gguf", "source": {"hf": {"repo": "org/tiny-GGUF", "file": "tiny-q4_0.gguf"}}}])})
-    with pytest.raises(ChecksumMismatch, match=sha(blob)):
-        Store(home).pull(spec)
+    server.modes[path] = ["corrupt"]
+    with pytest.raises(ChecksumMismatch, match=sha(blob)) as ei:
+        Store(home).pull(hf_model())
+    assert "report" in ei.value.hint
+    assert not Store(home).is_installed("tiny", "q4_0") and no_part_files(home)
+    with pytest.raises(ChecksumMismatch, match=sha(b"other")):                     # the registry's sha256 wins
+        Store(home).pull(hf_model(sha256=sha(b"other")))
+    assert not Store(home).is_installed("tiny", "q4_0") and no_part_files(home)
+    assert (Store(home).pull(hf_model()) / "tiny.gguf").read_bytes() == blob
+
+
+def test_hf_download_dropped_midway_resumes_in_the_same_call(server, home, big_blob, monkeypatch):
+    path = serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", big_blob)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.modes[path] = [f"drop:{11 * MiB}"]
+    adir = Store(home).pull(hf_model())
+    assert (adir / "tiny.gguf").read_bytes() == big_blob
+    assert [g.headers.get("Range") for g in server.gets(path)] == [None, f"bytes={10 * MiB}-"]
+
+
+def test_hf_download_stopped_by_ctrl_c_resumes_in_the_next_pull(server, home, big_blob, monkeypatch):
+    path = serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", big_blob)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.modes[path] = [f"pause:{11 * MiB}"]
+
+    def ctrl_c(stage, done, total):                  # a real SIGINT to the main thread, as a terminal sends
+        if done >= 10 * MiB:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        Store(home).pull(hf_model(), on_progress=ctrl_c)
+    server.release.set()
     assert not Store(home).is_installed("tiny", "q4_0")
+    adir = Store(home).pull(hf_model())
+    assert (adir / "tiny.gguf").read_bytes() == big_blob
+    ranges = [g.headers.get("Range") for g in server.gets(path)]
+    assert ranges[0] is None and ranges[-1] == f"bytes={10 * MiB}-"
+    assert no_part_files(home)
+
+
+def test_hf_source_without_a_size_checks_disk_space_with_the_hubs(server, home, monkeypatch):
+    path = serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", b"x" * 100, **{"X-Linked-Size": str(10 ** 17)})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with pytest.raises(DownloadError, match="disk space") as ei:
+        Store(home).pull(hf_model())
+    assert "VLM_HOME" in ei.value.hint
+    assert server.gets(path) == []
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "VLM_OFFLINE"])
+def test_hf_offline_env_stops_before_any_network_access(server, home, blob, monkeypatch, var):
+    serve_hf(server, "org/tiny-GGUF", "tiny-q4_0.gguf", blob)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(OfflineError, match=var):
+        Store(home).pull(hf_model())
+    assert server.seen == []
 
 
 def test_hf_source_missing_file_and_unreachable_hub(server, home, monkeypatch):
@@ -461,7 +552,7 @@ def test_hf_source_missing_file_and_unreachable_hub(server, home, monkeypatch):
         {"name": "tiny.gguf", "source": {"hf": {"repo": "org/none", "file": "x.gguf"}}}])})
     with pytest.raises(DownloadError) as ei:
         Store(home).pull(spec)
-    assert not isinstance(ei.value, OfflineError) and "org/none" in str(ei.value)
+    assert not isinstance(ei.value, OfflineError) and "org/none" in str(ei.value) and "404" in str(ei.value)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import time
@@ -24,12 +25,13 @@ from typing import Mapping, Optional
 from urllib.parse import urlparse
 
 from ..config import fsync_dir
-from ..digest import sha256_file  # noqa: F401  (re-exported for the store)
+from ..digest import sha256_file
 from ..errors import ChecksumMismatch, DownloadError, OfflineError
 from ..protocol import ProgressCallback
 
 CHUNK = 1 << 20
 MB = 1024 * 1024
+DISK_MARGIN = 32 * 1024 * 1024          # keep this much free beyond what a download needs
 OFFLINE_VARS = ("VLM_OFFLINE", "HF_HUB_OFFLINE")
 REPORT_HINT = "Run the command again; if it fails the same way, the file changed upstream: please report it."
 RESUME_HINT = "Run the same command again: the download resumes where it stopped."
@@ -65,20 +67,31 @@ def mb(n: Optional[int]) -> str:
     return "?" if n is None else f"{n / MB:,.1f} MB"
 
 
-def download(url: str, dest: Path, *, expected_sha256: Optional[str] = None, expected_size: Optional[int] = None,
-             on_progress: Optional[ProgressCallback] = None, headers: Optional[Mapping[str, str]] = None,
-             timeout: float = 30, label: Optional[str] = None, retries: int = 2) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify size/sha256, return ``dest``."""
-    return download_file(url, dest, expected_sha256=expected_sha256, expected_size=expected_size,
-                         on_progress=on_progress, headers=headers, timeout=timeout, label=label,
-                         retries=retries).path
+def disk_free(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk_space(where: Path, need: int, what: str) -> None:
+    """DownloadError before any byte is fetched when ``where`` cannot hold ``need`` more bytes."""
+    if need <= 0:
+        return
+    free = disk_free(where)
+    if free < need + DISK_MARGIN:
+        raise DownloadError(f"Not enough disk space for {what}: it needs {need / MB:,.0f} MB, "
+                            f"but only {free / MB:,.0f} MB is free in {where}.",
+                            hint="Free some space, or set VLM_HOME to a directory on a bigger disk.")
 
 
 def download_file(url: str, dest: Path, *, expected_sha256: Optional[str] = None,
                   expected_size: Optional[int] = None, on_progress: Optional[ProgressCallback] = None,
                   headers: Optional[Mapping[str, str]] = None, timeout: float = 30, label: Optional[str] = None,
                   retries: int = 2) -> Downloaded:
-    """Like :func:`download`, but also returns the size and sha256 it computed while streaming.
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify size/sha256; returns the path with
+    the size and sha256 computed while streaming.
 
     ``retries``: how many times an interrupted transfer is resumed within this call before giving up
     (the ``.part`` is kept either way, so a later call resumes too).
@@ -252,7 +265,7 @@ class _Transfer:
                 os.fsync(f.fileno())
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise _disk_full(self.label, total, done) from e
+                    raise disk_full(self.label, total, done) from e
                 raise
         return done
 
@@ -294,13 +307,13 @@ def _write_all(f, data: bytes, label: str, total: Optional[int], done: int) -> N
             n = f.write(view)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise _disk_full(label, total, done) from e
+                raise disk_full(label, total, done) from e
             raise
         view = view[n:]
         done += n
 
 
-def _disk_full(label: str, total: Optional[int], done: int) -> DownloadError:
+def disk_full(label: str, total: Optional[int], done: int) -> DownloadError:
     need = f" (needs {max(total - done, 0) / MB:,.0f} MB more)" if total else ""
     return DownloadError(f"Disk full while downloading {label}{need}.",
                          hint="Free some space (or set VLM_HOME to a bigger disk), then run the same command again: "

