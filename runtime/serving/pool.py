@@ -1,0 +1,402 @@
+"""Loaded models: one backend per model file, a worker thread and a bounded queue each, kept within a
+memory budget (least recently used unloads first) and unloaded after ``keep_alive`` idle.
+
+A backend is not thread-safe and keeps its KV cache between calls (a request that continues a
+conversation evaluates only its new tokens), so each model has exactly one thread that ever touches
+it: loading, generating and closing all run there, in order. The event loop only hands requests to
+it and reads chunks back. Requests to one model run one at a time; at most ``queue_size`` more wait
+(beyond that: 503 with Retry-After). A request whose client went away stops its generation after
+the current token: the model is free for the next one at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
+
+from ..errors import InsufficientMemory, ModelNotFound
+from ..protocol import ChatRequest, Chunk, LoadOptions
+from .apierror import APIError
+from .settings import ServeSettings
+
+if TYPE_CHECKING:
+    from ..loader import ResolvedModel
+    from ..protocol import Backend
+
+_END = object()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class Entry:
+    """One model file: its backend (once loaded), its thread, its queue."""
+
+    key: str                                   # the model file's path: aliases of one file share the entry
+    id: str                                    # the name /v1/models shows
+    resolved: "ResolvedModel"
+    estimate: int                              # bytes, from our memory estimate
+    pinned: bool                               # named on the command line: no idle unload
+    keep_alive_s: Optional[float]
+    executor: ThreadPoolExecutor
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    backend: Optional["Backend"] = None
+    load_future: Optional[asyncio.Future] = None
+    admitted: int = 0                          # requests holding a place: waiting or running
+    running: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = 0.0
+    load_s: float = 0.0
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
+    @property
+    def loading(self) -> bool:
+        return self.load_future is not None and not self.load_future.done()
+
+    @property
+    def idle(self) -> bool:
+        return self.admitted == 0 and not self.loading
+
+
+class Lease:
+    """A request's turn on a model: ``stream(request)`` runs the generation on the model's thread and
+    yields its chunks; the model is released when that generation ends (or never starts)."""
+
+    def __init__(self, pool: "ModelPool", entry: Entry):
+        self.pool = pool
+        self.entry = entry
+        self._released = False
+
+    @property
+    def backend(self) -> "Backend":
+        assert self.entry.backend is not None
+        return self.entry.backend
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        e = self.entry
+        e.running -= 1
+        e.admitted -= 1
+        e.last_used = time.monotonic()
+        e.lock.release()
+        self.pool._changed(e)
+
+    def run(self, fn: Callable):
+        """Run ``fn(backend)`` on the model's thread (releasing the lease when it returns)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.entry.executor, fn, self.entry.backend)
+        fut.add_done_callback(lambda _f: self.release())
+        return fut
+
+    def stream(self, request: ChatRequest) -> "ChunkStream":
+        """Start ``generate(backend, request)`` on the model's thread; its chunks come back through the
+        returned stream. ``ChunkStream.cancel()`` (client gone, task cancelled) stops the generation
+        after the current token."""
+        from ..generation.core import generate
+
+        stream = ChunkStream(asyncio.get_running_loop())
+
+        def work(backend) -> None:
+            gen = generate(backend, request)
+            try:
+                for chunk in gen:
+                    if stream.cancelled.is_set():
+                        break
+                    stream.put(chunk)
+            except BaseException as e:       # noqa: BLE001 - handed to the request, which maps it
+                stream.put(_Failure(e))
+                return
+            finally:
+                gen.close()                  # GeneratorExit inside generate: finish "cancelled"
+            stream.put(_END)
+
+        self.run(work)
+        return stream
+
+
+class ChunkStream:
+    """The chunks of one generation, read on the event loop while the model's thread produces them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.done = False
+
+    def put(self, item) -> None:              # on the model's thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:                  # the loop is gone (shutdown): nobody reads any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __aiter__(self) -> "ChunkStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.cancel()
+            raise
+        if item is _END:
+            self.done = True
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self.done = True
+            raise item.error
+        return item
+
+
+class ModelPool:
+    def __init__(self, settings: ServeSettings, metrics=None):
+        self.settings = settings
+        self.metrics = metrics
+        self.entries: dict[str, Entry] = {}
+        self._named: dict[str, str] = {}        # names a command-line model answers to -> the ref given
+        self._resolved: dict[str, "ResolvedModel"] = {}
+        self._budget = settings.memory_budget
+        self._reaper: Optional[asyncio.Task] = None
+        self.closing = False
+
+    # -- names -------------------------------------------------------------------------------------
+    def resolve(self, model_id: Optional[str]) -> "ResolvedModel":
+        """The model a request names: a command-line model (by the name it was given, its alias or file
+        name), or any installed registry model (alias or alias:quant). Paths from clients are refused:
+        a request must not make the server open arbitrary files."""
+        from ..loader import _looks_like_path, resolve
+
+        if not model_id:
+            if len(self.settings.models) == 1:
+                model_id = self.settings.models[0]
+            else:
+                raise APIError(400, "`model` is required.", param="model", code="missing_model")
+        ref = self._named.get(model_id, model_id)
+        hit = self._resolved.get(ref)
+        if hit is not None:
+            return hit
+        if _looks_like_path(ref) and ref not in self.settings.models:
+            raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model")
+        try:
+            resolved = resolve(ref, want_vision=True, home=self.settings.home)
+        except ModelNotFound as e:
+            raise APIError(404, f"The model `{model_id}` does not exist ({e.message}).", code="model_not_found",
+                           param="model") from None
+        if not resolved.installed:
+            raise APIError(404, f"The model `{model_id}` is not installed on this server (run `vlm pull "
+                                f"{resolved.alias_ref}` on it).", code="model_not_found", param="model")
+        self._resolved[ref] = resolved
+        return resolved
+
+    def prepare(self) -> list["ResolvedModel"]:
+        """Resolve the command-line models before the server starts (a typo fails the command, not the
+        first request) and check that they fit the memory budget together."""
+        from ..device.memory import fmt_bytes
+        from ..errors import ModelNotInstalled
+        from ..loader import estimate_memory, resolve
+
+        out, total = [], 0
+        for ref in self.settings.models:
+            resolved = resolve(ref, want_vision=True, home=self.settings.home)
+            if not resolved.installed:
+                raise ModelNotInstalled(f"{resolved.alias_ref} is not installed.",
+                                        hint=f"Run `vlm pull {resolved.alias_ref}` first.")
+            self._resolved[ref] = resolved
+            for name in {self.model_id(resolved), resolved.name, resolved.artifact.path.name}:
+                self._named.setdefault(name, ref)
+            total += estimate_memory(resolved, self.settings.ctx).total * max(1, self.settings.parallel)
+            out.append(resolved)
+        if total > self.budget() and not self.settings.ignore_memory:
+            raise InsufficientMemory(
+                f"{', '.join(self.settings.models)} need about {fmt_bytes(total)} together with a "
+                f"{self.settings.ctx:,}-token context, more than the memory budget ({fmt_bytes(self.budget())}).",
+                hint="Serve fewer models, lower --ctx, or raise --memory-budget (or pass --ignore-memory).")
+        return out
+
+    def model_id(self, resolved: "ResolvedModel") -> str:
+        return resolved.alias_ref if resolved.model is not None else resolved.name
+
+    # -- admission, loading, eviction ---------------------------------------------------------------
+    async def acquire(self, model_id: Optional[str], keep_alive_s: Optional[float] = -1.0) -> Lease:
+        """Wait for this model's turn (loading it first when needed). 503 at once when its queue is full.
+        ``keep_alive_s``: -1 keeps the entry's setting; None never unloads; 0 unloads after this request."""
+        if self.closing:
+            raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+        resolved = self.resolve(model_id)
+        entry = self._entry_for(resolved)
+        limit = self.settings.parallel + self.settings.queue_size
+        if entry.admitted >= limit:
+            if self.metrics:
+                self.metrics.rejected.labels(entry.id).inc()
+            raise APIError(503, f"The queue for {entry.id} is full ({self.settings.queue_size} waiting); retry later.",
+                           type="server_error", code="queue_full",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        if keep_alive_s is None or (keep_alive_s is not None and keep_alive_s >= 0):
+            entry.keep_alive_s = keep_alive_s
+        entry.admitted += 1
+        self._changed(entry)
+        locked = False
+        try:
+            if entry.backend is None:
+                await asyncio.shield(self._ensure_loading(entry))
+            await entry.lock.acquire()
+            locked = True
+            if entry.backend is None:                 # unloaded while we waited (cannot happen while admitted)
+                raise APIError(503, f"{entry.id} was unloaded; retry.", type="server_error",
+                               headers={"Retry-After": "1"})
+        except BaseException:
+            if locked:
+                entry.lock.release()
+            entry.admitted -= 1
+            self._changed(entry)
+            raise
+        entry.running += 1
+        self._changed(entry)
+        return Lease(self, entry)
+
+    def _entry_for(self, resolved: "ResolvedModel") -> Entry:
+        key = str(resolved.artifact.path)
+        entry = self.entries.get(key)
+        if entry is not None:
+            return entry
+        from ..loader import estimate_memory
+
+        est = estimate_memory(resolved, self.settings.ctx).total * max(1, self.settings.parallel)
+        self._make_room(est, resolved)
+        pinned = any(self._resolved.get(r) is resolved for r in self.settings.models)
+        entry = Entry(key=key, id=self.model_id(resolved), resolved=resolved, estimate=est, pinned=pinned,
+                      keep_alive_s=None if pinned else self.settings.keep_alive_s,
+                      executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlm-{resolved.name}"[:24]))
+        self.entries[key] = entry
+        return entry
+
+    def budget(self) -> int:
+        if self._budget is None:
+            from ..device.hardware import memory_info
+
+            self._budget = memory_info().available
+        return self._budget
+
+    def _make_room(self, need: int, resolved: "ResolvedModel") -> None:
+        from ..device.memory import fmt_bytes
+
+        budget = self.budget()
+        name = self.model_id(resolved)
+        if need > budget and not self.settings.ignore_memory:
+            raise InsufficientMemory(
+                f"{name} needs about {fmt_bytes(need)}, more than this server's memory budget ({fmt_bytes(budget)}).",
+                hint="Start the server with a smaller --ctx or a larger --memory-budget.")
+
+        def over() -> bool:
+            used = sum(e.estimate for e in self.entries.values())
+            too_many = self.settings.max_models and len(self.entries) >= self.settings.max_models
+            return bool(too_many) or (not self.settings.ignore_memory and used + need > budget)
+
+        while over():
+            idle = sorted((e for e in self.entries.values() if e.idle), key=lambda e: e.last_used)
+            if not idle:
+                raise APIError(503, f"Not enough memory to load {name} while other models are busy; retry later.",
+                               type="server_error", code="insufficient_memory", headers={"Retry-After": "5"})
+            self.unload(idle[0])
+
+    def _ensure_loading(self, entry: Entry) -> asyncio.Future:
+        if entry.load_future is None:
+            loop = asyncio.get_running_loop()
+            entry.load_future = loop.run_in_executor(entry.executor, self._load, entry)
+            entry.load_future.add_done_callback(lambda f: self._loaded(entry, f))
+            self._changed(entry)
+        return entry.load_future
+
+    def _load(self, entry: Entry) -> None:
+        from ..loader import load_backend
+
+        t0 = time.perf_counter()
+        opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads)
+        entry.backend = load_backend(entry.resolved.artifact, opts)
+        entry.load_s = time.perf_counter() - t0
+
+    def _loaded(self, entry: Entry, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            if self.entries.get(entry.key) is entry:       # a failed load leaves nothing behind: retry loads again
+                del self.entries[entry.key]
+            entry.executor.shutdown(wait=False)
+        else:
+            entry.loaded_at = time.time()
+            entry.last_used = time.monotonic()
+        self._changed(entry)
+
+    async def preload(self) -> None:
+        """Load the command-line models, one after another (startup; /health says 503 until done)."""
+        for ref in self.settings.models:
+            lease = await self.acquire(ref)
+            lease.release()
+
+    def unload(self, entry: Entry) -> None:
+        """Forget ``entry``; its backend is closed on its own thread after anything still running there."""
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+
+        def close() -> None:
+            if entry.backend is not None:
+                entry.backend.close()
+                entry.backend = None
+
+        entry.executor.submit(close)
+        entry.executor.shutdown(wait=False)
+        self._changed(entry)
+
+    # -- keep-alive ---------------------------------------------------------------------------------
+    def start_reaper(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for e in list(self.entries.values()):
+                if e.keep_alive_s is not None and e.backend is not None and e.idle and now - e.last_used >= e.keep_alive_s:
+                    self.unload(e)
+
+    def _changed(self, entry: Entry) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_entry(entry, entry.key in self.entries)
+
+    @property
+    def loading(self) -> bool:
+        return any(e.loading for e in self.entries.values())
+
+    def loaded(self) -> list[Entry]:
+        return [e for e in self.entries.values() if e.backend is not None]
+
+    async def close(self) -> None:
+        """Shutdown: no new requests; close every backend on its thread once its work is done."""
+        self.closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        entries = list(self.entries.values())
+        for e in entries:
+            self.unload(e)
+
+        def join() -> None:
+            for e in entries:
+                e.executor.shutdown(wait=True)
+
+        await asyncio.get_running_loop().run_in_executor(None, join)
+
+
+__all__ = ["ModelPool", "Lease", "Entry", "ChunkStream"]
