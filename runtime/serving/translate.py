@@ -413,13 +413,15 @@ def ollama_piece(model: str, text: str, *, key: str) -> dict:
 # images -> ChatRequest
 # --------------------------------------------------------------------------------------------
 
-_IMAGE_HAS_DETAIL = "detail" in {f.name for f in fields(ImageInput)}
+# The image path's detail levels live on GenerationOptions.image_detail (one level per request).
+_OPTIONS_HAVE_DETAIL = "image_detail" in {f.name for f in fields(GenerationOptions)}
+_DETAIL_ORDER = {"low": 0, "auto": 1, "high": 2}
 
 
 def build_request(parsed: Parsed, settings: ServeSettings, max_pixels: Optional[int]) -> ChatRequest:
-    """Decode the request's images (blocking) and assemble the ``ChatRequest``. The OpenAI ``detail`` of
-    an image is validated here and carried on its ``ImageInput`` as soon as the image path takes a
-    ``detail`` field; until then every image is prepared the one way the model's processor does."""
+    """Decode the request's images (blocking) and assemble the ``ChatRequest``. OpenAI's per-image
+    ``detail`` becomes the request's ``options.image_detail.level`` (the image path takes one level per
+    request): the most detail any image asked for, so no image gets less than requested."""
     from .images import load_image_ref
 
     if parsed.n_images > settings.max_images:
@@ -427,14 +429,15 @@ def build_request(parsed: Parsed, settings: ServeSettings, max_pixels: Optional[
                        param="messages", code="too_many_images")
     messages = []
     for m in parsed.messages:
-        imgs: list[ImageInput] = []
-        for ref in m.images:
-            img = load_image_ref(ref.ref, settings, max_pixels, ref.param, base64_only=ref.base64_only)
-            if _IMAGE_HAS_DETAIL and ref.detail is not None:
-                img = replace(img, detail=ref.detail)
-            imgs.append(img)
+        imgs: list[ImageInput] = [load_image_ref(ref.ref, settings, max_pixels, ref.param, base64_only=ref.base64_only)
+                                  for ref in m.images]
         messages.append(Message(m.role, m.text, imgs))
-    return ChatRequest(messages=messages, options=parsed.options)
+    details = [ref.detail for m in parsed.messages for ref in m.images if ref.detail]
+    opts = parsed.options
+    if details and _OPTIONS_HAVE_DETAIL:
+        level = max(details, key=_DETAIL_ORDER.__getitem__)
+        opts = replace(opts, image_detail=replace(opts.image_detail, level=level))
+    return ChatRequest(messages=messages, options=opts)
 
 
 def dumps(doc: dict) -> str:
