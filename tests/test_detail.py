@@ -1,0 +1,77 @@
+"""Image detail: the choice of tiles per image (no model needed) and libmtmd's geometry as we predict it."""
+from __future__ import annotations
+
+import pytest
+
+from edgevlm.runtime.inputs.detail import EncodeSpeed, Option, choose, idefics3_ladder
+from edgevlm.runtime.inputs.idefics3 import hf_grid, mtmd_capped_grid, mtmd_full_grid
+from edgevlm.runtime.protocol import ImageDetail
+
+SEQ = 64
+
+
+def _ladder(w: int, h: int):
+    def tiles_at(n: int):
+        c, r = hf_grid(w, h, n * 512, 512)
+        return (c * r + 1 if c else 1), f"le={n * 512}"
+    return idefics3_ladder(w, h, 512, 2048, tiles_at, SEQ)
+
+
+def test_ladder_of_a_photo_goes_from_one_tile_to_the_full_tiling():
+    ladder = _ladder(4000, 3000)
+    assert [o.tiles for o in ladder] == [1, 5, 10, 13]      # 1, 2x2+1, 3x3+1, 4x3+1 (edges round up)
+    assert ladder[-1].tokens == 13 * SEQ
+
+
+def test_ladder_never_upscales_a_small_image():
+    assert [o.tiles for o in _ladder(512, 384)] == [1]
+    assert [o.tiles for o in _ladder(1050, 788)][-1] == 10    # 3 x 3 + 1 at most, never 4 x 3
+    assert [o.tiles for o in _ladder(1, 1)] == [1]
+
+
+def test_levels_and_the_budget():
+    ladder = _ladder(4000, 3000)
+    high = ladder[-1]
+    pick = lambda **kw: choose(ladder, high, ImageDetail(**{k: v for k, v in kw.items() if k != "spt"}),
+                               s_per_tile=kw.get("spt", 1.0), budget_s=kw.get("budget_s") or 2.0)
+    assert pick(level="high").option.tiles == 13 and not pick(level="high").cut
+    assert pick(level="low").option.tiles == 1 and pick(level="low").cut
+    assert pick(level="auto", spt=0.1).option.tiles == 13          # fast device: all of it
+    assert pick(level="auto", spt=0.3).option.tiles == 5           # 7 x 0.3 > 2 s
+    slow = pick(level="auto", spt=5.0)
+    assert slow.option.tiles == 1 and slow.cut and "smallest" in slow.reason
+    assert pick(level="high", max_tokens=12 * SEQ).option.tiles == 10   # the most that fits the cap
+    assert pick(level="auto", spt=0.01, max_tokens=100).option.tiles == 1
+
+
+def test_a_cached_full_detail_costs_nothing():
+    ladder = _ladder(4000, 3000)
+    ch = choose(ladder, ladder[-1], ImageDetail(), s_per_tile=5.0, budget_s=2.0, cached=lambda o: o.tiles == 13)
+    assert ch.option.tiles == 13 and ch.reason == "cached"
+
+
+def test_unknown_level_is_a_usage_error():
+    from edgevlm.runtime.errors import UsageError
+
+    with pytest.raises(UsageError):
+        choose([Option("a", 1, 64)], Option("a", 1, 64), ImageDetail(level="medium"), s_per_tile=1, budget_s=1)
+
+
+def test_libmtmd_grids():
+    assert mtmd_full_grid(4000, 3000, 2048, 512) == (4, 3)
+    assert mtmd_full_grid(512, 384, 2048, 512) == (4, 3)           # libmtmd upscales small images
+    assert mtmd_full_grid(30, 3000, 2048, 512) == (1, 4)
+    assert mtmd_capped_grid(4000, 3000, 2048, 512, 1) == (1, 1)
+    assert mtmd_capped_grid(4000, 3000, 2048, 512, 6) == (2, 2)
+    assert mtmd_capped_grid(4000, 3000, 2048, 512, 12) == (4, 3)
+
+
+def test_encode_speed_is_kept_per_key(tmp_path):
+    sp = EncodeSpeed(tmp_path / "speed.json")
+    assert sp.get("a") is None
+    sp.record("a", 4, 2.0)
+    sp.record("a", 1, 1.0)
+    assert sp.get("a") == pytest.approx(0.75)
+    assert sp.get("b") is None
+    (tmp_path / "speed.json").write_text("not json")
+    assert sp.get("a") is None                                     # a damaged file is measured again
