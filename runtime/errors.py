@@ -71,11 +71,21 @@ class BackendError(EdgeVLMError, RuntimeError):
     exit_code = 10
 
 
+class Blocked(EdgeVLMError):
+    """--guard: the safety filter (Llama Guard 3) judged the question or the answer unsafe."""
+    exit_code = 13
+
+
 class Cancelled(EdgeVLMError):
     """Raised to stop long work cleanly (Ctrl-C, SIGTERM)."""
     exit_code = 130
 
 
 def missing_extra(module: str, extra: str | None = None, package: str | None = None) -> MissingExtra:
-    target = f"'edgevlm[{extra}]'" if extra else (package or module)
-    return MissingExtra(f"{module} is not installed.", hint=f"pip install {target}")
+    # edgevlm is installed from its source folder (README: Install), not from PyPI: name that line.
+    if extra:
+        brings = f" (it brings {package})" if package and package != module else ""
+        hint = f"In the edgevlm source folder: pip install '.[{extra}]'{brings}"
+    else:
+        hint = f"pip install {package or module}"
+    return MissingExtra(f"{module} is not installed.", hint=hint)
