@@ -1,4 +1,6 @@
-"""One file over HTTP(S): resumable, streamed, verified, and atomic (stdlib urllib only).
+"""One file over HTTP(S): resumable, streamed, verified, and atomic (stdlib urllib only), for ``url``
+sources and PyPI wheels; Hugging Face files go through huggingface_hub (sources.py). Also the checks
+both share: offline mode, disk space, disk full.
 
 ``dest.part`` holds the bytes so far and ``dest.part.json`` records which URL and checksum they belong
 to, so a stale part for another file is thrown away instead of being resumed. A resumed download
