@@ -320,7 +320,7 @@ def _parse(data: dict, origin: str, source: str) -> tuple[dict[str, ModelSpec], 
     version = data.get("version", 1)
     if version != 1:
         raise RegistryError(f"{origin}: registry version {version!r} is not supported (this edgevlm reads version 1).",
-                            hint="Upgrade edgevlm: pip install -U edgevlm")
+                            hint="Update edgevlm (its source folder, then pip install '.').")
     defaults_raw = data.get("defaults") or {}
     defaults = _mapping(defaults_raw, ctx, "defaults")
     _no_unknown(defaults, {"text", "vision"}, ctx)

@@ -39,7 +39,8 @@ from ..protocol import ProgressCallback
 from .registry import SHA256_RE, FileSpec
 
 DEFAULT_PYPI_INDEX = "https://pypi.org/simple"
-OUTDATED_HINT = "The registry entry may be out of date: upgrade edgevlm (pip install -U edgevlm), or report it."
+OUTDATED_HINT = ("The registry entry may be out of date: update edgevlm (its source folder, then pip install '.'), "
+                 "or report it.")
 
 
 @dataclass(frozen=True)
