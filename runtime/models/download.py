@@ -79,12 +79,14 @@ def disk_free(path: Path) -> int:
 
 def check_disk_space(where: Path, need: int, what: str) -> None:
     """DownloadError before any byte is fetched when ``where`` cannot hold ``need`` more bytes."""
+    from ..device.memory import fmt_bytes
+
     if need <= 0:
         return
     free = disk_free(where)
     if free < need + DISK_MARGIN:
-        raise DownloadError(f"Not enough disk space for {what}: it needs {need / MB:,.0f} MB, "
-                            f"but only {free / MB:,.0f} MB is free in {where}.",
+        raise DownloadError(f"Not enough disk space for {what}: it needs {fmt_bytes(need)}, "
+                            f"but only {fmt_bytes(free)} is free in {where}.",
                             hint="Free some space, or set VLM_HOME to a directory on a bigger disk.")
 
 

@@ -17,10 +17,10 @@ from typing import Optional
 
 from ..config import atomic_write_text, vlm_home
 from ..digest import sha256_file
-from ..errors import BadModelFile, DownloadError, EdgeVLMError, ModelNotInstalled
+from ..errors import BadModelFile, EdgeVLMError, ModelNotInstalled
 from ..device.memory import fmt_bytes
 from ..protocol import Artifact, ProgressCallback
-from .download import DISK_MARGIN, disk_free
+from .download import check_disk_space
 from .registry import ALIAS_RE, KEY_RE, ArtifactSpec, FileSpec, ModelSpec
 
 MANIFEST = "manifest.json"
@@ -222,14 +222,7 @@ class Store:
             else:
                 staging = self.downloads_dir / _staging_name(model.alias, aspec.key, f.name)
                 need += max(size - partial_bytes(staging), 0)
-        if not need:
-            return
-        free = disk_free(self.home)
-        if free < need + DISK_MARGIN:
-            raise DownloadError(
-                f"Not enough disk space for {model.ref(aspec)}: it needs {fmt_bytes(need)}, "
-                f"but only {fmt_bytes(free)} is free in {self.home}.",
-                hint="Free some space, or set VLM_HOME to a directory on a bigger disk.")
+        check_disk_space(self.home, need, model.ref(aspec))
 
     def _reuse(self, f: FileSpec, staging: Path, alias: str, key: str):
         """An identical file (same sha256) in another installed artifact: link or copy it instead."""
@@ -288,10 +281,7 @@ class Store:
                             need += Path(src).stat().st_size
                     except OSError:
                         need += Path(src).stat().st_size
-                if need and disk_free(self.home) < need + DISK_MARGIN:
-                    raise DownloadError(f"Not enough disk space in {self.home} to install {alias}:{key} "
-                                        f"({fmt_bytes(need)} needed).",
-                                        hint="Free some space, or set VLM_HOME to a directory on a bigger disk.")
+                check_disk_space(self.home, need, f"{alias}:{key}")
                 records = []
                 for name, src in files.items():
                     staging = self.downloads_dir / _staging_name(alias, key, name)
