@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,12 +88,10 @@ class Server:
         return self.proc.returncode
 
 
-def png_data_uri(color=(200, 40, 40), size=(64, 48)) -> str:
+def png_data_uri(size=(64, 48)) -> str:
+    """A PNG of random pixels: new bytes every run, so no embedding cache has seen it."""
     buf = io.BytesIO()
-    img = Image.new("RGB", size, color)
-    for x in range(0, size[0], 8):
-        img.putpixel((x, size[1] // 2), (0, 0, 0))
-    img.save(buf, format="PNG")
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -186,8 +185,9 @@ def test_image_data_uri_and_second_turn_reuses_it(server, vision_gguf):
     r2 = client.chat.completions.create(model=model, messages=turn2, temperature=0, max_tokens=6)
     t2 = r2.model_extra["timings"]
     assert t2["image_encode_ms"] == 0                                 # not encoded again
-    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 8
-    assert t2["prompt_n"] < r2.usage.prompt_tokens // 2               # only the new turn was evaluated
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= r1.usage.prompt_tokens - 8                       # turn 1, image included, was reused
+    assert t2["prompt_n"] == r2.usage.prompt_tokens - cached          # only the new turn was evaluated
 
 
 def test_concurrent_clients_all_complete(server):
@@ -351,7 +351,8 @@ def test_queue_full_and_client_dropping_mid_stream(smollm2_gguf, tmp_path):
                 time.sleep(0.05)
             assert r2.status_code == 200, r2.text
             m = c.get(s.url + "/metrics").text
-            assert 'vlm_requests_rejected_total{model="smollm2-135m:q4_1"} 1.0' in m
+            rejected = re.search(r'vlm_requests_rejected_total\{model="smollm2-135m:q4_1"\} (\S+)', m)
+            assert rejected and float(rejected.group(1)) >= 1
             assert 'vlm_completion_tokens_total{model="smollm2-135m:q4_1"}' in m
     finally:
         assert s.stop() == 0, (tmp_path / "server.log").read_text()
@@ -360,7 +361,7 @@ def test_queue_full_and_client_dropping_mid_stream(smollm2_gguf, tmp_path):
 def test_sigterm_drains_in_flight_request_and_exits_0(smollm2_gguf, tmp_path):
     s = Server(["smollm2-135m", "--grace", "60"], tmp_path / "server.log")
     events = []
-    with httpx.stream("POST", s.url + "/v1/chat/completions", json=_long_stream(s.url, 48), timeout=60) as r:
+    with httpx.stream("POST", s.url + "/v1/chat/completions", json=_long_stream(s.url, 16), timeout=60) as r:
         it = r.iter_lines()
         events.append(next(it))
         s.proc.send_signal(signal.SIGTERM)

@@ -43,8 +43,10 @@ def image_from_bytes(data: bytes, source: str, max_pixels: Optional[int], conten
 def decode_base64(text: str, param: str) -> bytes:
     s = "".join(text.split())
     try:
-        if "-" in s or "_" in s:
-            return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        core = s.rstrip("=")
+        s = core + "=" * (-len(core) % 4)     # padding optional
+        if "-" in s or "_" in s:          # the URL-safe alphabet
+            return base64.b64decode(s, altchars=b"-_", validate=True)
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         raise _bad(f"{param} is not valid base64.", param) from None

@@ -208,7 +208,7 @@ class ModelPool:
         first request) and check that they fit the memory budget together."""
         from ..device.memory import fmt_bytes
         from ..errors import ModelNotInstalled
-        from ..loader import estimate_memory, resolve
+        from ..loader import resolve
 
         out, total = [], 0
         for ref in self.settings.models:
@@ -219,7 +219,7 @@ class ModelPool:
             self._resolved[ref] = resolved
             for name in {self.model_id(resolved), resolved.name, resolved.artifact.path.name}:
                 self._named.setdefault(name, ref)
-            total += estimate_memory(resolved, self.settings.ctx).total * max(1, self.settings.parallel)
+            total += self.estimate(resolved)
             out.append(resolved)
         if total > self.budget() and not self.settings.ignore_memory:
             raise InsufficientMemory(
@@ -274,9 +274,7 @@ class ModelPool:
         entry = self.entries.get(key)
         if entry is not None:
             return entry
-        from ..loader import estimate_memory
-
-        est = estimate_memory(resolved, self.settings.ctx).total * max(1, self.settings.parallel)
+        est = self.estimate(resolved)
         self._make_room(est, resolved)
         pinned = any(self._resolved.get(r) is resolved for r in self.settings.models)
         entry = Entry(key=key, id=self.model_id(resolved), resolved=resolved, estimate=est, pinned=pinned,
@@ -284,6 +282,13 @@ class ModelPool:
                       executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlm-{resolved.name}"[:24]))
         self.entries[key] = entry
         return entry
+
+    def estimate(self, resolved: "ResolvedModel") -> int:
+        """Bytes this model takes loaded: our memory estimate, with one KV cache per parallel slot."""
+        from ..loader import estimate_memory
+
+        est = estimate_memory(resolved, self.settings.ctx)
+        return est.total + est.kv_cache * (max(1, self.settings.parallel) - 1)
 
     def budget(self) -> int:
         if self._budget is None:
