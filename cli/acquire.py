@@ -37,21 +37,48 @@ def ensure_installed(resolved, *, yes: bool) -> None:
 
 
 def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
-               threads: Optional[int], yes: bool, ignore_memory: bool) -> tuple[Backend, object]:
+               threads: Optional[int], yes: bool, ignore_memory: bool, rpc: Optional[str] = None,
+               tensor_split: Optional[str] = None, with_model=None) -> tuple[Backend, object]:
+    """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
 
     resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)
     n_ctx = ctx or DEFAULT_CTX
-    if not ignore_memory:
-        loader.check_memory(resolved, n_ctx)        # before downloading: refuse early
+    endpoints, split = cluster_args(rpc, tensor_split)
+    if not ignore_memory and not endpoints:
+        loader.check_memory(resolved, n_ctx, with_model=with_model)     # before downloading: refuse early
     ensure_installed(resolved, yes=yes)
-    if not ignore_memory:
-        loader.check_memory(resolved, n_ctx)        # again with the real files' metadata
     opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
+    if endpoints:                                   # the memory check plans across this host and the workers
+        plan = loader.plan_cluster(resolved, n_ctx, endpoints, split, check=not ignore_memory)
+        opts.rpc, opts.host_layers, opts.worker_shares = endpoints, plan.host_layers, plan.worker_shares
+        console.info("[dim]Layers: " + ", ".join(f"{d.name} {d.fraction:.0%}" for d in plan.shares) + "[/]")
+    elif not ignore_memory:
+        loader.check_memory(resolved, n_ctx, with_model=with_model)     # again with the real files' metadata
     # No progress callback: loading takes well under a second, and each call of a Python callback makes
     # llama.cpp take the GIL.
     backend = loader.load_backend(resolved.artifact, opts)
     return backend, resolved
+
+
+def cluster_args(rpc: Optional[str], tensor_split: Optional[str]) -> tuple[list[str], Optional[list[float]]]:
+    """--rpc / --tensor-split (or the config's `rpc` key for a standing cluster) -> endpoints, shares."""
+    from edgevlm.runtime.backends import ggml_rpc
+    from edgevlm.runtime.config import load_config
+    from edgevlm.runtime.errors import UsageError
+
+    endpoints = ggml_rpc.parse_endpoints(rpc if rpc is not None else load_config().rpc)
+    if tensor_split is None:
+        return endpoints, None
+    if not endpoints:
+        raise UsageError("--tensor-split needs --rpc.", hint="Name the workers with --rpc HOST:PORT,...")
+    try:
+        split = [float(x) for x in tensor_split.split(",")]
+    except ValueError as e:
+        raise UsageError(f"--tensor-split {tensor_split!r} is not a list of numbers.", hint="For example 1,2,2.") from e
+    if any(x < 0 for x in split):
+        raise UsageError("--tensor-split shares must be 0 or more.", hint="For example 1,2,2.")
+    return endpoints, split
 
 
 def warn_unenforced(backend: Backend, json_schema: Optional[dict]) -> None:

@@ -9,6 +9,9 @@ import typer
 
 from . import console
 from .console import boundary
+from .options import Rpc, TensorSplit
+from .options import Guard, GuardCategories, GuardModel
+from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import (Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, OneShotCtx, Quiet, Raw, Seed, Stop, System,
                       Temperature, Threads, TopK, TopP, Yes)
 
@@ -48,8 +51,17 @@ def ask(
     schema: Annotated[Optional[str], typer.Option("--schema", help="JSON schema (file or JSON text): the answer is constrained to it and validated.")] = None,
     frames: Frames = None,
     fps: Fps = None,
+    detail: Detail = "auto",
+    image_tokens: ImageTokens = None,
+    image_budget: ImageBudget = None,
+    no_cache: NoCache = False,
     yes: Yes = False,
     ignore_memory: IgnoreMemory = False,
+    rpc: Rpc = None,
+    tensor_split: TensorSplit = None,
+    guard: Guard = None,
+    guard_model: GuardModel = None,
+    guard_categories: GuardCategories = None,
     quiet: Quiet = False,
 ) -> None:
     """Ask one question, about images or text, and print the answer.
@@ -62,6 +74,7 @@ def ask(
     from edgevlm.runtime.protocol import GenerationOptions
 
     from .acquire import open_model, warn_unenforced
+    from .detail import image_detail, notice_images
     from .inputs import combine, read_stdin_text, split_args
 
     from edgevlm.runtime.generation.schema import load_schema, parse_and_validate
@@ -76,31 +89,51 @@ def ask(
     images = load_media(inp.media, frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX) if inp.media else []
     if ctx is None and not images:
         ctx = one_shot_ctx([prompt, system or ""], max_tokens)
+    from .guard import holds_answer, judge_answer, judge_question, load_guard, memory_pair, plan_guard
+
+    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
-                                   yes=yes, ignore_memory=ignore_memory)
+                                   yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
+                                   with_model=memory_pair(gplan))
+    runner = None
     try:
+        runner = load_guard(gplan, threads=threads, quiet=quiet)
         completion_only = (resolved.model is not None and resolved.model.completion_only) or not backend.chat_template
         if completion_only and not raw and not quiet:
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema)
+                                 seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema,
+                                 image_detail=image_detail(detail, image_tokens, image_budget, no_cache))
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
         warn_unenforced(backend, json_schema)
-        if as_json or json_schema is not None:
+        image_docs = [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height,
+                       **({"label": i.label} if i.label else {})} for i in images]
+        asked = session.pending_messages(prompt, images)
+        judge_question(runner, asked, json_base={"model": resolved.alias_ref, "images": image_docs} if as_json else None)
+        if as_json or json_schema is not None or holds_answer(runner):
             result = session.ask(prompt, images)
+            rep = notice_images(backend, quiet)
+            timings = result.timings
+            if rep:
+                timings["images"] = rep["images"]        # per image: detail chosen, tiles, encode, cache
+            judge_answer(runner, asked, result.text, json_base={
+                "model": resolved.alias_ref, "usage": result.usage, "timings": timings,
+                "images": image_docs} if as_json else None)
             answer = parse_and_validate(result.text, json_schema, result.final.finish_reason) if json_schema is not None else result.text
             if not as_json:
-                console.write_out(json.dumps(answer, ensure_ascii=False) + "\n")
+                console.write_out((json.dumps(answer, ensure_ascii=False) if json_schema is not None else answer) + "\n")
                 return
             doc = {"answer": answer, "model": resolved.alias_ref, "finish_reason": result.final.finish_reason,
-                   "usage": result.usage, "timings": result.timings,
-                   "images": [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height,
-                               **({"label": i.label} if i.label else {})} for i in images]}
+                   "usage": result.usage, "timings": timings, "images": image_docs}
+            if runner is not None:
+                doc["guard"] = runner.public()
             console.write_out(json.dumps(doc, ensure_ascii=False) + "\n")
             return
         last = None
         try:
             for chunk in session.send(prompt, images):
+                if last is None:
+                    notice_images(backend, quiet)      # the prefill is done: before the answer
                 if chunk.text:
                     console.write_out(chunk.text)
                 last = chunk
@@ -110,4 +143,6 @@ def ask(
         if last is not None and last.finish_reason == "length" and not quiet:
             console.info(f"[dim](stopped at --max-tokens {max_tokens} or the context limit)[/]")
     finally:
+        if runner is not None:
+            runner.close()
         backend.close()

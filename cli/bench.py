@@ -11,6 +11,7 @@ from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
+from .options import Rpc, TensorSplit
 
 
 def _fmt(stat: dict, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
@@ -30,16 +31,26 @@ def bench(
     ctx: Annotated[Optional[int], typer.Option("--ctx", min=128, help="Context length (default: just enough).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart of the comparison.")] = None,
+    rpc: Rpc = None,
+    tensor_split: TensorSplit = None,
+    guard: Annotated[Optional[str], typer.Option(
+        "--guard", metavar="MODEL", help="Also measure what --guard adds: Llama Guard 3 (registry name or .gguf) "
+                                         "checking a 50-token question and the answer.")] = None,
 ) -> None:
     """Measure models on this device: each in its own process, so peak memory is its own."""
     from edgevlm.runtime.device.bench import device_summary, plot as draw, run_isolated
 
+    from .acquire import cluster_args
+
+    endpoints, split = cluster_args(rpc, tensor_split)
+    cluster = {"rpc": endpoints, "tensor_split": split} if endpoints else {}
     results = []
     for m in models:
         if not as_json:
             console.info(f"[dim]Measuring {m} ...[/]")
         results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                                    repeat=repeat, threads=threads, n_ctx=ctx))
+                                    repeat=repeat, threads=threads, n_ctx=ctx, **cluster,
+                                    **({"guard": guard} if guard else {})))
     report = {"device": device_summary(), "results": results}
     if plot is not None:
         draw(report, plot)
@@ -63,3 +74,12 @@ def bench(
                   _fmt(r["decode_tps"]) + ratio, _fmt(img["encode_ms"], digits=0) if img else "-",
                   str(img.get("tokens") or "-"), fmt_bytes(r["peak_rss_bytes"]))
     Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)
+    if guard:
+        g = Table(title=f"--guard: {results[0]['guard']['model']}, 50-token question", title_justify="left")
+        for col in ("model", "input check s (first)", "input check s (preamble reused)", "output check s", "added s"):
+            g.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            d = r["guard"]
+            g.add_row(r["model"], _fmt(d["input_full_s"], digits=3), _fmt(d["input_s"], digits=3),
+                      _fmt(d["output_s"], digits=3), _fmt(d["added_s"], digits=3))
+        Console(highlight=False, width=None if console.err.is_terminal else 160).print(g)

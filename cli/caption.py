@@ -10,6 +10,9 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 from . import console
 from .console import boundary
+from .options import Rpc, TensorSplit
+from .options import Guard, GuardCategories, GuardModel
+from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Seed, Temperature, Threads, Yes
 
 EXIT_SOME_FAILED = 12
@@ -31,11 +34,21 @@ def caption(
     threads: Threads = None,
     yes: Yes = False,
     ignore_memory: IgnoreMemory = False,
+    detail: Detail = "auto",
+    image_tokens: ImageTokens = None,
+    image_budget: ImageBudget = None,
+    no_cache: NoCache = False,
+    rpc: Rpc = None,
+    tensor_split: TensorSplit = None,
+    guard: Guard = None,
+    guard_model: GuardModel = None,
+    guard_categories: GuardCategories = None,
     quiet: Quiet = False,
 ) -> None:
     """Caption many images with one model load, one JSON line per image.
 
-    Exit code 0 when every image succeeded, 12 when some became error records.
+    Exit code 0 when every image succeeded, 12 when some became error records, 13 (--guard) when the
+    prompt or some answers were blocked by the safety filter (their lines carry "answer": null).
     """
     from edgevlm.runtime.inputs.batch import JsonlWriter, expand_inputs, file_sha256, record_key
     from edgevlm.runtime.inputs.media import load_image
@@ -44,21 +57,34 @@ def caption(
     from edgevlm.runtime.generation.schema import load_schema, parse_and_validate
 
     from .acquire import open_model, warn_unenforced
+    from .detail import image_detail, notice_images
 
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None          # invalid schemas fail before loading
     inputs = expand_inputs(paths)
     if not inputs:
         raise EdgeVLMError("No inputs.", hint="Pass image files, folders or globs.")
+    from .guard import caption_verdict, judge_question, load_guard, memory_pair, plan_guard
+    from .options import DEFAULT_CTX
+
+    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
     writer = JsonlWriter(out, resume)
-    backend = None
+    backend = runner = None
     failed = ok = skipped = 0
+    blocked = 0
     try:
         backend, resolved = open_model(model, want_vision=True, mmproj=mmproj, ctx=ctx, threads=threads,
-                                       yes=yes, ignore_memory=ignore_memory)
+                                       yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
+                                       with_model=memory_pair(gplan))
+        runner = load_guard(gplan, threads=threads, quiet=quiet)
+        from edgevlm.runtime.protocol import Message
+
+        judge_question(runner, [Message("user", prompt)])     # one prompt for every image: checked once
+        question = runner.public() if runner is not None else None
         name = resolved.alias_ref
         session = ChatSession(backend, name, options=GenerationOptions(
-            max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=json_schema))
+            max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=json_schema,
+            image_detail=image_detail(detail, image_tokens, image_budget, no_cache)))
         warn_unenforced(backend, json_schema)
         t_start = time.perf_counter()
         with console.progress("Captioning", unit="items") as cb:
@@ -73,11 +99,24 @@ def caption(
                 try:
                     img = load_image(path)
                     session.clear(reset_cache=False)   # each image on its own; the prompt's KV prefix stays
+                    asked = session.pending_messages(prompt, [img])
                     result = session.ask(prompt, [img])
+                    verdict = caption_verdict(runner, question, asked, result.text)
+                    if verdict is not None and verdict["output"] == "unsafe":
+                        rec.update(answer=None, finish_reason="content_filter", usage=result.usage,
+                                   timings=result.timings, guard=verdict)
+                        blocked += 1
+                        writer.write(rec)
+                        continue
                     rec["answer"] = parse_and_validate(result.text, json_schema, result.final.finish_reason) if json_schema else result.text.strip()
                     rec["finish_reason"] = result.final.finish_reason
                     rec["usage"] = result.usage          # the same shapes as `vlm ask --json`
                     rec["timings"] = result.timings
+                    rep = notice_images(backend, quiet=True)   # no line per image in a batch; the warning once
+                    if rep:
+                        rec["timings"]["images"] = rep["images"]
+                    if verdict is not None:
+                        rec["guard"] = verdict
                     ok += 1
                 except EdgeVLMError as e:
                     rec["error"] = e.message
@@ -89,10 +128,17 @@ def caption(
         elapsed = time.perf_counter() - t_start
         done = ok + failed
         console.info(f"[dim]{ok} captioned, {failed} failed, {skipped} already done"
+                     + (f", {blocked} blocked by the safety filter" if blocked else "")
                      + (f" — {done / elapsed:.2f} images/s" if done and elapsed > 0 else "") + "[/]")
     finally:
         writer.close()
+        if runner is not None:
+            runner.close()
         if backend is not None:
             backend.close()
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+    if blocked:
+        from edgevlm.runtime.errors import Blocked
+
+        raise typer.Exit(Blocked.exit_code)

@@ -11,6 +11,9 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 from . import console
 from .console import boundary
+from .options import Rpc, TensorSplit
+from .options import Guard, GuardCategories, GuardModel
+from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import (Ctx, Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
                       Threads, TopK, TopP, Yes)
 
@@ -60,6 +63,10 @@ def _stream_answer(session, text: str, images) -> None:
     last = None
     try:
         for chunk in session.send(text, images):
+            if last is None:
+                from .detail import notice_images
+
+                notice_images(session.backend)          # the prefill is done: before the answer
             if chunk.text:
                 console.write_out(chunk.text)
             last = chunk
@@ -133,8 +140,17 @@ def chat(
     schema: Annotated[Optional[str], typer.Option("--schema", help="Constrain every answer to this JSON schema (file or JSON text).")] = None,
     frames: Frames = None,
     fps: Fps = None,
+    detail: Detail = "auto",
+    image_tokens: ImageTokens = None,
+    image_budget: ImageBudget = None,
+    no_cache: NoCache = False,
     yes: Yes = False,
     ignore_memory: IgnoreMemory = False,
+    rpc: Rpc = None,
+    tensor_split: TensorSplit = None,
+    guard: Guard = None,
+    guard_model: GuardModel = None,
+    guard_categories: GuardCategories = None,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model; give images to talk about them. /help inside lists the commands."""
@@ -142,6 +158,7 @@ def chat(
     from edgevlm.runtime.protocol import GenerationOptions
 
     from .acquire import open_model, warn_unenforced
+    from .detail import image_detail
     from edgevlm.runtime.inputs.attachments import load_media
 
     from edgevlm.runtime.generation.schema import load_schema
@@ -151,12 +168,19 @@ def chat(
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None
     images = load_media(list(media or []), frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX)
+    from .guard import chat_turn, load_guard, memory_pair, plan_guard
+
+    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
-                                   yes=yes, ignore_memory=ignore_memory)
+                                   yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
+                                   with_model=memory_pair(gplan))
     tty = sys.stdin.isatty()
+    runner = None
     try:
+        runner = load_guard(gplan, threads=threads, quiet=quiet)
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema)
+                                 seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema,
+                                 image_detail=image_detail(detail, image_tokens, image_budget, no_cache))
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
         warn_unenforced(backend, json_schema)
         for img in images:
@@ -181,8 +205,10 @@ def chat(
                 if not _command(session, line, tty):
                     break
                 continue
-            _stream_answer(session, line, [])
+            chat_turn(session, runner, line, [], _stream_answer)
     finally:
         if tty:
             console.err.print("")
+        if runner is not None:
+            runner.close()
         backend.close()

@@ -25,6 +25,31 @@ Raw = Annotated[bool, typer.Option("--raw", help="Plain completion: send the pro
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop generating at this string (repeatable).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr; errors only.")]
 
+Rpc = Annotated[Optional[str], typer.Option(
+    "--rpc", help="Spread the model's layers over these workers too (HOST:PORT,HOST:PORT; each runs `vlm worker`).")]
+TensorSplit = Annotated[Optional[str], typer.Option(
+    "--tensor-split", help="With --rpc: relative share of layers for this host and each worker, in order "
+                           "(e.g. 1,2,2; default: by free memory).")]
+
+Guard = Annotated[Optional[str], typer.Option(
+    "--guard", metavar="input|output|both|off",
+    help="Safety filter (Llama Guard 3, on this device): check the question, the answer, or both; a blocked one "
+         "exits 13. With the answer checked, it is held until the check passes instead of streamed. Images "
+         "are not judged (text only). Default: the config's `guard`, else off.")]
+GuardModel = Annotated[Optional[str], typer.Option(
+    "--guard-model", help="The guard model: registry name or a Llama Guard 3 .gguf (default llama-guard3-1b).")]
+GuardCategories = Annotated[Optional[str], typer.Option(
+    "--guard-categories", metavar="S1,S10|-S6|FILE",
+    help="Categories to check (S1..S13 by default), those to leave out (-S6,-S12), or a file of custom "
+         "categories ('S1: text' lines).")]
+
+Detail = Annotated[str, typer.Option("--detail", help="Image detail: low (one tile), auto (the most that encodes "
+                                     "within --image-budget here) or high (the model's full tiling).")]
+ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", min=1, help="At most this many tokens per image.")]
+ImageBudget = Annotated[Optional[float], typer.Option("--image-budget", min=0.0, help="--detail auto: seconds of image "
+                                                      "encode a question may take on this device (default 2).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the image-embedding cache.")]
+
 Frames = Annotated[Optional[int], typer.Option("--frames", min=1, help="Video: number of frames to sample (default: chosen for the context).")]
 Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sample this many frames per second instead.")]
 

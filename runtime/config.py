@@ -31,12 +31,20 @@ class Config:
     default_text_model: Optional[str] = None     # alias or alias:artifact; overrides the registry default
     default_vision_model: Optional[str] = None
     max_image_pixels: Optional[int] = None       # refuse (decompression bomb) / downscale above this
+    rpc: Optional[str] = None                    # a standing cluster: HOST:PORT,... used when --rpc is not given
+    image_cache_max_bytes: Optional[int] = None  # cap of the image-embedding cache (LRU; default 1 GiB)
+    guard: Optional[str] = None                  # --guard by default: input, output, both (or off)
+    guard_model: Optional[str] = None            # the guard model (default llama-guard3-1b)
 
 
 _TYPES: dict[str, type] = {
     "default_text_model": str,
     "default_vision_model": str,
     "max_image_pixels": int,
+    "rpc": str,
+    "image_cache_max_bytes": int,
+    "guard": str,
+    "guard_model": str,
 }
 
 
@@ -53,10 +61,14 @@ def _check(key: str, value: Any, path: Path) -> Any:
             raise UsageError(f"{path}: '{key}' must be a positive whole number (got {value!r}).",
                              hint=f"Fix or remove '{key}' in {path}.")
     elif not isinstance(value, str) or not value.strip():
-        raise UsageError(f"{path}: '{key}' must be a model name such as llama3.2-1b (got {value!r}).",
+        example = {"rpc": "a list of workers such as 10.0.0.2:50052,10.0.0.3:50052"}.get(key, "a model name such as llama3.2-1b")
+        raise UsageError(f"{path}: '{key}' must be {example} (got {value!r}).",
                          hint=f"Fix or remove '{key}' in {path}.")
     else:
         value = value.strip()
+        if key == "guard" and value.lower() not in ("input", "output", "both", "off"):
+            raise UsageError(f"{path}: 'guard' must be input, output, both or off (got {value!r}).",
+                             hint=f"Fix or remove 'guard' in {path}.")
     return value
 
 

@@ -136,13 +136,60 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
     return estimate(weights, ctx, spec.kv, mm)
 
 
-def check_memory(resolved: ResolvedModel, n_ctx: int, available: Optional[int] = None) -> MemoryEstimate:
+def check_memory(resolved: ResolvedModel, n_ctx: int, available: Optional[int] = None,
+                 with_model: Optional[tuple[ResolvedModel, int]] = None) -> MemoryEstimate:
+    """Refuse when the model will not fit; ``with_model`` = (resolved, n_ctx) of a second model loaded
+    beside it (the --guard model): both are counted."""
     from .device.hardware import memory_info
 
     est = estimate_memory(resolved, n_ctx)
-    check_fits(est, memory_info().available if available is None else available,
-               f"{resolved.alias_ref} with a {n_ctx:,}-token context")
+    what = f"{resolved.alias_ref} with a {n_ctx:,}-token context"
+    if with_model is not None:
+        other, other_ctx = with_model
+        o = estimate_memory(other, other_ctx)
+        est = MemoryEstimate(weights=est.weights + o.weights, mmproj=est.mmproj + o.mmproj,
+                             kv_cache=est.kv_cache + o.kv_cache, overhead=est.overhead + o.overhead)
+        what += f" plus {other.alias_ref} with {other_ctx:,} tokens"
+    check_fits(est, memory_info().available if available is None else available, what)
     return est
+
+
+@dataclass
+class ClusterPlan:
+    """How a model is spread over this host and RPC workers (``vlm worker``)."""
+
+    endpoints: list[str]
+    host_layers: int               # layers that stay on this host
+    worker_shares: list[float]     # relative shares of the other layers, one per worker
+    shares: list                   # device.memory.DeviceShare per device, this host first
+
+
+def plan_cluster(resolved: ResolvedModel, n_ctx: int, endpoints: list[str], split: Optional[list[float]] = None,
+                 check: bool = True) -> ClusterPlan:
+    """Layers per device for a GGUF model spread over workers; asks each worker for its free memory and
+    refuses (InsufficientMemory, with a per-device breakdown) when a share does not fit."""
+    from .backends import ggml_rpc
+    from .device.hardware import memory_info
+    from .device.memory import plan_split
+    from .errors import UsageError
+
+    art = resolved.artifact
+    if art is None or art.format != "gguf":
+        raise UsageError("--rpc works with GGUF models (llama.cpp's RPC backend).", hint="Use a GGUF artifact.")
+    ggml_rpc.require()
+    ggml_rpc.check_reachable(endpoints)
+    info = read_gguf(art.path)
+    n_layers = info.kv_shape[0] if info.kv_shape else int(info.get(f"{info.architecture}.block_count") or 0)
+    if not n_layers:
+        raise BadModelFile(f"{art.path.name} does not say how many layers it has.", hint="Run it without --rpc.")
+    est = estimate_memory(resolved, n_ctx)
+    hosts = [("this host", memory_info().available)] + [(ep, ggml_rpc.worker_memory(ep)[0]) for ep in endpoints]
+    if not check:
+        hosts = [(name, 1 << 62) if split is not None else (name, avail) for name, avail in hosts]
+    host_layers, shares = plan_split(est, n_layers, hosts, split)
+    worker_layers = [round(d.fraction * n_layers) for d in shares[1:]]
+    return ClusterPlan(endpoints=endpoints, host_layers=host_layers,
+                       worker_shares=[float(x) for x in worker_layers], shares=shares)
 
 
 def load_backend(artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> Backend:

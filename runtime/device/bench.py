@@ -74,8 +74,39 @@ def _prompt_of(backend, n_tokens: int) -> str:
     return backend.detokenize(toks)
 
 
+def guard_latency(ref: str, answer: str, *, repeat: int, threads: Optional[int], question_tokens: int = 50) -> dict:
+    """``--guard``: what Llama Guard adds to an answer, loaded beside the model being measured: an input check
+    of a ``question_tokens`` question with the whole prompt evaluated (a process's first check), one with
+    the preamble kept from the previous check (chat, caption, a server), and the output check of ``answer``."""
+    from ..generation.guard import Guard
+    from ..loader import load_backend, resolve
+    from ..protocol import LoadOptions, Message
+
+    res = resolve(ref, want_vision=False)
+    if res.artifact is None:
+        raise EdgeVLMError(f"{res.alias_ref} is not installed.", hint=f"Run `vlm pull {res.alias_ref}` first.")
+    gb = load_backend(res.artifact, LoadOptions(n_ctx=2048, n_threads=threads))
+    try:
+        g = Guard(gb, name=res.alias_ref)
+        q = _prompt_of(gb, question_tokens + 1)
+        g.check_input([Message("user", q)])              # warm-up
+        full, reused, out = [], [], []
+        for i in range(repeat):
+            gb.reset()
+            full.append(g.check_input([Message("user", f"{q} {2 * i}")]).seconds)
+            reused.append(g.check_input([Message("user", f"{q} {2 * i + 1}")]).seconds)
+            out.append(g.check_output([Message("user", f"{q} {2 * i + 1}")], answer).seconds)
+        return {"model": res.alias_ref, "question_tokens": question_tokens, "input_full_s": _stat(full),
+                "input_s": _stat(reused), "output_s": _stat(out),
+                "added_s": _stat([a + b for a, b in zip(reused, out)])}
+    finally:
+        gb.close()
+
+
 def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256, gen_tokens: int = 128,
-            repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None) -> dict:
+            repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None,
+            rpc: Optional[list[str]] = None, tensor_split: Optional[list[float]] = None,
+            guard: Optional[str] = None) -> dict:
     """Measure one model in this process (called in the child)."""
     from ..loader import estimate_memory, load_backend, resolve
     from ..inputs.media import load_image
@@ -88,7 +119,13 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         raise EdgeVLMError(f"{resolved.alias_ref} is not installed.", hint=f"Run `vlm pull {resolved.alias_ref}` first.")
     ctx = n_ctx or max(512, prompt_tokens + gen_tokens + 2048 * (img is not None) + 64)
     t0 = time.perf_counter()
-    b = load_backend(resolved.artifact, LoadOptions(n_ctx=ctx, n_threads=threads))
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    if rpc:                                  # spread over `vlm worker`s: what that costs per token
+        from ..loader import plan_cluster
+
+        plan = plan_cluster(resolved, ctx, rpc, tensor_split)
+        opts.rpc, opts.host_layers, opts.worker_shares = rpc, plan.host_layers, plan.worker_shares
+    b = load_backend(resolved.artifact, opts)
     load_s = time.perf_counter() - t0
     try:
         prompt = _prompt_of(b, prompt_tokens)
@@ -117,6 +154,11 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 # a second question about the same image, same session: KV prefix reused, image not re-encoded
                 f2 = run(prompt + " And what else?", [img], reset=False)
                 follow.append(f2.ttft_s)
+        guard_doc = None
+        if guard:
+            answer = complete(b, ChatRequest([Message("user", prompt)], GenerationOptions(
+                raw=True, temperature=0, max_tokens=min(gen_tokens, 64))))[0]
+            guard_doc = guard_latency(guard, answer, repeat=repeat, threads=threads)
         kv = b.kv_cache_bytes()        # in each backend's own KV dtype: f16 in llama.cpp, the past's in ONNX
         if resolved.artifact.format == "onnx":
             from ..formats.onnx_files import weight_files
@@ -142,6 +184,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 "encode_ms": _stat([e * 1000 for e in enc]), "followup_ttft_s": _stat(follow),
             },
             "peak_rss_bytes": peak_rss(), "weights_bytes": weights, "kv_cache_bytes": kv, "estimate_bytes": est,
+            **({"guard": guard_doc} if guard_doc is not None else {}),
         }
     finally:
         b.close()

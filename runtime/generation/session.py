@@ -13,6 +13,12 @@ from ..protocol import Backend, ChatRequest, Chunk, GenerationOptions, ImageInpu
 from .core import generate
 
 
+# What a conversation keeps in place of text the safety filter (--guard) blocked: the main model never
+# sees the blocked question again, nor its own blocked answer.
+BLOCKED_QUESTION = "[message withheld: blocked by the safety filter]"
+BLOCKED_ANSWER = "[answer withheld: blocked by the safety filter]"
+
+
 @dataclass
 class TurnResult:
     text: str
@@ -74,6 +80,24 @@ class ChatSession:
 
     def set_system(self, text: Optional[str]) -> None:
         self.system = text or None
+
+    # --- the safety filter's verdicts
+    def pending_messages(self, user_text: str, images: Optional[list[ImageInput]] = None) -> list[Message]:
+        """The conversation ``send(user_text, images)`` would send (what an input check judges)."""
+        return self.messages_for(user_text, self.pending_images + list(images or []))
+
+    def withhold_question(self) -> None:
+        """A question was blocked before it reached the model: the history keeps placeholders (a turn that
+        was never answered), and the images that were to go with it are dropped."""
+        self.pending_images = []
+        self.history.append(Message("user", BLOCKED_QUESTION))
+        self.history.append(Message("assistant", BLOCKED_ANSWER))
+
+    def withhold_answer(self) -> None:
+        """The last answer was blocked after it was generated: a placeholder takes its place (the KV cache
+        holds the answer's tokens; the next turn re-evaluates from where they differ)."""
+        if self.history and self.history[-1].role == "assistant":
+            self.history[-1] = Message("assistant", BLOCKED_ANSWER)
 
     # --- one turn
     def send(self, user_text: str, images: Optional[list[ImageInput]] = None) -> Iterator[Chunk]:
