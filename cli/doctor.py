@@ -10,18 +10,21 @@ from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
-from .options import DEFAULT_CTX
+from .options import DEFAULT_CTX, Rpc
 
 
 @boundary
 def doctor(
     ctx: Annotated[int, typer.Option("--ctx", min=128, help="Context length used for the memory estimates.")] = DEFAULT_CTX,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    rpc: Rpc = None,
 ) -> None:
     """Check this device: CPU features, memory, GPUs, engine builds, which models fit, known problems."""
     from edgevlm.runtime.device.doctor import report
 
-    r = report(ctx)
+    from edgevlm.runtime.backends import ggml_rpc
+
+    r = report(ctx, rpc=ggml_rpc.parse_endpoints(rpc))
     if as_json:
         console.write_out(json.dumps(r, indent=2) + "\n")
         return
@@ -41,6 +44,11 @@ def doctor(
     out(f"llama.cpp   llama-cpp-python {lc['version'] or 'not installed'}\n")
     if lc["system_info"]:
         out(f"            {lc['system_info']}\n")
+    rp = r["rpc"]
+    out(f"RPC         {'available (vlm worker, --rpc)' if rp['available'] else 'not in this build: ' + rp['install']}\n")
+    for w in rp["workers"]:
+        state = f"{fmt_bytes(w['free'])} free" if w["reachable"] and w["free"] is not None else w.get("error", "unreachable")
+        out(f"            worker {w['endpoint']}: {state}\n")
     ort = r["onnxruntime"]
     out(f"onnxruntime {ort['version'] or 'not installed'}" + (f"  providers: {', '.join(ort['providers'])}" if ort["providers"] else "") + "\n")
     out(f"\nModels at a {r['context_for_estimates']}-token context (estimate = weights + projector + KV cache + runtime):\n")

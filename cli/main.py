@@ -10,7 +10,9 @@ from . import chat as _chat
 from . import doctor as _doctor
 from . import models as _models
 from . import quantize as _quantize
+from . import cache as _cache
 from . import serve as _serve
+from . import worker as _worker
 from .console import install_signal_handlers
 
 app = typer.Typer(
@@ -34,6 +36,8 @@ app.command("doctor")(_doctor.doctor)
 app.command("bench")(_bench.bench)
 app.command("quantize")(_quantize.quantize)
 app.command("serve")(_serve.serve)
+app.add_typer(_cache.app, name="cache")
+app.command("worker")(_worker.worker)
 
 
 def version_callback(value: bool) -> None:

@@ -90,7 +90,27 @@ def recommend(rows: list[dict]) -> dict[str, Optional[str]]:
     return best
 
 
-def report(n_ctx: int = DEFAULT_CTX) -> dict:
+def rpc_report(endpoints: Optional[list[str]] = None) -> dict:
+    """Whether this llama.cpp build has the RPC backend, and each given worker's state and free memory."""
+    from ..backends import ggml_rpc
+    from ..errors import EdgeVLMError
+
+    ok = ggml_rpc.available()
+    workers = []
+    for ep in endpoints or []:
+        w = {"endpoint": ep, "reachable": False, "free": None, "total": None}
+        try:
+            ggml_rpc.check_reachable([ep])
+            w["reachable"] = True
+            if ok:
+                w["free"], w["total"] = ggml_rpc.worker_memory(ep)
+        except EdgeVLMError as e:
+            w["error"] = e.message
+        workers.append(w)
+    return {"available": ok, "install": None if ok else ggml_rpc.INSTALL_HINT, "workers": workers}
+
+
+def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
     cpu = cpu_info()
     mem = memory_info()
     family = "arm" if cpu.arch in ("arm64", "aarch64") else "x86"
@@ -127,6 +147,7 @@ def report(n_ctx: int = DEFAULT_CTX) -> dict:
         "default_threads": threads,
         "llama_cpp": {"version": _version("llama-cpp-python"), "system_info": sysinfo.strip() or None},
         "onnxruntime": {"version": _version("onnxruntime"), "providers": _onnx_providers()},
+        "rpc": rpc_report(rpc),
         "models": fits, "recommended": recommend(fits), "context_for_estimates": n_ctx,
         "warnings": warnings,
     }

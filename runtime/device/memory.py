@@ -68,6 +68,52 @@ def check_fits(est: MemoryEstimate, available: int, what: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class DeviceShare:
+    name: str             # "this host" or the worker's HOST:PORT
+    fraction: float       # of the model's layers (and their KV cache)
+    needs: int
+    available: int
+
+
+def plan_split(est: MemoryEstimate, n_layers: int, hosts: list[tuple[str, int]],
+               weights: list[float] | None = None) -> tuple[int, list[DeviceShare]]:
+    """Spread ``n_layers`` over this host and RPC workers: ``hosts`` is [(name, available bytes)], this
+    host first. Shares follow ``weights`` (--tensor-split) or else each device's free memory (as llama.cpp
+    splits over GPUs). Each device needs its share of the weights and the KV cache; this host also keeps
+    the vision projector and the runtime overhead. Returns (layers kept on this host, the plan); refuses
+    with a per-device breakdown when any device is short."""
+    if weights is not None and len(weights) != len(hosts):
+        from ..errors import UsageError
+
+        raise UsageError(f"--tensor-split has {len(weights)} values for {len(hosts)} devices (this host first).",
+                         hint="Give one share for this host and one per --rpc worker, e.g. 1,1,1.")
+    w = list(weights) if weights is not None else [max(1, avail) for _, avail in hosts]
+    total_w = sum(w)
+    if total_w <= 0:
+        from ..errors import UsageError
+
+        raise UsageError("--tensor-split shares must not all be zero.", hint="For example 1,2,2.")
+    layers = [round(n_layers * x / total_w) for x in w]
+    layers[0] = n_layers - sum(layers[1:])              # rounding goes to this host
+    plan = []
+    for i, ((name, avail), n) in enumerate(zip(hosts, layers)):
+        frac = n / n_layers if n_layers else 0.0
+        need = int((est.weights + est.kv_cache) * frac)
+        if i == 0:
+            need += est.mmproj + est.overhead
+        plan.append(DeviceShare(name, frac, need, avail))
+    short = [d for d in plan if d.needs > d.available]
+    if short:
+        lines = "; ".join(f"{d.name}: {d.fraction:.0%} of the layers needs {fmt_bytes(d.needs)}, "
+                          f"{fmt_bytes(d.available)} free" for d in plan)
+        raise InsufficientMemory(
+            f"The model does not fit across these devices ({lines}).",
+            hint="Add a worker, move shares with --tensor-split, use a smaller quantization, lower --ctx, "
+                 "or pass --ignore-memory to try anyway.")
+    return layers[0], plan
+
+
 def fmt_bytes(n: int | float) -> str:
     n = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):

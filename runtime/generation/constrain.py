@@ -69,6 +69,48 @@ def _check_schema(schema: dict) -> None:
     load_schema(text)
 
 
+_SAFE_INT = 2 ** 53 - 1
+
+
+def _safe_integers(schema):
+    """A copy of ``schema`` for the engine in which integers without bounds get I-JSON's interoperable
+    range (RFC 7493: +-(2**53 - 1), at most 16 digits), the cap llama.cpp's JSON grammar has too. Without
+    it a small model can repeat a digit until --max-tokens ("population": 1111...). The answer is still
+    validated against the user's own schema."""
+    if isinstance(schema, list):
+        return [_safe_integers(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _safe_integers(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    t = schema.get("type")
+    if t == "integer" or (isinstance(t, list) and "integer" in t and "number" not in t):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -_SAFE_INT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = _SAFE_INT
+    return out
+
+
+def _without_patterns(schema) -> tuple[object, list[str]]:
+    """``schema`` without its ``pattern`` keywords, and the patterns taken out."""
+    dropped: list[str] = []
+
+    def walk(x):
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        out = {}
+        for k, v in x.items():
+            if k == "pattern" and isinstance(v, str):      # (a property named "pattern" maps to a dict)
+                dropped.append(v)
+                continue
+            out[k] = v if k in ("const", "enum", "default", "examples") else walk(v)
+        return out
+
+    return walk(schema), dropped
+
+
 def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
     """The grammar for ``schema`` and the warnings of what it does not enforce; cached per tokenizer.
     Strict first (every keyword enforced); a schema with keywords the engine cannot enforce compiles
@@ -76,12 +118,18 @@ def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
     _check_schema(schema)
     llg = import_llguidance()
     key = (json.dumps(schema, sort_keys=True), id(ll_tokenizer))
+    schema = _safe_integers(schema)
     hit = _GRAMMARS.get(key)
     if hit is not None and hit[0] is ll_tokenizer:
-        return hit[1], hit[2]
+        return hit[1]
     why = ""
     result = None
-    for lenient in (False, True):
+    dropped: list[str] = []
+    for lenient, strip in ((False, False), (True, False), (True, True)):
+        if strip:       # regexes the engine cannot compile (look-arounds, back-references): go without them
+            schema, dropped = _without_patterns(schema)
+            if not dropped:
+                break
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": lenient})
         except (ValueError, RuntimeError) as e:
@@ -91,14 +139,15 @@ def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
         if is_error:
             why = " ".join((messages[0] if messages else "invalid grammar").split())[:300]
             continue
-        result = (grammar, [" ".join(m.split())[:200] for m in messages])
+        result = (grammar, [f"pattern {p!r} (regex not supported)" for p in dropped]
+                  + [" ".join(m.split())[:200] for m in messages])
         break
     if result is None:
         raise UsageError(f"--schema cannot be used to constrain the output: {why}",
                          hint="Check that the schema is valid JSON Schema and can be satisfied.")
     if len(_GRAMMARS) >= _GRAMMARS_MAX:
         _GRAMMARS.pop(next(iter(_GRAMMARS)))
-    _GRAMMARS[key] = (ll_tokenizer, *result)
+    _GRAMMARS[key] = (ll_tokenizer, result)
     return result
 
 
