@@ -326,8 +326,11 @@ def test_models_and_ollama(server, vision_gguf):
 # --------------------------------------------------------------------------------------------
 
 def _long_stream(url: str, n: int = 200) -> dict:
-    return {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-            "max_tokens": n, "temperature": 0.8, "seed": 3, "stream": True}
+    """A streamed answer that cannot end early: the schema asks for at least 100 numbers."""
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 100}
+    return {"model": "smollm2-135m", "messages": [{"role": "user", "content": "List numbers."}], "max_tokens": n,
+            "temperature": 0, "stream": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
 
 
 def test_queue_full_and_client_dropping_mid_stream(smollm2_gguf, tmp_path):

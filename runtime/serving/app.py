@@ -374,7 +374,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         if state["fatal"]:
             return JSONResponse({"error": {"code": 500, "message": state["fatal"], "type": "server_error"}},
                                 status_code=500)
-        if not state["ready"] or pool.loading:
+        if not state["ready"]:          # the command-line models; a model loading on demand is not "unhealthy"
             return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                                 status_code=503)
         return JSONResponse({"status": "ok"})
