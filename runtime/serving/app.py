@@ -179,7 +179,10 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     # -- the generation path, shared by both API families ------------------------------------------
     async def start(request: Request, parsed: Parsed) -> tuple[Lease, ChunkStream, Any, float]:
         t0 = time.perf_counter()
-        chat = await asyncio.get_running_loop().run_in_executor(None, build_request, parsed, settings, max_pixels)
+        if parsed.n_images:             # decoding is CPU work: off the event loop
+            chat = await asyncio.get_running_loop().run_in_executor(None, build_request, parsed, settings, max_pixels)
+        else:                           # nothing to decode: no thread hop (it costs TTFT on a busy CPU)
+            chat = build_request(parsed, settings, max_pixels)
         lease: Lease = await until_disconnect(request, pool.acquire(parsed.model, parsed.keep_alive_s),
                                               on_orphan=lambda lease: lease.release())
         entry = lease.entry
