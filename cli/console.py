@@ -38,7 +38,9 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err.print(f"[yellow]Warning:[/] {msg}")
+    from rich.markup import escape     # plain text: library messages hold brackets (["not"], [quantize])
+
+    err.print(f"[yellow]Warning:[/] {escape(msg)}")
 
 
 def interactive() -> bool:
@@ -67,9 +69,11 @@ def _silence_stdout() -> None:
 
 
 def fail(e: EdgeVLMError) -> "typer.Exit":
-    err.print(f"[bold red]Error:[/] {e.message}", markup=True) if not isinstance(e, Cancelled) else None
+    from rich.markup import escape     # messages are plain text: "[quantize]" is not a style tag
+
+    err.print(f"[bold red]Error:[/] {escape(e.message)}", markup=True) if not isinstance(e, Cancelled) else None
     if e.hint:
-        err.print(f"[dim]Hint:[/] {e.hint}")
+        err.print(f"[dim]Hint:[/] {escape(e.hint)}")
     return typer.Exit(e.exit_code)
 
 

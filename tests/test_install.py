@@ -103,8 +103,6 @@ def test_a_missing_converter_names_the_install_line_that_brings_it():
     assert CONVERTER in {r.name for r in _extra_requirements("quantize")}      # ...and it really does
 
 
-@pytest.mark.xfail(strict=True, reason="cli/console.py prints hints as rich markup, so '[quantize]' vanishes "
-                                       "('Hint: pip install 'edgevlm''); fix: escape message and hint in fail()")
 def test_vlm_quantize_without_the_converter_prints_the_line_that_installs_it(tmp_path):
     """The newcomer's path through the real CLI: the hint must survive printing, brackets and all."""
     ck = tmp_path / "ck"
