@@ -463,6 +463,280 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
     return path
 
 
+# ------------------------------------------------------------------------------------------ int4 recipe
+# What `--to onnx:int4` writes, and why (issue 20; measured on SmolLM2-135M, figures in docs/quantize-output.md):
+# * MatMulNBits zero points are whole numbers, so a block whose minimum is not a multiple of its step is
+#   shifted as a whole by up to half a step. RTN (min/max) int4 lost 40% top-1 that way; a weighted
+#   least-squares search for each block's scale and zero point (llama.cpp's make_qkx idea: try a few
+#   scales, refit scale and offset, keep the best) halves the loss. Float zero points would be exact
+#   but take onnxruntime's unpacked path: 12x slower decode.
+# * Weighted by input-channel importance when the caller has an importance matrix (``--calibration``,
+#   the same one GGUF targets use), else by |w| (k-quant's default weighting).
+# * Mixed precision like Q4_K_M's: the most sensitive tensors -- the lm_head (with the tied embedding),
+#   the attention q/k/v projections and the MLP down projection of the first and last layers -- as
+#   8-bit MatMulNBits, the rest 4-bit.
+# * A tied token embedding is not stored twice: GatherBlockQuantized reads the lm_head's own quantized
+#   weight (same bytes, same blocks along the hidden axis).
+INT4_RECIPES = ("mixed", "int4", "rtn")   # int4: every MatMul 4-bit, searched; rtn: the pre-issue-20 recipe
+_HIGH_PRECISION_ROLES = ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")
+_EDGE_LAYER_ROLES = ("down_proj", "fc2")
+
+
+def _node_path(name: str) -> str:
+    """``/model/layers.3/self_attn/q_proj/MatMul`` or ``/model.layers.3.self_attn.qkv_proj/MatMul`` ->
+    ``model.layers.3.self_attn.q_proj`` (qkv_proj)."""
+    parts = [p for p in name.strip("/").split("/") if p]
+    if parts and parts[-1].startswith("MatMul"):
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _layer_index(path: str) -> Optional[int]:
+    bits = path.split(".")
+    for i, b in enumerate(bits[:-1]):
+        if b in ("layers", "layer", "h", "blocks") and bits[i + 1].isdigit():
+            return int(bits[i + 1])
+    return None
+
+
+def int4_bits_plan(names: list[str], recipe: str = "mixed") -> dict[str, int]:
+    """MatMul node name -> bits (4 or 8) for ``recipe``. Roles are read from the names our exporters
+    write (fused builder, optimum, the vision parts): lm_head, q/k/v (or packed qkv), down_proj/fc2."""
+    if recipe not in INT4_RECIPES:
+        raise UsageError(f"Unknown int4 recipe {recipe!r}.", hint=f"Use one of {', '.join(INT4_RECIPES)}.")
+    plan = {n: 4 for n in names}
+    if recipe != "mixed":
+        return plan
+    layers = [i for i in (_layer_index(_node_path(n)) for n in names) if i is not None]
+    n_layers = max(layers) + 1 if layers else 0
+    edge = max(1, n_layers // 6)
+    for n in names:
+        path = _node_path(n)
+        role = path.rsplit(".", 1)[-1]
+        layer = _layer_index(path)
+        if role in _HIGH_PRECISION_ROLES or path.endswith("lm_head"):
+            plan[n] = 8
+        elif role in _EDGE_LAYER_ROLES and layer is not None and (layer < edge or layer >= n_layers - edge):
+            plan[n] = 8
+    return plan
+
+
+def importance_for(names_k: dict[str, int], importance: Optional[dict]) -> dict:
+    """Match an importance matrix keyed by Hugging Face tensor names (``model.layers.3.mlp.down_proj.weight``
+    -> mean squared input activation per input channel, what ``verify.collect_imatrix`` returns) to MatMul
+    nodes by the last four parts of their paths (``layers.3.mlp.down_proj``; ``lm_head``), which the fused
+    builder, optimum and the vision exporter all keep. Packed projections (qkv, gate_up) take their first
+    member's vector: they share its input. Only vectors of length K are kept."""
+    import numpy as np
+
+    if not importance:
+        return {}
+
+    def tail(path: str) -> str:
+        return "lm_head" if path.endswith("lm_head") else ".".join(path.split(".")[-4:])
+
+    by_tail = {tail(k[:-len(".weight")] if k.endswith(".weight") else k): v for k, v in importance.items()}
+    aliases = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
+    out = {}
+    for name, k in names_k.items():
+        path = _node_path(name)
+        head, _, role = path.rpartition(".")
+        for cand in (path, f"{head}.{aliases[role]}" if role in aliases else None):
+            vec = by_tail.get(tail(cand)) if cand else None
+            if vec is not None and np.asarray(vec).size == k:
+                out[name] = np.asarray(vec, dtype=np.float32).reshape(-1)
+                break
+    return out
+
+
+def _fit_blocks(x, wgt, maxq: int):
+    """Weighted least-squares scale and integer zero point for each row of ``x`` [rows, block]: start from
+    min/max, try ``maxq + d`` steps over the range (d in -1..1), refit scale and offset by weighted least
+    squares, round the zero point, refit the scale, keep the best. Returns q (0..maxq), scale, zero (ints)."""
+    import numpy as np
+
+    lo = x.min(-1, keepdims=True)
+    hi = x.max(-1, keepdims=True)
+    rng = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    sw = wgt.sum(-1, keepdims=True)
+    best = None
+    for d in np.arange(-1.0, 1.01, 0.1, dtype=np.float32):
+        q = np.clip(np.rint((x - lo) * ((maxq + d) / rng)), 0, maxq)
+        sq, sqq = (wgt * q).sum(-1, keepdims=True), (wgt * q * q).sum(-1, keepdims=True)
+        sx, sqx = (wgt * x).sum(-1, keepdims=True), (wgt * q * x).sum(-1, keepdims=True)
+        det = sw * sqq - sq * sq
+        ok = det > 1e-30
+        s = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1), rng / maxq)
+        off = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1), lo)
+        s = np.where(s > 0, s, rng / maxq)
+        z = np.clip(np.rint(-off / s), 0, maxq)
+        q = np.clip(np.rint(x / s + z), 0, maxq)
+        c = q - z
+        scc = (wgt * c * c).sum(-1, keepdims=True)
+        s = np.where(scc > 0, (wgt * c * x).sum(-1, keepdims=True) / np.where(scc > 0, scc, 1), s)
+        s = np.where(s > 0, s, rng / maxq)
+        q = np.clip(np.rint(x / s + z), 0, maxq)
+        err = (wgt * ((q - z) * s - x) ** 2).sum(-1, keepdims=True)
+        if best is None:
+            best = [err, q, s, z]
+        else:
+            better = err < best[0]
+            for i, v in enumerate((err, q, s, z)):
+                best[i] = np.where(better, v, best[i])
+    return best[1], best[2], best[3]
+
+
+def quantize_blocks(wt, bits: int, block: int, importance=None, chunk: int = 4096):
+    """A MatMul weight [K, N] -> MatMulNBits inputs: B uint8 [N, K/block, block*bits/8] (two 4-bit values a
+    byte, low nibble first), scales float32 [N, K/block], packed zero points uint8 [N * ceil(K/block * bits/8)].
+    Blocks run along K (one column's consecutive input channels), as the kernel reads them."""
+    import numpy as np
+
+    K, N = wt.shape
+    kb = -(-K // block)
+    maxq = (1 << bits) - 1
+    imp = None
+    if importance is not None:
+        imp = np.zeros(kb * block, np.float32)
+        imp[:K] = np.maximum(np.asarray(importance, np.float32), 0)
+        if not np.any(imp > 0):
+            imp = None
+    q_all = np.empty((N, kb, block), np.uint8)
+    s_all = np.empty((N, kb), np.float32)
+    z_all = np.empty((N, kb), np.uint8)
+    for c0 in range(0, N, chunk):
+        cols = np.asarray(wt[:, c0:c0 + chunk], dtype=np.float32).T          # [n, K]
+        n = cols.shape[0]
+        if kb * block != K:
+            cols = np.pad(cols, ((0, 0), (0, kb * block - K)))
+        x = cols.reshape(n * kb, block)
+        sigma2 = (x * x).mean(-1, keepdims=True)
+        w = np.sqrt(sigma2 + x * x)                                  # llama.cpp's weighting without imatrix
+        if imp is not None:
+            w = w * np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block)
+        if kb * block != K:                                          # padding must not pull the fit
+            pad = np.zeros((kb * block,), np.float32)
+            pad[:K] = 1
+            w = w * np.broadcast_to(pad.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block)
+        q, s, z = _fit_blocks(x, w, maxq)
+        q_all[c0:c0 + n] = q.reshape(n, kb, block)
+        s_all[c0:c0 + n] = s.reshape(n, kb)
+        z_all[c0:c0 + n] = z.reshape(n, kb)
+    if bits == 4:
+        packed = q_all[..., 0::2] | (q_all[..., 1::2] << 4)
+        zz = z_all if kb % 2 == 0 else np.concatenate([z_all, np.full((N, 1), 8, np.uint8)], 1)
+        zp = (zz[:, 0::2] | (zz[:, 1::2] << 4)).reshape(-1)
+    else:
+        packed, zp = q_all, z_all.reshape(-1)
+    return packed.astype(np.uint8), s_all, zp.astype(np.uint8), z_all
+
+
+def _wide_block(k: int, block_size: int) -> int:
+    """8-bit tensors take the widest block (up to 256) that divides K: the scale costs 32/block bits a weight,
+    and 8-bit steps are fine enough that wider blocks cost next to nothing in accuracy."""
+    for b in (256, 128, 64, 32, 16):
+        if b >= block_size and k % b == 0:
+            return b
+    return block_size
+
+
+def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, importance: Optional[dict],
+                   quantize_embeddings: bool):
+    """The int4 recipe (see the comment above ``INT4_RECIPES``) applied to ``model`` in place."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    targets = []
+    for n in g.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits:
+            t = inits[n.input[1]]
+            if len(t.dims) == 2 and t.data_type == onnx_float():
+                targets.append(n)
+    ks = {n.name: int(inits[n.input[1]].dims[0]) for n in targets}
+    plan = int4_bits_plan(list(ks), recipe)
+    imps = importance_for(ks, importance)
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+               and inits[n.input[0]].data_type == onnx_float()]
+    tables = {n.input[0]: numpy_helper.to_array(inits[n.input[0]]) for n in gathers}
+
+    replaced: dict[str, list] = {}
+    drop: set[str] = set()
+    tied: dict[str, tuple] = {}          # embedding table name -> (B, scales, unpacked zero points, bits, block, K)
+    for n in targets:
+        wt = numpy_helper.to_array(inits[n.input[1]])
+        K, N = wt.shape
+        bits = plan[n.name]
+        block = block_size if bits == 4 else _wide_block(K, block_size)
+        packed, scales, zp, z = quantize_blocks(wt, bits, block, imps.get(n.name))
+        base = n.input[1]
+        names = (f"{base}_Q{bits}", f"{base}_scales", f"{base}_zero_points")
+        g.initializer.extend([numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1]),
+                              numpy_helper.from_array(zp, names[2])])
+        replaced[n.name] = [helper.make_node("MatMulNBits", [n.input[0], *names], list(n.output),
+                                             name=n.name + f"_Q{bits}", domain="com.microsoft", K=K, N=N,
+                                             bits=bits, block_size=block, accuracy_level=accuracy_level)]
+        drop.add(base)
+        if K % block == 0:
+            for tname, table in tables.items():
+                if tname not in tied and table.shape == (N, K) and np.array_equal(table, wt.T):
+                    tied[tname] = (names[0], names[1], z, bits, block, K, N)
+        del wt
+    for n in gathers:
+        tname = n.input[0]
+        if tname in tied:
+            b_name, s_name, z, bits, block, K, N = tied[tname]
+        elif quantize_embeddings:
+            table = tables[tname]
+            bits, block = 4, block_size
+            if table.shape[1] % block:
+                continue
+            N, K = table.shape
+            packed, scales, _, z = quantize_blocks(np.ascontiguousarray(table.T), bits, block)
+            b_name, s_name = f"{tname}_Q{bits}", f"{tname}_scales"
+            g.initializer.extend([numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)])
+        else:
+            continue
+        p = f"/edgevlm/embed/{tname}"
+        kb = K // block
+        g.initializer.extend([numpy_helper.from_array(z.reshape(N, kb, 1).astype(np.uint8), f"{tname}_zero_points3"),
+                              numpy_helper.from_array(np.array([N, kb, 1], np.int64), f"{p}/scales_shape"),
+                              numpy_helper.from_array(np.array([K], np.int64), f"{p}/width")])
+        # data [V, K/block, block*bits/8] (the MatMulNBits layout) -> [..., K/block, block] -> [..., K]
+        replaced[n.name or p] = [
+            helper.make_node("Reshape", [s_name, f"{p}/scales_shape"], [f"{p}/scales"], name=f"{p}/Reshape_scales"),
+            helper.make_node("GatherBlockQuantized", [b_name, n.input[1], f"{p}/scales", f"{tname}_zero_points3"],
+                             [f"{p}/blocks"], name=f"{p}/GatherBlockQuantized", domain="com.microsoft",
+                             gather_axis=0, quantize_axis=2, block_size=block, bits=bits),
+            helper.make_node("Shape", [n.input[1]], [f"{p}/ids_shape"], name=f"{p}/Shape"),
+            helper.make_node("Concat", [f"{p}/ids_shape", f"{p}/width"], [f"{p}/out_shape"], name=f"{p}/Concat",
+                             axis=0),
+            helper.make_node("Reshape", [f"{p}/blocks", f"{p}/out_shape"], list(n.output), name=f"{p}/Reshape"),
+        ]
+        if not n.name:
+            n.name = p
+        drop.add(tname)
+    new_nodes = []
+    for n in g.node:
+        new_nodes.extend(replaced.get(n.name, [n]) if n.name else [n])
+    g.ClearField("node")
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name not in drop or t.name in used]
+    g.ClearField("initializer")
+    g.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def onnx_float() -> int:
+    import onnx
+
+    return onnx.TensorProto.FLOAT
+
+
 def _resolve_input(model_dir_or_file: str | Path) -> Path:
     p = Path(model_dir_or_file).expanduser()
     if p.is_dir():
@@ -512,25 +786,32 @@ def _save(model, out: Path) -> None:
 
 def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Literal["int8", "int4"] = "int8",
                   block_size: int = 32, on_progress: Optional[ProgressCallback] = None, *,
-                  symmetric: bool = False, accuracy_level: int = 4, quantize_embeddings: bool = True) -> Path:
+                  symmetric: bool = False, accuracy_level: int = 4, quantize_embeddings: bool = True,
+                  recipe: str = "mixed", importance: Optional[dict] = None) -> Path:
     """Quantize an fp32/fp16 ONNX decoder's weights.
 
     * ``int8``: ``MatMulNBitsQuantizer(bits=8, block_size, symmetric)`` for every MatMul with a constant
       weight (activations quantized per block at run time with ``accuracy_level=4``), and the token
       embedding as int8 through ``quantize_dynamic`` (Gather + DequantizeLinear).
-    * ``int4``: ``MatMulNBitsQuantizer(bits=4, block_size, accuracy_level=4)``: blockwise int4 weights for
-      every MatMul with a constant weight (lm_head included); ``accuracy_level=4`` lets the kernel
-      compute in int8, the fast path on CPUs with VNNI / dot-product instructions. Asymmetric by default
-      (a zero point per block): it keeps more of the weights' range than symmetric blocks, and on
-      SmolLM2-135M only the asymmetric int4 still completes "The capital of France is" with " Paris".
-      With ``quantize_embeddings`` the token embedding becomes int4 as well (GatherBlockQuantized) in
-      graphs at opset 21 (our fused export): SmolLM2-135M's int4 file goes from 202 MB to 107 MB.
+    * ``int4`` (``recipe="mixed"``, the default): blockwise ``MatMulNBits`` (``block_size``, asymmetric,
+      ``accuracy_level=4``: the kernel computes in int8, the fast path on VNNI / dot-product CPUs) with
+      each block's scale and zero point found by a weighted least-squares search, weighted by
+      ``importance`` when given (Hugging Face tensor name -> mean squared input activation per input
+      channel: the importance matrix ``--calibration`` computes for GGUF targets); the lm_head, the
+      attention q/k/v projections and the first and last layers' MLP down projections as 8-bit
+      ``MatMulNBits`` (the widest block up to 256 dividing K); a tied token embedding read by
+      ``GatherBlockQuantized`` from the lm_head's own quantized weight, an untied one quantized 4-bit
+      the same way. ``recipe="int4"``: the same, every MatMul 4-bit. ``recipe="rtn"``: the recipe before
+      issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only); kept to
+      measure against. See the comment above ``INT4_RECIPES`` for the measurements.
 
     ``out_file`` gets the sidecar files (config, tokenizer, chat template) copied next to it when it is
     written to another directory, so its directory is a complete artifact. Returns ``out_file``.
     """
     if kind not in ("int8", "int4"):
         raise UsageError(f"Unknown ONNX quantization {kind!r}.", hint="Use int8 or int4.")
+    if recipe not in INT4_RECIPES:
+        raise UsageError(f"Unknown int4 recipe {recipe!r}.", hint=f"Use one of {', '.join(INT4_RECIPES)}.")
     if block_size < 16 or block_size & (block_size - 1):
         raise UsageError(f"Block size {block_size} is not a power of two >= 16.", hint="Use 32 (default), 64 or 128.")
     src = _resolve_input(model_dir_or_file)
@@ -592,6 +873,9 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
                                      use_external_data_format=external, op_types_to_quantize=["Gather"],
                                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
                     qmodel = onnx.load(str(tout), load_external_data=True)
+        elif recipe != "rtn":
+            qmodel = _quantize_int4(model, block_size, accuracy_level, recipe, importance, quantize_embeddings)
+            del model
         else:
             # Embedding lookups too (GatherBlockQuantized, halves a small model's file) when the graph is
             # already at opset 21, which int4 tensors need; older graphs keep float embeddings rather
@@ -616,4 +900,5 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
 
 
 __all__ = ["export_decoder", "quantize_onnx", "keep_last_logits", "build_fused_decoder", "fused_unsupported_reason",
-           "FUSED_ARCHITECTURES", "SIDECAR_FILES", "VARIANT_NAMES"]
+           "int4_bits_plan", "importance_for", "quantize_blocks", "FUSED_ARCHITECTURES", "INT4_RECIPES",
+           "SIDECAR_FILES", "VARIANT_NAMES"]

@@ -1,0 +1,99 @@
+"""Where ONNX int4 loses its source's answers, setting by setting (issue 20).
+
+Exports the Hugging Face checkpoint once with our fused builder, computes the source's reference once
+(transformers fp32; ``--calibration FILE`` adds the importance matrix, as ``vlm quantize`` does), then
+quantizes it with each recipe and scores it exactly as ``vlm quantize``'s verification does (top-1
+agreement and mean KL over the held-out paragraph, every position in one run; bits per weight = file
+bytes * 8 / source parameters). ``--speed`` then decodes with each artifact through the ONNX backend,
+alternating, and reports median tok/s and the median of paired ratios against the first recipe.
+
+    python benchmarks/int4_sweep.py HF_DIR [--calibration FILE] [--recipes rtn,int4,mixed] [--speed]
+        [--work DIR] [--threads 2]
+
+Recipes (``quantize.onnx.quantize_onnx``'s ``recipe``): ``rtn`` = the int4 before issue 20
+(onnxruntime's MatMulNBitsQuantizer, min/max rounding, asymmetric, block 32); ``int4`` = every MatMul
+4-bit with the weighted least-squares block search, tied embedding shared with the lm_head; ``mixed``
+= that plus 8-bit lm_head, q/k/v and edge-layer down projections (the default). ``rtn-acc0`` etc.:
+any recipe with ``-acc0`` computes in fp32 instead of int8 (``accuracy_level=0``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src", type=Path)
+    ap.add_argument("--calibration", type=Path)
+    ap.add_argument("--recipes", default="rtn,int4,mixed")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgevlm-int4-sweep"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--gen", type=int, default=48)
+    a = ap.parse_args()
+
+    from edgevlm.quantize import verify as V
+    from edgevlm.quantize.onnx import export_decoder, quantize_onnx
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    fp32 = a.work / "fp32" / "model.onnx"
+    if not fp32.is_file():
+        export_decoder(a.src, fp32.parent)
+    cal = a.calibration.read_text(encoding="utf-8") if a.calibration else None
+    ref_file = a.work / f"reference-{'cal' if cal else 'nocal'}.pkl"
+    if ref_file.is_file():
+        ref = pickle.loads(ref_file.read_bytes())
+    else:
+        ref = V.source_reference(a.src, n_tokens=256, calibration_text=cal)
+        ref_file.write_bytes(pickle.dumps(ref))
+
+    rows, files = [], []
+    for name in a.recipes.split(","):
+        recipe, _, acc = name.partition("-acc")
+        out = a.work / name / "model_q4.onnx"
+        t0 = time.perf_counter()
+        quantize_onnx(fp32, out, "int4", recipe=recipe, accuracy_level=int(acc or 4),
+                      importance=ref.imatrix if recipe != "rtn" else None)
+        build_s = time.perf_counter() - t0
+        r = V.compare(ref, V.onnx_logits(out, ref.token_ids, threads=a.threads))
+        size = sum(p.stat().st_size for p in out.parent.iterdir() if p.name.startswith(out.name))
+        row = {"recipe": name, "calibration": bool(cal and recipe != "rtn"), "top1": r["top1_agreement"],
+               "kl": r["kl_mean"], "bits_per_weight": round(8 * size / ref.n_params, 2), "build_s": round(build_s, 1)}
+        rows.append(row)
+        files.append(out)
+        print(json.dumps(row), flush=True)
+
+    if a.speed:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from onnx_vs_genai import prompt_of, run_backend
+
+        from edgevlm.runtime.loader import load_backend
+        from edgevlm.runtime.protocol import Artifact, LoadOptions
+
+        backends = [load_backend(Artifact(format="onnx", path=f, name=f.name), LoadOptions(n_ctx=512, n_threads=a.threads))
+                    for f in files]
+        prompt = prompt_of(40)
+        for b in backends:
+            run_backend(b, prompt, 8)
+        tps: list[list[float]] = [[] for _ in backends]
+        for r in range(a.rounds):                     # alternate the order each round
+            order = range(len(backends)) if r % 2 == 0 else reversed(range(len(backends)))
+            for i in order:
+                tps[i].append(run_backend(backends[i], prompt, a.gen)[1])
+        for b in backends:
+            b.close()
+        for row, t in zip(rows, tps):
+            ratio = statistics.median(x / y for x, y in zip(t, tps[0]))
+            print(json.dumps({"recipe": row["recipe"], "decode_tps": round(statistics.median(t), 1),
+                              "ratio_vs_first": round(ratio, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The int4 recipe's pieces (issue 20), checked against onnxruntime's own kernels on tiny graphs:
+the packed layout MatMulNBits reads, the searched blocks beating min/max rounding, the bits plan, the
+importance-matrix matching, and a tied embedding read by GatherBlockQuantized from the lm_head's weight."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgevlm.quantize.onnx import (_fit_blocks, _quantize_int4, importance_for, int4_bits_plan,  # noqa: E402
+                                   quantize_blocks)
+
+
+def _dequant(packed, scales, z_unpacked, bits, block, K):
+    N, kb, _ = packed.shape
+    if bits == 4:
+        q = np.stack([packed & 15, packed >> 4], -1).reshape(N, kb, block)
+    else:
+        q = packed
+    w = (q.astype(np.float32) - z_unpacked[..., None]) * scales[..., None]
+    return w.reshape(N, kb * block)[:, :K].T            # [K, N]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_blocks_are_what_matmulnbits_computes(bits):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    K, N, block = 96, 40, 32
+    wt = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, zp, z = quantize_blocks(wt, bits, block)
+    assert packed.shape == (N, K // block, block * bits // 8) and scales.shape == (N, K // block)
+    ref_w = _dequant(packed, scales, z, bits, block, K)
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zp, "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ ref_w, rtol=1e-4, atol=1e-4)
+    err = np.abs(ref_w - wt).max() / np.abs(wt).max()
+    assert err < (0.1 if bits == 4 else 0.01)
+
+
+def test_search_beats_min_max_rounding_on_a_shifted_grid():
+    """Weights on a Q4_1-like grid whose minimum is not a multiple of the step: the integer zero point of
+    min/max rounding shifts every weight of the block; the weighted search finds a better fit."""
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.01, 0.02, (512, 1))
+    m = -d * (7.3 + rng.uniform(0, 1, (512, 1)))
+    x = (m + d * rng.integers(0, 16, (512, 32))).astype(np.float32)
+    x[:, 0], x[:, 1] = m[:, 0], (m + 15 * d)[:, 0]
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    s = (hi - lo) / 15
+    z = np.clip(np.rint(-lo / s), 0, 15)
+    rtn = np.clip(np.rint(x / s + z), 0, 15)
+    err_rtn = (((rtn - z) * s - x) ** 2).sum()
+    q, s2, z2 = _fit_blocks(x, np.ones_like(x), 15)
+    err_fit = (((q - z2) * s2 - x) ** 2).sum()
+    assert err_fit < 0.85 * err_rtn
+    assert np.all(z2 == np.rint(z2)) and z2.min() >= 0 and z2.max() <= 15
+
+
+def test_importance_weights_the_fit_toward_important_channels():
+    rng = np.random.default_rng(2)
+    K, N = 64, 16
+    wt = rng.standard_normal((K, N)).astype(np.float32)
+    imp = np.ones(K, np.float32)
+    imp[:8] = 1000.0
+    p0, s0, _, z0 = quantize_blocks(wt, 4, 32)
+    p1, s1, _, z1 = quantize_blocks(wt, 4, 32, importance=imp)
+    e0 = np.abs(_dequant(p0, s0, z0, 4, 32, K) - wt)[:8].mean()
+    e1 = np.abs(_dequant(p1, s1, z1, 4, 32, K) - wt)[:8].mean()
+    assert e1 < e0
+
+
+def test_bits_plan_roles():
+    names = [f"/model.layers.{i}.{r}/MatMul" for i in range(12)
+             for r in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    names += ["/lm_head/MatMul", "/model/layers.3/self_attn/v_proj/MatMul"]
+    plan = int4_bits_plan(names)
+    assert plan["/lm_head/MatMul"] == 8 and plan["/model.layers.5.self_attn.qkv_proj/MatMul"] == 8
+    assert plan["/model/layers.3/self_attn/v_proj/MatMul"] == 8
+    assert plan["/model.layers.0.mlp.down_proj/MatMul"] == 8 and plan["/model.layers.11.mlp.down_proj/MatMul"] == 8
+    assert plan["/model.layers.5.mlp.down_proj/MatMul"] == 4 and plan["/model.layers.0.mlp.gate_up_proj/MatMul"] == 4
+    assert set(int4_bits_plan(names, "int4").values()) == {4}
+
+
+def test_importance_matrix_matches_every_exporters_names():
+    imat = {"model.layers.3.self_attn.q_proj.weight": np.ones(8), "model.layers.3.mlp.gate_proj.weight": np.ones(8) * 2,
+            "model.layers.3.mlp.down_proj.weight": np.ones(16) * 3, "lm_head.weight": np.ones(8) * 4,
+            "model.text_model.layers.1.self_attn.k_proj.weight": np.ones(8) * 5}
+    got = importance_for({"/model.layers.3.self_attn.qkv_proj/MatMul": 8, "/model.layers.3.mlp.gate_up_proj/MatMul": 8,
+                          "/model/layers.3/mlp/down_proj/MatMul": 16, "/lm_head/MatMul": 8,
+                          "/text/layers.1/self_attn/k_proj/MatMul": 8, "/model.layers.3.mlp.down_proj/MatMul": 99},
+                         imat)
+    assert got["/model.layers.3.self_attn.qkv_proj/MatMul"][0] == 1
+    assert got["/model.layers.3.mlp.gate_up_proj/MatMul"][0] == 2
+    assert got["/model/layers.3/mlp/down_proj/MatMul"][0] == 3 and got["/lm_head/MatMul"][0] == 4
+    assert got["/text/layers.1/self_attn/k_proj/MatMul"][0] == 5
+    assert "/model.layers.3.mlp.down_proj/MatMul" not in got          # wrong length: not used
+
+
+def test_tied_embedding_is_read_from_the_lm_head_weight():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    V, H = 64, 96
+    emb = rng.standard_normal((V, H)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="/model/embed_tokens/Gather", axis=0),
+             helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V]),
+                           helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", H])],
+                          [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    q = _quantize_int4(m, 32, 0, "mixed", None, True)
+    assert {t.name for t in q.graph.initializer}.isdisjoint({"embed", "head"})
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
+    assert gbq.input[0] == mnb.input[1]                           # one copy of the table
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 63]], dtype=np.int64)
+    logits, h = sess.run(None, {"ids": ids})
+    assert h.shape == (1, 3, H)
+    np.testing.assert_allclose(h[0], emb[ids[0]], atol=0.02 * np.abs(emb).max())   # 8-bit lm_head: close
+    np.testing.assert_allclose(logits, h @ sess_weights(q).T, rtol=1e-3, atol=1e-3)
+
+
+def sess_weights(q):
+    """The lm_head the quantized graph holds, dequantized (its embedding rows are the same numbers)."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    mnb = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
+    at = {a.name: helper.get_attribute_value(a) for a in mnb.attribute}
+    packed, scales, zp = inits[mnb.input[1]], inits[mnb.input[2]], inits[mnb.input[3]]
+    N, kb = scales.shape
+    z = zp.reshape(N, kb).astype(np.float32) if at["bits"] == 8 else \
+        np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :kb].astype(np.float32)
+    return _dequant(packed, scales, z, at["bits"], at["block_size"], at["K"]).T
