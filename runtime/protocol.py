@@ -48,6 +48,20 @@ class Message:
     images: list[ImageInput] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ImageDetail:
+    """How much of each image the vision encoder sees, and whether its output may come from (and go to)
+    the persistent image-embedding cache. ``level``: "high" is the model's own full tiling, "low" the
+    smallest input it accepts (Idefics3/SmolVLM: the whole image as one tile), "auto" the most detail
+    whose encode fits ``budget_s`` on this device (from its measured encode speed). ``max_tokens`` caps
+    one image's tokens whatever the level. An image is never upscaled past the tiles it fills."""
+
+    level: str = "auto"                      # "low" | "auto" | "high"
+    max_tokens: Optional[int] = None         # --image-tokens
+    budget_s: Optional[float] = None         # --image-budget (None: the default, see inputs/detail.py)
+    cache: bool = True                       # False: --no-cache (neither read nor write)
+
+
 @dataclass
 class GenerationOptions:
     """How to generate: sampling, limits, stop strings, output constraint. The one options type: the CLI
@@ -63,6 +77,7 @@ class GenerationOptions:
     stop: list[str] = field(default_factory=list)
     json_schema: Optional[dict] = None           # constrain output to this schema
     raw: bool = False                            # plain completion: no chat template
+    image_detail: ImageDetail = field(default_factory=ImageDetail)   # images: detail and cache
 
 
 @dataclass
@@ -110,6 +125,10 @@ class LoadOptions:
     seed: int = -1
     mmproj: Optional[Path] = None
     n_gpu_layers: int = 0
+    # llama.cpp RPC (GGUF): workers' HOST:PORT, the layers kept on this host, the others' shares per worker
+    rpc: list[str] = field(default_factory=list)
+    host_layers: Optional[int] = None
+    worker_shares: Optional[list[float]] = None
 
 
 @dataclass
@@ -142,6 +161,10 @@ class Backend(Protocol):
     n_ctx: int                       # positions the KV cache holds
     n_threads: int
     load_s: float
+    # What the last prefill did with its images (None without images): per image the detail chosen,
+    # tiles, tokens, encode seconds and cache hit; "cut" when auto chose less than the model's full
+    # tiling; "warning" when the embedding cache could not be written.
+    image_report: Optional[dict]
 
     @property
     def has_vision(self) -> bool: ...

@@ -101,3 +101,105 @@ def test_concurrent_processes(tmp_path):
         assert p.returncode == 0, err
         assert out.strip() == "ok"
     assert EmbedCache(tmp_path, max_bytes=200_000).stats()["bytes"] <= 200_000 + 9_000
+
+
+# ------------------------------------------------------------------------------- both backends, real models
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    p = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def _backend(vm, fmt: str):
+    from edgevlm.runtime.loader import artifact_from_path, load_backend
+    from edgevlm.runtime.protocol import LoadOptions
+
+    art = artifact_from_path(vm["gguf"], vm["mmproj"], True) if fmt == "gguf" else artifact_from_path(vm["onnx"], None, True)
+    return load_backend(art, LoadOptions(n_ctx=2048))
+
+
+def _answer(b, img, level: str, cache: bool):
+    from edgevlm.runtime.generation.core import complete
+    from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, ImageDetail, Message
+
+    b.reset()
+    req = ChatRequest([Message("user", "What is in this picture?", [img])],
+                      GenerationOptions(temperature=0, max_tokens=12, image_detail=ImageDetail(level=level, cache=cache)))
+    _, last = complete(b, req)
+    return last.token_ids, last.image_tokens, b.image_report
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("level", ["low", "high"])
+def test_cached_answer_equals_uncached(vision_model, photo, home, fmt, level):
+    from edgevlm.runtime.inputs.media import load_image
+
+    img = load_image(str(photo))
+    b = _backend(vision_model, fmt)
+    try:
+        plain, n_plain, rep = _answer(b, img, level, cache=False)
+        assert rep["images"][0]["cache"] == "off"
+        first, n_first, rep = _answer(b, img, level, cache=True)
+        assert rep["images"][0]["cache"] in ("miss", "memory")
+    finally:
+        b.close()
+    b = _backend(vision_model, fmt)            # a new backend: only the persistent cache can hold the image
+    try:
+        second, n_second, rep = _answer(b, img, level, cache=True)
+        assert rep["images"][0]["cache"] == "hit" and rep["images"][0]["encode_s"] == 0.0
+    finally:
+        b.close()
+    assert plain == first == second and n_plain == n_first == n_second
+    assert (n_plain == rep["images"][0]["tokens"]) and (level != "low" or rep["images"][0]["tiles"] == 1)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_gguf_units_equal_libmtmds_own_prompt(vision_model, photo, home):
+    """--detail high through our per-image path gives the tokens libmtmd's whole-prompt path gives."""
+    from edgevlm.runtime.inputs.media import load_image
+
+    img = load_image(str(photo))
+    b = _backend(vision_model, "gguf")
+    try:
+        ours, n_ours, _ = _answer(b, img, "high", cache=False)
+        b._vision_geometry = lambda: None            # libmtmd's own tokenization and evaluation
+        theirs, n_theirs, _ = _answer(b, img, "high", cache=False)
+    finally:
+        b.close()
+    assert ours == theirs and n_ours == n_theirs
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_corrupt_entry_is_reencoded_and_unwritable_cache_warns(vision_model, photo, home):
+    import json
+
+    from conftest import vlm
+
+    args = ("ask", "-m", str(vision_model["gguf"]), "--mmproj", str(vision_model["mmproj"]), "-t", "0", "-n", "4",
+            "--json", "--detail", "low", str(photo), "What?")
+    r1 = vlm(*args, home=home)
+    assert r1.returncode == 0, r1.stderr
+    entries = list((home / "cache" / "embeddings").rglob("*.emb"))
+    assert len(entries) == 1
+    entries[0].write_bytes(entries[0].read_bytes()[:100])          # truncated
+    r2 = vlm(*args, home=home)
+    assert r2.returncode == 0, r2.stderr
+    a1, a2 = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert a2["timings"]["images"][0]["cache"] == "miss" and a1["answer"] == a2["answer"]
+    r3 = vlm(*args, home=home)
+    assert json.loads(r3.stdout)["timings"]["images"][0]["cache"] == "hit"
+    import shutil
+
+    shutil.rmtree(home / "cache" / "embeddings")
+    (home / "cache" / "embeddings").write_text("not a folder")      # unwritable: answer anyway, one warning
+    r4 = vlm(*args, home=home)
+    assert r4.returncode == 0 and json.loads(r4.stdout)["answer"] == a1["answer"]
+    assert r4.stderr.count("image cache could not be written") == 1, r4.stderr

@@ -87,7 +87,11 @@ def _run(backend: ONNXBackend, request: ChatRequest):
 
 
 def _ask(images, question: str = QUESTION, n: int = 12) -> ChatRequest:
-    return ChatRequest([Message("user", question, [img for _, img in images])], GenerationOptions(temperature=0, max_tokens=n))
+    """--detail high (transformers' own processing, the reference) without the embedding cache."""
+    from edgevlm.runtime.protocol import ImageDetail
+
+    return ChatRequest([Message("user", question, [img for _, img in images])],
+                       GenerationOptions(temperature=0, max_tokens=n, image_detail=ImageDetail(level="high", cache=False)))
 
 
 # ---------------------------------------------------------------------------------------------- unit

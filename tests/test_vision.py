@@ -55,7 +55,10 @@ def test_follow_up_about_same_image_reuses_cache(vision_model, images, monkeypat
 
     b = load_backend(artifact_from_path(vision_model["gguf"], vision_model["mmproj"], True), LoadOptions(n_ctx=4096))
     try:
-        s = ChatSession(b, "fixture", options=GenerationOptions(temperature=0, max_tokens=4))
+        from edgevlm.runtime.protocol import ImageDetail
+
+        s = ChatSession(b, "fixture", options=GenerationOptions(temperature=0, max_tokens=4,
+                                                               image_detail=ImageDetail(level="high", cache=False)))
         img = load_image(images[1])
         first = s.ask("What is this?", [img])
         preprocessed = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import time
 from typing import Optional
 
@@ -44,6 +45,11 @@ def _silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
 
 
 
+def _field_type(struct, name: str):
+    """The ctypes type a structure declares for ``name`` (reading a pointer field gives a plain int)."""
+    return next(t for n, t, *_ in struct._fields_ if n == name)
+
+
 class _PieceStream:
     """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
 
@@ -60,6 +66,20 @@ class _PieceStream:
         return self._utf8.flush()
 
 
+class _ImageUnit:
+    """One image of a prompt for an Idefics3 projector: its parts, and embeddings or chunks to encode."""
+
+    def __init__(self, img, settings: str, choice) -> None:
+        self.img, self.settings, self.choice = img, settings, choice
+        self.parts: list = []          # ("t", token ids) | ("e", n_tokens)
+        self.embd: Optional[list] = None   # float32 [n_tokens, n_embd] per "e" part, once encoded / cached
+        self.chunks = None             # libmtmd's chunk list (freed after encoding)
+        self.pending: list = []        # its image chunks, in "e" order
+        self.cache_key: Optional[str] = None
+        self.hit = False
+        self.report: dict = {}
+
+
 class GGUFBackend:
     format = "gguf"
 
@@ -71,6 +91,10 @@ class GGUFBackend:
         self._keys: list = []          # what each KV position holds: token id or (img, id, k)
         self._last_prompt = None       # the last image prompt's (text, image ids, keys, plan, image tokens)
         self._eog: Optional[set[int]] = None
+        self._mtmd_cap: Optional[int] = None    # image_max_tokens the libmtmd context was made with (None: model's)
+        self._mm_info: Optional[GGUFInfo] = None
+        self._embd_batch = None
+        self.image_report: Optional[dict] = None
         self._ll_tokenizer = None
         self.info: Optional[GGUFInfo] = None
         self.artifact: Optional[Artifact] = None
@@ -100,6 +124,16 @@ class GGUFBackend:
         mparams.n_gpu_layers = opts.n_gpu_layers
         if avoid_amx_buffers():
             mparams.use_extra_bufts = False
+        self._devices = self._tensor_split = None
+        if opts.rpc:
+            self._spread_over_workers(llama_cpp, mparams, opts, info)
+        elif "edgevlm.runtime.backends.ggml_rpc" in sys.modules:
+            # workers registered earlier in this process (a server) stay out of a load that names none
+            from . import ggml_rpc
+
+            if ggml_rpc.registered():
+                self._devices = ggml_rpc.device_array([])
+                mparams.devices = ctypes.cast(self._devices, _field_type(mparams, "devices"))
         progress_ref = None
         if on_progress is not None:
             def _cb(p: float, _data) -> bool:
@@ -154,19 +188,10 @@ class GGUFBackend:
         tmpl = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template = tmpl.decode("utf-8", "replace") if tmpl else info.chat_template
         if mm_info is not None:
-            mp = mtmd_cpp.mtmd_context_params_default()
-            mp.use_gpu = opts.n_gpu_layers != 0
-            mp.print_timings = False
-            mp.n_threads = self.n_threads
-            mp.warmup = False
-            mtmd = mtmd_cpp.mtmd_init_from_file(str(artifact.mmproj).encode(), model, mp)
-            if not mtmd:
-                self.close()
-                raise BadModelFile(
-                    f"libmtmd could not load the vision projector {artifact.mmproj.name} for {artifact.path.name}.",
-                    hint="Check that the mmproj belongs to this model; VLM_DEBUG=1 shows llama.cpp's log.",
-                )
-            self._mtmd = mtmd
+            self._mm_info = mm_info
+            self._mtmd_gpu = opts.n_gpu_layers != 0 and not opts.rpc    # the projector stays on this host
+            self.artifact = artifact
+            mtmd = self._use_mtmd(None)     # the model's own preprocessing; see _use_mtmd for the others
             if not mtmd_cpp.mtmd_support_vision(mtmd):
                 self.close()
                 raise BadModelFile(f"{artifact.mmproj.name} does not support images.", hint="Use an image projector.")
@@ -175,6 +200,24 @@ class GGUFBackend:
         self.artifact = artifact
         self._progress_ref = progress_ref
         self.load_s = time.perf_counter() - t0
+
+    def _spread_over_workers(self, llama_cpp, mparams, opts: LoadOptions, info: GGUFInfo) -> None:
+        """llama.cpp's RPC backend: the workers' devices take all but ``opts.host_layers`` of the layers
+        (and their KV cache), in ``opts.worker_shares``; the output layer and the projector stay here."""
+        from . import ggml_rpc
+
+        ggml_rpc.install_abort_handler()
+        devs = ggml_rpc.devices(opts.rpc)
+        self._devices = ggml_rpc.device_array(devs)
+        mparams.devices = ctypes.cast(self._devices, _field_type(mparams, "devices"))
+        n_layers = info.kv_shape[0] if info.kv_shape else 0
+        host = opts.host_layers if opts.host_layers is not None else 0
+        mparams.n_gpu_layers = max(0, n_layers - host) if n_layers else 999
+        shares = list(opts.worker_shares or [1.0] * len(devs))
+        if len(shares) == len(devs) and sum(shares) > 0:
+            n_max = llama_cpp.llama_max_devices()
+            self._tensor_split = (ctypes.c_float * n_max)(*(shares + [0.0] * (n_max - len(shares)))[:n_max])
+            mparams.tensor_split = ctypes.cast(self._tensor_split, _field_type(mparams, "tensor_split"))
 
     @property
     def has_vision(self) -> bool:
@@ -247,7 +290,10 @@ class GGUFBackend:
         if not images:
             toks = self.tokenize(text, add_special=self._add_special(text))
             return toks, [("t", 0, toks)], None, 0
-        return self._follow_up(text, images) or self._tokenize_media(text, images)
+        detail = request.options.image_detail
+        geo = self._vision_geometry()
+        return self._follow_up(text, images, detail) or (
+            self._tokenize_units(text, images, detail, geo) if geo else self._tokenize_media(text, images))
 
     def _tokenize_media(self, text: str, images: list):
         """libmtmd's tokenization of a prompt with media markers: it preprocesses every image."""
@@ -297,11 +343,11 @@ class GGUFBackend:
                 plan.append(("i", len(keys), n_pos, ch))
                 keys.extend((_IMG, ident, k) for k in range(n_pos))
                 n_image_pos += mt.mtmd_input_chunk_get_n_tokens(ch)
-        self._last_prompt = (text, [img.sha256 for img in images], keys,
+        self._last_prompt = (text, self._prompt_ids(images, None), keys,
                              [item if item[0] == "t" else item[:3] + (None,) for item in plan], n_image_pos)
         return keys, plan, chunks, n_image_pos
 
-    def _follow_up(self, text: str, images: list):
+    def _follow_up(self, text: str, images: list, detail=None):
         """Keys and plan for a prompt that only appends text to the last image prompt, whose images are
         still in the KV cache (a follow-up question in a session), without libmtmd preprocessing them
         again: that costs ~90 MiB of float32 tiles and tens of ms for a 17-tile SmolVLM image.
@@ -314,7 +360,7 @@ class GGUFBackend:
         prev_text, prev_ids, prev_keys, prev_plan, n_image_pos = self._last_prompt
         suffix = text[len(prev_text):]
         if (not suffix or not text.startswith(prev_text) or self._marker in suffix
-                or [img.sha256 for img in images] != prev_ids
+                or self._prompt_ids(images, detail if self._vision_geometry() else None) != prev_ids
                 or self._llama_cpp.llama_vocab_get_add_eos(self._vocab)):
             return None
         images_end = max(item[1] + item[2] for item in prev_plan if item[0] == "i")
@@ -328,6 +374,355 @@ class GGUFBackend:
         plan = prev_plan + [("t", len(prev_keys), added)]
         self._last_prompt = (text, prev_ids, keys, plan, n_image_pos)
         return keys, plan, None, n_image_pos
+
+    # ------------------------------------------------------------------ images: detail, cache, units
+    # For Idefics3 projectors (SmolVLM) an image is one "unit" of the plan: its text tokens (row/col
+    # markers) and its embedding runs, tokenized by libmtmd one image at a time, encoded with
+    # mtmd_encode_chunk and evaluated from float32 embeddings (llama_decode with batch.embd), so that
+    # (1) the detail can be chosen per image (libmtmd's image_max_tokens, or the overview tile alone for
+    # "low": Idefics3's one-tile input), and (2) the embeddings can come from / go to the persistent
+    # cache, which then needs neither libmtmd's preprocessing nor the encoder. Other projectors keep
+    # libmtmd's whole-prompt path (_tokenize_media_libmtmd): their M-RoPE / non-causal positions are
+    # libmtmd's business.
+    def _use_mtmd(self, cap: Optional[int]):
+        """The libmtmd context whose preprocessing caps images at ``cap`` tokens (None: the model's own);
+        the context is remade when the cap changes (it owns the projector weights, so one at a time)."""
+        if self._mtmd is not None and self._mtmd_cap == cap:
+            return self._mtmd
+        mt = self._mtmd_cpp if self._mtmd is not None else _import_llama()[1]
+        if self._mtmd is not None:
+            mt.mtmd_free(self._mtmd)
+            self._mtmd = None
+        mp = mt.mtmd_context_params_default()
+        mp.use_gpu = self._mtmd_gpu
+        mp.print_timings = False
+        mp.n_threads = self.n_threads
+        mp.warmup = False
+        if cap is not None:
+            mp.image_max_tokens = cap
+        mmproj = self.artifact.mmproj
+        mtmd = mt.mtmd_init_from_file(str(mmproj).encode(), self._model, mp)
+        if not mtmd:
+            self.close()
+            raise BadModelFile(
+                f"libmtmd could not load the vision projector {mmproj.name} for {self.artifact.path.name}.",
+                hint="Check that the mmproj belongs to this model; VLM_DEBUG=1 shows llama.cpp's log.",
+            )
+        self._mtmd, self._mtmd_cap = mtmd, cap
+        return mtmd
+
+    def _vision_geometry(self) -> Optional[dict]:
+        """Tile size, longest edge and tokens per tile of an Idefics3 projector; None for other projectors."""
+        mm = self._mm_info
+        if mm is None or str(mm.get("clip.projector_type", "")).lower() != "idefics3" \
+                or self._mtmd_cpp.mtmd_decode_use_mrope(self._mtmd):
+            return None
+        try:
+            tile = int(mm.get("clip.vision.image_size"))
+            patch = int(mm.get("clip.vision.patch_size"))
+            merge = int(mm.get("clip.vision.projector.scale_factor", 1) or 1)
+            longest = int(mm.get("clip.vision.preproc_image_size") or tile)
+        except (TypeError, ValueError):
+            return None
+        return {"tile": tile, "longest": longest, "seq": (tile // patch) ** 2 // (merge * merge)}
+
+    def _encoder_id(self) -> str:
+        if getattr(self, "_enc_id", None) is None:
+            from importlib.metadata import PackageNotFoundError, version
+            from pathlib import Path
+
+            from ..inputs.embed_cache import file_identity
+
+            try:
+                ver = version("llama_cpp_python")
+            except PackageNotFoundError:  # pragma: no cover
+                ver = "?"
+            libs = sorted(Path(self._mtmd_cpp.__file__).parent.glob("lib/libmtmd*"))
+            build = file_identity(libs[0]) if libs else "?"
+            self._enc_id = f"gguf:{file_identity(self.artifact.mmproj)}:{ver}:{build}"
+        return self._enc_id
+
+    def _choose(self, images: list, detail, geo: dict) -> list:
+        """Per image: (Choice, cap, overview_only) from runtime/inputs/detail.py."""
+        from ..inputs.detail import DEFAULT_BUDGET_S, EncodeSpeed, Option, choose, idefics3_ladder
+        from ..inputs.idefics3 import hf_grid, mtmd_capped_grid, mtmd_full_grid
+
+        tile, longest, seq = geo["tile"], geo["longest"], geo["seq"]
+        cache = self._embed_cache(detail)
+        spt = None
+        if detail.level == "auto":
+            speed = EncodeSpeed()
+            spt = speed.get(self._speed_key())
+            if spt is None:
+                spt = self._calibrate(speed, geo)
+        budget = (detail.budget_s if detail.budget_s is not None else DEFAULT_BUDGET_S) / max(1, len(images))
+        out = []
+        for img in images:
+            w, h = img.width, img.height
+            cols, rows = mtmd_full_grid(w, h, longest, tile)
+            high = Option("mtmd:full", cols * rows + 1, (cols * rows + 1) * seq)
+            caps: dict[str, Optional[int]] = {"mtmd:full": None, "mtmd:overview": seq}
+
+            def tiles_at(n: int, w=w, h=h, caps=caps):
+                if n == 1:
+                    return 1, "mtmd:overview"
+                if n * tile >= longest:
+                    return high.tiles, "mtmd:full"
+                c, r = hf_grid(w, h, n * tile, tile)
+                k = max(1, c * r)
+                gc, gr = mtmd_capped_grid(w, h, longest, tile, k)
+                st = f"mtmd:cap{k * seq}"
+                caps[st] = k * seq
+                return gc * gr + 1, st
+            ladder = idefics3_ladder(w, h, tile, longest, tiles_at, seq)
+            iid = self._image_id(img)
+
+            def cached(o: Option, iid=iid) -> bool:
+                return cache is not None and cache.has(self._cache_key(iid, o.settings))
+            ch = choose(ladder, high, detail, s_per_tile=spt, budget_s=budget, cached=cached)
+            out.append((ch, caps.get(ch.option.settings), ch.option.settings == "mtmd:overview"))
+        return out
+
+    def _speed_key(self) -> str:
+        return f"{self._encoder_id()}:t{self.n_threads}"
+
+    @staticmethod
+    def _image_id(img) -> str:
+        return f"{img.sha256}:{img.width}x{img.height}" if img.sha256 else __import__(
+            "edgevlm.runtime.inputs.embed_cache", fromlist=["pixels_id"]).pixels_id(img.rgb, img.width, img.height)
+
+    def _cache_key(self, iid: str, settings: str) -> str:
+        from ..inputs.embed_cache import entry_key
+
+        return entry_key(self._encoder_id(), iid, settings)
+
+    def _embed_cache(self, detail):
+        if not detail.cache:
+            return None
+        if getattr(self, "_cache", None) is None:
+            from ..inputs.embed_cache import EmbedCache
+
+            self._cache = EmbedCache.default()
+        return self._cache
+
+    def _calibrate(self, speed, geo: dict) -> Optional[float]:
+        """Seconds per tile of this projector here: the overview tile of a blank image, once per projector,
+        build and thread count (EncodeSpeed keeps it)."""
+        from ..protocol import ImageInput
+
+        t = geo["tile"]
+        blank = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="(calibration)", sha256="")
+        unit = self._image_unit(blank, geo["seq"], True, None, None)
+        try:
+            t0 = time.perf_counter()
+            self._encode_unit(unit)
+            secs = time.perf_counter() - t0
+        finally:
+            self._free_unit(unit)
+        speed.record(self._speed_key(), 1, secs)
+        return secs
+
+    def _image_unit(self, img, cap: Optional[int], overview_only: bool, choice, cache) -> "_ImageUnit":
+        """One image as parts: ("t", tokens) and ("e", n_tokens) runs, embeddings from the cache or
+        libmtmd chunks to encode."""
+        settings = choice.option.settings if choice else "mtmd:overview"
+        unit = _ImageUnit(img, settings, choice)
+        key = self._cache_key(self._image_id(img), settings) if cache is not None else None
+        unit.cache_key = key
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None and self._unit_from_cache(unit, *hit):
+                return unit
+        mt = self._mtmd_cpp
+        mtmd = self._use_mtmd(cap)
+        if len(img.rgb) != img.width * img.height * 3:
+            raise BadMedia(f"Image {img.source} has inconsistent pixel data.", hint="Report this as a bug.")
+        buf = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
+        bm = mt.mtmd_bitmap_init(img.width, img.height, buf)
+        if not bm:
+            raise BadMedia(f"libmtmd could not take image {img.source} ({img.width}x{img.height}).",
+                           hint="Try another image, or convert it to PNG or JPEG.")
+        chunks = mt.mtmd_input_chunks_init()
+        try:
+            itext = mt.mtmd_input_text()
+            itext.text = self._marker.encode()
+            itext.text_len = len(itext.text)
+            itext.add_special = False
+            itext.parse_special = True
+            arr = (mt.mtmd_bitmap_p_ctypes * 1)(bm)
+            rc = mt.mtmd_tokenize(mtmd, chunks, ctypes.byref(itext), arr, 1)
+        finally:
+            mt.mtmd_bitmap_free(bm)
+        if rc != 0:
+            mt.mtmd_input_chunks_free(chunks)
+            raise BadMedia(f"libmtmd could not prepare image {img.source} ({img.width}x{img.height}, error {rc}).",
+                           hint="Try another image, or convert it to PNG or JPEG.")
+        unit.chunks = chunks
+        parts = []
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            ch = mt.mtmd_input_chunks_get(chunks, i)
+            if mt.mtmd_input_chunk_get_type(ch) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mt.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                parts.append(("t", [ptr[j] for j in range(n.value)]))
+            else:
+                parts.append(("e", mt.mtmd_input_chunk_get_n_tokens(ch), ch))
+        if overview_only:          # Idefics3's one-tile input: <fake><global-img> overview <fake>
+            ov = [p for p in parts if p[0] == "e"][-1]
+            parts = [("t", self.tokenize("<fake_token_around_image><global-img>", add_special=False)), ov,
+                     ("t", self.tokenize("<fake_token_around_image>", add_special=False))]
+        unit.parts = [p[:2] for p in parts]
+        unit.pending = [p[2] for p in parts if p[0] == "e"]
+        return unit
+
+    def _unit_from_cache(self, unit: "_ImageUnit", arrays: list, meta: dict) -> bool:
+        layout = meta.get("parts")
+        if not isinstance(layout, list):
+            return False
+        parts, n_e = [], 0
+        n_embd = self._llama_cpp.llama_model_n_embd_inp(self._model)
+        for p in layout:
+            if isinstance(p, list) and len(p) == 2 and p[0] == "t" and isinstance(p[1], list):
+                parts.append(("t", [int(t) for t in p[1]]))
+            elif isinstance(p, list) and len(p) == 2 and p[0] == "e" and isinstance(p[1], int):
+                if n_e >= len(arrays) or arrays[n_e].shape != (p[1], n_embd):
+                    return False
+                parts.append(("e", p[1]))
+                n_e += 1
+            else:
+                return False
+        if n_e != len(arrays):
+            return False
+        unit.parts, unit.embd, unit.hit = parts, list(arrays), True
+        return True
+
+    def _encode_unit(self, unit: "_ImageUnit") -> float:
+        """Encode the unit's libmtmd chunks (one tile each) into float32 arrays; returns seconds."""
+        import numpy as np
+
+        if unit.embd is not None:
+            return 0.0
+        mt = self._mtmd_cpp
+        n_embd = self._llama_cpp.llama_model_n_embd_inp(self._model)
+        t0 = time.perf_counter()
+        out = []
+        for ch in unit.pending:
+            rc = mt.mtmd_encode_chunk(self._mtmd, ch)
+            if rc != 0:
+                raise BackendError(f"libmtmd failed to encode image {unit.img.source} (error {rc}).",
+                                   hint="Check that the mmproj belongs to the model.")
+            n = mt.mtmd_input_chunk_get_n_tokens(ch)
+            ptr = mt.mtmd_get_output_embd(self._mtmd)
+            out.append(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy())
+        unit.embd = out
+        return time.perf_counter() - t0
+
+    def _free_unit(self, unit: "_ImageUnit") -> None:
+        if unit.chunks is not None:
+            self._mtmd_cpp.mtmd_input_chunks_free(unit.chunks)
+            unit.chunks, unit.pending = None, []
+
+    def _decode_embd(self, embd, keys: list, logits_last: bool) -> None:
+        """Evaluate float32 embeddings [n, n_embd] at the next positions (what libmtmd's
+        mtmd_helper_decode_image_chunk does for causal, non-M-RoPE models)."""
+        import numpy as np
+
+        lc = self._llama_cpp
+        n, n_embd = embd.shape
+        if self._embd_batch is None:
+            self._embd_batch = lc.llama_batch_init(self.n_batch, n_embd, 1)
+        b = self._embd_batch
+        dst = np.ctypeslib.as_array(b.embd, shape=(self.n_batch * n_embd,))
+        for s in range(0, n, self.n_batch):
+            m = min(self.n_batch, n - s)
+            dst[: m * n_embd] = embd[s: s + m].reshape(-1)
+            pos0 = len(self._keys)
+            b.n_tokens = m
+            for i in range(m):
+                b.pos[i] = pos0 + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = False
+            b.logits[m - 1] = logits_last and s + m >= n
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise BackendError(f"llama.cpp failed to evaluate an image (llama_decode returned {rc}).",
+                                   hint="The context may be full: raise --ctx.")
+            self._keys.extend(keys[s: s + m])
+
+    def _eval_unit(self, unit: "_ImageUnit", keys: list, logits_last: bool) -> float:
+        """Encode (unless cached) and evaluate one image unit; returns the encode seconds."""
+        secs = 0.0
+        try:
+            if unit.embd is None:
+                secs = self._encode_unit(unit)
+                from ..inputs.detail import EncodeSpeed
+
+                EncodeSpeed().record(self._speed_key(), len(unit.embd), secs)
+                if unit.cache_key is not None:
+                    layout = [list(p) for p in unit.parts]
+                    why = self._cache.put(unit.cache_key, unit.embd, {"parts": layout})
+                    if why:
+                        self._cache_warning = f"The image cache could not be written: {why}"
+        finally:
+            self._free_unit(unit)
+        k, e = 0, 0
+        last = len(unit.parts) - 1
+        for i, part in enumerate(unit.parts):
+            if part[0] == "t":
+                self._decode_tokens(part[1], logits_last=logits_last and i == last, keys=keys[k: k + len(part[1])])
+                k += len(part[1])
+            else:
+                self._decode_embd(unit.embd[e], keys[k: k + part[1]], logits_last and i == last)
+                k += part[1]
+                e += 1
+        unit.report["encode_s"] = round(secs, 4)
+        unit.report["cache"] = "hit" if unit.hit else ("miss" if unit.cache_key else "off")
+        return secs
+
+    def _tokenize_units(self, text: str, images: list, detail, geo: dict):
+        """Keys and plan of a prompt whose images are units (see above)."""
+        lc = self._llama_cpp
+        pieces = text.split(self._marker)
+        if len(pieces) - 1 != len(images):
+            raise BackendError(f"The prompt has {len(pieces) - 1} image markers for {len(images)} images.",
+                               hint=f"Leave the text {self._marker} out of the prompt; attach images instead.")
+        choices = self._choose(images, detail, geo)
+        cache = self._embed_cache(detail)
+        keys: list = []
+        plan = []
+        n_image = 0
+        head = [lc.llama_vocab_bos(self._vocab)] if (self._add_special(text) and lc.llama_vocab_get_add_bos(self._vocab)) else []
+        self._units = []
+        for i, piece in enumerate(pieces):
+            toks = (head if i == 0 else []) + (self.tokenize(piece, add_special=False) if piece else [])
+            if toks:
+                plan.append(("t", len(keys), toks))
+                keys.extend(toks)
+            if i == len(images):
+                break
+            ch, cap, ov = choices[i]
+            unit = self._image_unit(images[i], cap, ov, ch, cache)
+            self._units.append(unit)
+            n_pos = sum(len(p[1]) if p[0] == "t" else p[1] for p in unit.parts)
+            n_tok = sum(p[1] for p in unit.parts if p[0] == "e")
+            unit.report = {"source": images[i].source, "detail": ch.level, "reason": ch.reason, "cut": ch.cut,
+                           "tiles": sum(1 for p in unit.parts if p[0] == "e"), "tokens": n_tok, "encode_s": 0.0}
+            ident = f"{self._image_id(images[i])}|{unit.settings}"
+            plan.append(("i", len(keys), n_pos, unit))
+            keys.extend((_IMG, ident, k) for k in range(n_pos))
+            n_image += n_tok
+        if self._add_special(text) and lc.llama_vocab_get_add_eos(self._vocab):
+            eos = [lc.llama_vocab_eos(self._vocab)]
+            plan.append(("t", len(keys), eos))
+            keys.extend(eos)
+        self._last_prompt = (text, self._prompt_ids(images, detail), keys,
+                             [item if item[0] == "t" else item[:3] + (None,) for item in plan], n_image)
+        return keys, plan, None, n_image
+
+    @staticmethod
+    def _prompt_ids(images: list, detail) -> list:
+        return [(img.sha256, img.width, img.height, detail) for img in images]
 
     # ------------------------------------------------------------------ KV cache
     def _reuse_prefix(self, keys: list, plan) -> int:
@@ -353,7 +748,7 @@ class GGUFBackend:
             self._llama_cpp.llama_memory_clear(self._mem, True)
         self._keys = []
 
-    def _decode_tokens(self, toks: list[int], logits_last: bool) -> None:
+    def _decode_tokens(self, toks: list[int], logits_last: bool, keys: Optional[list] = None) -> None:
         lc = self._llama_cpp
         b = self._batch
         for s in range(0, len(toks), self.n_batch):
@@ -372,13 +767,14 @@ class GGUFBackend:
             if rc != 0:
                 raise BackendError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {rc}).",
                                    hint="The context may be full: lower --max-tokens or raise --ctx.")
-            self._keys.extend(part)
+            self._keys.extend(part if keys is None else keys[s: s + len(part)])
 
     # ------------------------------------------------------------------ generation seam
     def prefill(self, request: ChatRequest) -> Prefill:
         if self._ctx is None:
             raise BackendError("The model is not loaded.", hint="This is a bug: load() must come first.")
         lc = self._llama_cpp
+        self._units, self._cache_warning = [], None
         keys, plan, chunks, n_image_tokens = self._prepare(request)
         try:
             if len(keys) >= self.n_ctx:
@@ -401,6 +797,9 @@ class GGUFBackend:
                     _, start, n_pos, ch = item
                     if start + n_pos <= reused:
                         continue
+                    if isinstance(ch, _ImageUnit):
+                        image_s += self._eval_unit(ch, keys[start: start + n_pos], start + n_pos == len(keys))
+                        continue
                     if ch is None:   # _follow_up checked that the KV cache holds this image
                         raise BackendError("An image of the conversation left the KV cache.",
                                            hint="This is a bug; start a new conversation (/clear).")
@@ -417,6 +816,13 @@ class GGUFBackend:
         finally:
             if chunks is not None:
                 self._mtmd_cpp.mtmd_input_chunks_free(chunks)
+            for unit in self._units:
+                self._free_unit(unit)
+        images = [img for m in request.messages for img in m.images]
+        reps = [u.report for u in self._units if u.report.get("cache")]
+        self.image_report = None if not images else {
+            "images": reps, "cut": any(r.get("cut") for r in reps),
+            **({"warning": self._cache_warning} if self._cache_warning else {})}
         return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused, image_tokens=n_image_tokens,
                        image_encode_s=image_s)
 
@@ -458,9 +864,14 @@ class GGUFBackend:
             from ..generation.constrain import import_llguidance
 
             import_llguidance()
+            import warnings
+
             import llguidance.llamacpp
 
-            self._ll_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
+            with warnings.catch_warnings():        # it calls a llama-cpp-python alias deprecated per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._ll_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
+                    self._vocab, n_vocab=self._n_vocab, eos_token=sorted(self.eog_ids()))
         return self._ll_tokenizer
 
     def score(self, token_ids: list[int], *, batched: bool = True):
@@ -521,6 +932,9 @@ class GGUFBackend:
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
             self._batch = None
+        if self._embd_batch is not None:
+            lc.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
         if self._ctx is not None:
             lc.llama_free(self._ctx)
             self._ctx = None

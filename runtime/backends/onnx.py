@@ -76,6 +76,9 @@ _EOG_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<
 
 _IMG = "img"               # key prefix of image positions in the KV bookkeeping: (_IMG, image id, offset)
 _FEATURE_CACHE_BYTES = 256 * 1024 ** 2   # image features kept for re-use (most recent first)
+# Tiles per vision-encoder run: its activations and the float32 tiles scale with this, not with the image
+# (all 13 tiles of a photo in one run peaked at 2.5-3.2 GB on a SmolVLM-256M-shaped model).
+TILE_BATCH = 1
 
 
 def _image_id(img: ImageInput) -> str:
@@ -87,6 +90,14 @@ def _image_id(img: ImageInput) -> str:
 
         sha = hashlib.sha256(img.rgb).hexdigest()
     return f"{sha}:{img.width}x{img.height}"
+
+
+def _report(images: list, warning: Optional[str]) -> dict:
+    """``Backend.image_report``: per image what was chosen and what it cost."""
+    out: dict = {"images": images, "cut": any(i.get("cut") for i in images)}
+    if warning:
+        out["warning"] = warning
+    return out
 
 
 def _import_ort():
@@ -191,7 +202,11 @@ class ONNXBackend:
         self._vision_sess = None
         self._processor = None         # runtime.idefics3.Idefics3Preprocessor
         self.part_files: dict[str, Path] = {}
-        self._features: OrderedDict = OrderedDict()   # _image_id -> float32 [positions, hidden]
+        self._features: OrderedDict = OrderedDict()   # (_image_id, settings) -> float32 [positions, hidden]
+        self.image_report: Optional[dict] = None
+        self._encoder_id = ""          # names the vision encoder + engine build (embedding cache, encode speed)
+        self._detail: dict = {}        # _image_id -> (settings, longest_edge, Choice) for the current prompt
+        self._report: list = []
         self._raw_config: dict = {}    # config.json as written (multimodal: text_config not merged in)
 
     # ------------------------------------------------------------------ loading
@@ -295,6 +310,10 @@ class ONNXBackend:
             raise BadModelFile(f"The tokenizer has no {self._processor.image_token} token, so it cannot place images.",
                                hint="Copy the tokenizer.json published with this model.")
         self.part_files = {"decoder": model_file, **parts}
+        from ..inputs.embed_cache import file_identity
+
+        self._encoder_id = f"onnx:{file_identity(parts['vision_encoder'])}:ort{ort.__version__}"
+        self._tile_batch = TILE_BATCH
 
     @staticmethod
     def _sidecar_dirs(model_file: Path, given: Path) -> list[Path]:
@@ -568,7 +587,7 @@ class ONNXBackend:
             return ids, ids, []
         proc = self._processor
         text = self.render(request)
-        plans = [proc.plan(img.width, img.height) for img in images]
+        plans = self._choose_details(images, request.options.image_detail)
         try:
             text = proc.expand(text, plans)
         except ValueError as e:
@@ -586,7 +605,7 @@ class ONNXBackend:
         spans, k = [], 0
         for img, plan in zip(images, plans):
             pos = positions[k: k + plan.tiles * proc.image_seq_len]
-            image_id = _image_id(img)
+            image_id = f"{_image_id(img)}|{self._detail[_image_id(img)][0]}"
             for off, p in enumerate(pos):
                 keys[p] = (_IMG, image_id, off)
             spans.append((pos, img, plan))
@@ -605,39 +624,158 @@ class ONNXBackend:
                                hint="Run with VLM_DEBUG=1 for onnxruntime's log; the export may be broken.") from e
         return out[0]
 
-    def _image_features(self, img: ImageInput, plan) -> tuple["object", float]:
-        """The image's features [tiles * image_seq_len, hidden], from the cache or the vision encoder;
-        returns them and the seconds spent encoding (0 when cached)."""
-        key = _image_id(img)
-        feats = self._features.get(key)
-        if feats is not None:
-            self._features.move_to_end(key)
-            return feats, 0.0
-        np = self._np
-        t0 = time.perf_counter()
-        batch = self._processor.preprocess([img])
+    # ------------------------------------------------------------------ detail
+    def _speed_key(self) -> str:
+        return f"{self._encoder_id}:t{self.n_threads}"
+
+    def _choose_details(self, images: list, detail) -> list:
+        """Each image's plan at the detail chosen for it (``runtime/inputs/detail.py``); remembers the
+        choice in ``self._detail`` for the encode and the report."""
+        from ..inputs.detail import DEFAULT_BUDGET_S, EncodeSpeed, Option, choose, idefics3_ladder
+
+        proc = self._processor
+        seq = proc.image_seq_len
+        cache = self._embed_cache(detail)
+        speed = EncodeSpeed()
+        spt = None
+        if detail.level == "auto":
+            spt = speed.get(self._speed_key())
+            if spt is None:
+                spt = self._calibrate(speed)
+        budget = (detail.budget_s if detail.budget_s is not None else DEFAULT_BUDGET_S) / max(1, len(images))
+        self._detail, plans = {}, []
+        for img in images:
+            iid = _image_id(img)
+            hp = proc.plan(img.width, img.height)
+            high = Option(proc.settings(), hp.tiles, hp.tiles * seq)
+            edges = {high.settings: None}
+            if proc.do_image_splitting and proc.do_resize and "longest_edge" in proc.size:
+                def tiles_at(n: int):
+                    le = n * proc.tile
+                    st = proc.settings(le) if le != proc.longest_edge else high.settings
+                    edges.setdefault(st, le if le != proc.longest_edge else None)
+                    return proc.plan(img.width, img.height, le).tiles, st
+                ladder = idefics3_ladder(img.width, img.height, proc.tile, proc.longest_edge, tiles_at, seq)
+            else:
+                ladder = [high]
+
+            def cached(o: Option, iid=iid) -> bool:
+                return (iid, o.settings) in self._features or (
+                    cache is not None and cache.has(self._cache_key(iid, o.settings)))
+            ch = choose(ladder, high, detail, s_per_tile=spt, budget_s=budget, cached=cached)
+            le = edges.get(ch.option.settings)
+            self._detail[iid] = (ch.option.settings, le, ch)
+            plans.append(proc.plan(img.width, img.height, le))
+        return plans
+
+    def _calibrate(self, speed) -> Optional[float]:
+        """Seconds per tile of this encoder here: one tile of a blank image through it, once per encoder,
+        build and thread count (kept by EncodeSpeed)."""
+        proc = self._processor
+        t = proc.tile
+        blank = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="(calibration)", sha256="")
+        batch = proc.preprocess([blank], longest_edge=t)
         feeds = {"pixel_values": batch.pixel_values}
         if self._vision_mask:
             feeds["pixel_attention_mask"] = batch.pixel_attention_mask
+        t0 = time.perf_counter()
         try:
-            out = self._vision_sess.run([self._vision_out], feeds)[0]
-        except Exception as e:
-            raise BackendError(f"onnxruntime failed to encode image {img.source}: {str(e).splitlines()[0][:300]}",
-                               hint="Run with VLM_DEBUG=1 for onnxruntime's log; the export may be broken.") from e
+            self._vision_sess.run([self._vision_out], feeds)
+        except Exception:
+            return None
+        secs = time.perf_counter() - t0
+        speed.record(self._speed_key(), batch.pixel_values.shape[1], secs)
+        return secs / max(1, batch.pixel_values.shape[1])
+
+    def _embed_cache(self, detail):
+        if not detail.cache:
+            return None
+        from ..inputs.embed_cache import EmbedCache
+
+        if getattr(self, "_cache", None) is None:
+            self._cache = EmbedCache.default()
+        return self._cache
+
+    def _cache_key(self, iid: str, settings: str) -> str:
+        from ..inputs.embed_cache import entry_key
+
+        return entry_key(self._encoder_id, iid, settings)
+
+    # ------------------------------------------------------------------ vision
+    def _image_features(self, img: ImageInput, plan, detail=None) -> tuple["object", float]:
+        """The image's features [tiles * image_seq_len, hidden], from memory, the embedding cache or the
+        vision encoder (tile batches of ``VLM_ONNX_TILE_BATCH``, default 1); returns them and the seconds
+        spent encoding (0 when cached)."""
+        from ..protocol import ImageDetail
+
+        detail = detail or ImageDetail()
+        iid = _image_id(img)
+        settings, le, choice = self._detail.get(iid) or (self._processor.settings(), None, None)
+        key = (iid, settings)
+        rep = {"source": img.source, "detail": choice.level if choice else "high",
+               "reason": choice.reason if choice else "", "cut": bool(choice and choice.cut),
+               "tiles": plan.tiles, "tokens": plan.tiles * self._processor.image_seq_len, "encode_s": 0.0}
+        self._report.append(rep)
+        cache = self._embed_cache(detail)
+        ckey = self._cache_key(iid, settings)
+        feats = self._features.get(key)
+        if feats is not None:
+            self._features.move_to_end(key)
+            rep["cache"] = "memory"
+            if cache is not None and not cache.has(ckey):      # encoded earlier with --no-cache
+                self._store(cache, ckey, feats, plan)
+            return feats, 0.0
+        np = self._np
         want = plan.tiles * self._processor.image_seq_len
-        feats = np.ascontiguousarray(out.reshape(-1, out.shape[-1]), dtype=np.float32)
-        if feats.shape[0] != want or feats.shape[1] != self._hidden:
+        if cache is not None:
+            hit = cache.get(ckey)
+            if hit is not None and len(hit[0]) == 1 and hit[0][0].shape == (want, self._hidden):
+                feats = hit[0][0]
+                rep["cache"] = "hit"
+                self._remember(key, feats)
+                return feats, 0.0
+        t0 = time.perf_counter()
+        got_plan, batches = self._processor.tile_batches(img, le, self._tile_batch)
+        outs = []
+        for batch in batches:
+            feeds = {"pixel_values": batch.pixel_values}
+            if self._vision_mask:
+                feeds["pixel_attention_mask"] = batch.pixel_attention_mask
+            try:
+                out = self._vision_sess.run([self._vision_out], feeds)[0]
+            except Exception as e:
+                raise BackendError(f"onnxruntime failed to encode image {img.source}: {str(e).splitlines()[0][:300]}",
+                                   hint="Run with VLM_DEBUG=1 for onnxruntime's log; the export may be broken.") from e
+            outs.append(out.reshape(-1, out.shape[-1]))
+        feats = np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
+        if feats.shape[0] != want or feats.shape[1] != self._hidden or got_plan != plan:
             raise BadModelFile(
                 f"The vision encoder gave {feats.shape[0]} x {feats.shape[1]} features for an image that takes "
                 f"{want} positions of the decoder's {self._hidden}.",
                 hint="preprocessor_config.json / processor_config.json do not belong to this model.",
             )
+        secs = time.perf_counter() - t0
+        rep["encode_s"] = round(secs, 4)
+        rep["cache"] = "miss" if cache is not None else "off"
+        from ..inputs.detail import EncodeSpeed
+
+        EncodeSpeed().record(self._speed_key(), plan.tiles, secs)
+        if cache is not None:
+            self._store(cache, ckey, feats, plan)
+        self._remember(key, feats)
+        return feats, secs
+
+    def _store(self, cache, ckey: str, feats, plan) -> None:
+        why = cache.put(ckey, [feats], {"tiles": plan.tiles})
+        if why:
+            self._cache_warning = f"The image cache could not be written: {why}"
+
+    def _remember(self, key, feats) -> None:
         self._features[key] = feats
         while len(self._features) > 1 and sum(f.nbytes for f in self._features.values()) > _FEATURE_CACHE_BYTES:
             self._features.popitem(last=False)
-        return feats, time.perf_counter() - t0
 
-    def _prompt_embeds(self, ids: list[int], spans: list, start: int) -> tuple["object", float]:
+    def _prompt_embeds(self, ids: list[int], spans: list, start: int, detail=None) -> tuple["object", float]:
         """Embeddings of positions ``start:`` of the prompt: token embeddings, with image features scattered
         into the image positions. Returns them and the image-encode seconds."""
         np = self._np
@@ -646,7 +784,7 @@ class ONNXBackend:
         for positions, img, plan in spans:
             if positions[-1] < start:
                 continue                        # this image is entirely in the reused prefix
-            feats, secs = self._image_features(img, plan)
+            feats, secs = self._image_features(img, plan, detail)
             encode_s += secs
             pos = np.asarray(positions)
             keep = pos >= start
@@ -794,8 +932,10 @@ class ONNXBackend:
             )
         reused = self._reuse_prefix(keys)
         embeds, image_s = None, 0.0
+        self._report, self._cache_warning = [], None
         if self._embeds:
-            embeds, image_s = self._prompt_embeds(ids, spans, reused)
+            embeds, image_s = self._prompt_embeds(ids, spans, reused, request.options.image_detail)
+        self.image_report = _report(self._report, self._cache_warning) if spans else None
         self._last_row = self._prefill(keys[reused:], embeds)
         self._context_ids = ids
         return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused,

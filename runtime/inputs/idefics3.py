@@ -172,17 +172,30 @@ class Idefics3Preprocessor:
         return cls(read(pre), read(proc) if proc else None, model_config, source=str(pre))
 
     # ------------------------------------------------------------------ geometry
-    def _resized(self, height: int, width: int) -> tuple[int, int]:
+    @property
+    def longest_edge(self) -> int:
+        """The model's own resize target (its full detail): ``size.longest_edge``, or the fixed size's edge."""
+        if "longest_edge" in self.size:
+            return int(self.size["longest_edge"])
+        return max(int(self.size["height"]), int(self.size["width"]))
+
+    def settings(self, longest_edge: Optional[int] = None) -> str:
+        """The preprocessing that decides an image's tiles and pixels, as a string (an embedding-cache key part)."""
+        return (f"idefics3:le={longest_edge or self.longest_edge}:tile={self.tile}:split={int(self.do_image_splitting)}"
+                f":rs={int(self.do_resize)}:{int(self.resample)}:{self.rescale_factor}:{self.image_mean}:{self.image_std}")
+
+    def _resized(self, height: int, width: int, longest_edge: Optional[int] = None) -> tuple[int, int]:
         if not self.do_resize:
             return height, width
-        if "longest_edge" in self.size:
-            h, w = _rescale_to_max_len(height, width, int(self.size["longest_edge"]))
+        if longest_edge or "longest_edge" in self.size:
+            h, w = _rescale_to_max_len(height, width, int(longest_edge or self.size["longest_edge"]))
             return _scale_below(h, w, MAX_IMAGE_SIZE)
         return int(self.size["height"]), int(self.size["width"])
 
-    def plan(self, width: int, height: int) -> ImagePlan:
-        """How an image of this size is cut (no pixels touched)."""
-        h, w = self._resized(height, width)
+    def plan(self, width: int, height: int, longest_edge: Optional[int] = None) -> ImagePlan:
+        """How an image of this size is cut (no pixels touched); ``longest_edge`` overrides the model's
+        resize target (a detail level: N x tile)."""
+        h, w = self._resized(height, width, longest_edge)
         if not self.do_image_splitting:
             return ImagePlan(0, 0, (self.tile, self.tile))
         h, w = _multiple_of_tile(h, w, self.tile)
@@ -195,7 +208,7 @@ class Idefics3Preprocessor:
         return self.plan(width, height).tiles * self.image_seq_len
 
     # ------------------------------------------------------------------ pixels
-    def _tiles(self, image: ImageInput):
+    def _tiles(self, image: ImageInput, longest_edge: Optional[int] = None):
         """The image's tiles as uint8 HWC arrays, and its plan."""
         import numpy as np
         from PIL import Image
@@ -208,7 +221,7 @@ class Idefics3Preprocessor:
         def resize(im, h: int, w: int):
             return im.resize((w, h), resample=self.resample)
 
-        h, w = self._resized(image.height, image.width)
+        h, w = self._resized(image.height, image.width, longest_edge)
         if self.do_resize:
             img = resize(img, h, w)
         if not self.do_image_splitting:
@@ -245,16 +258,32 @@ class Idefics3Preprocessor:
             x = (x - mean) / std
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
-    def preprocess(self, images: Sequence[ImageInput]) -> ProcessedImages:
+    def preprocess(self, images: Sequence[ImageInput], longest_edge: Optional[int] = None) -> ProcessedImages:
         """All tiles of ``images`` (in order; each image's global tile last) as one batch of one sample:
         ``pixel_values`` [1, n_tiles, 3, H, W] float32 and ``pixel_attention_mask`` [1, n_tiles, H, W] bool."""
-        import numpy as np
-
         tiles, plans = [], []
         for image in images:
-            t, plan = self._tiles(image)
-            tiles.extend(self._normalize(x) for x in t)
+            t, plan = self._tiles(image, longest_edge)
+            tiles.extend(t)
             plans.append(plan)
+        return self._batch(tiles, plans)
+
+    def tile_batches(self, image: ImageInput, longest_edge: Optional[int] = None, batch: int = 1):
+        """(plan, iterator of ProcessedImages of at most ``batch`` tiles each): one image's tiles in bounded
+        batches, normalized one batch at a time, so an encoder's activations and the float32 tiles scale
+        with ``batch``, not with the image's tile count."""
+        tiles, plan = self._tiles(image, longest_edge)
+        step = max(1, batch)
+
+        def gen():
+            for s in range(0, len(tiles), step):
+                yield self._batch(tiles[s: s + step], [plan])
+        return plan, gen()
+
+    def _batch(self, tiles: list, plans: list) -> ProcessedImages:
+        import numpy as np
+
+        tiles = [self._normalize(x) for x in tiles]
         if not tiles:
             return ProcessedImages(np.zeros((1, 0, 3, self.tile, self.tile), np.float32),
                                    np.zeros((1, 0, self.tile, self.tile), bool), plans)
@@ -299,3 +328,44 @@ class Idefics3Preprocessor:
 
 
 __all__ = ["Idefics3Preprocessor", "ImagePlan", "ProcessedImages", "SUPPORTED_IMAGE_PROCESSORS"]
+
+
+# ---------------------------------------------------------------------- libmtmd's Idefics3 geometry
+# llama.cpp's libmtmd cuts Idefics3 images its own way (tools/mtmd/mtmd-image.cpp); the GGUF backend
+# predicts its tile counts with these, and checks them against the token counts libmtmd gives.
+def mtmd_full_grid(width: int, height: int, longest_edge: int, tile: int) -> tuple[int, int]:
+    """(cols, rows) of libmtmd's default path: the longest edge resized to ``longest_edge`` (upscaling
+    too), both edges rounded up to whole tiles; an overview tile is added."""
+    aspect = width / height
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / aspect)
+        h += h % 2
+    else:
+        h, w = longest_edge, int(longest_edge * aspect)
+        w += w % 2
+    return -(-w // tile), -(-max(h, 1) // tile)
+
+
+def mtmd_capped_grid(width: int, height: int, longest_edge: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """(cols, rows) of libmtmd's path with ``image_max_tokens`` set (max pixels = max_tiles tiles):
+    ``calc_size_preserved_ratio`` aligned to the tile; an overview tile is added."""
+    scale = min(longest_edge / width, longest_edge / height)
+    w_bar = math.ceil(width * scale / tile) * tile
+    h_bar = math.ceil(height * scale / tile) * tile
+    max_pixels = max_tiles * tile * tile
+    if w_bar * h_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(tile, math.floor(height / beta / tile) * tile)
+        w_bar = max(tile, math.floor(width / beta / tile) * tile)
+    return w_bar // tile, h_bar // tile
+
+
+def hf_grid(width: int, height: int, longest_edge: int, tile: int) -> tuple[int, int]:
+    """(cols, rows) transformers' Idefics3 processor cuts at ``size.longest_edge = longest_edge``
+    (0, 0 when the image is one tile)."""
+    h, w = _rescale_to_max_len(height, width, longest_edge)
+    h, w = _scale_below(h, w, MAX_IMAGE_SIZE)
+    h, w = _multiple_of_tile(h, w, tile)
+    if h > tile or w > tile:
+        return math.ceil(w / tile), math.ceil(h / tile)
+    return 0, 0
