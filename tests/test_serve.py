@@ -375,3 +375,10 @@ def test_sigterm_drains_in_flight_request_and_exits_0(smollm2_gguf, tmp_path):
     assert json.loads(data[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
     with pytest.raises(httpx.TransportError):
         httpx.get(s.url + "/health", timeout=2)
+
+
+def test_cli_refuses_parallel_above_1_and_unknown_models(tmp_path):
+    from conftest import assert_clean_error, vlm
+
+    assert_clean_error(vlm("serve", "--parallel", "2", "smollm2-135m"), 2, "--parallel")
+    assert_clean_error(vlm("serve", "--port", str(_free_port()), "no-such-model"), 3, "no-such-model")

@@ -291,7 +291,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         if not any(m.role == "user" for m in parsed.messages):
             # Ollama's convention: no prompt loads the model (keep_alive 0: unloads it)
             lease = await pool.acquire(parsed.model, parsed.keep_alive_s)
-            model = lease.entry.id
+            model = request.scope["vlm.model"] = lease.entry.id
             lease.release()
             reason = "unload" if parsed.keep_alive_s == 0 else "load"
             if parsed.keep_alive_s == 0 and lease.entry.idle:
@@ -356,8 +356,9 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     async def ollama_ps(request: Request) -> Response:
         out = []
         for e in pool.loaded():
-            expires = ("0001-01-01T00:00:00Z" if e.keep_alive_s is None else
-                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + e.keep_alive_s)))
+            idle_s = 0.0 if not e.idle else time.monotonic() - e.last_used
+            expires = ("2318-01-01T00:00:00Z" if e.keep_alive_s is None else   # Ollama's "forever"
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + e.keep_alive_s - idle_s)))
             out.append({"name": e.id, "model": e.id, "size": e.estimate, "size_vram": 0, "expires_at": expires,
                         "details": {"format": e.resolved.artifact.format}})
         return JSONResponse({"models": out})
