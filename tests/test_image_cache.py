@@ -203,3 +203,32 @@ def test_corrupt_entry_is_reencoded_and_unwritable_cache_warns(vision_model, pho
     r4 = vlm(*args, home=home)
     assert r4.returncode == 0 and json.loads(r4.stdout)["answer"] == a1["answer"]
     assert r4.stderr.count("image cache could not be written") == 1, r4.stderr
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_two_images_at_two_details_in_one_prompt(vision_model, photo, home, tmp_path):
+    """A small image (one tile, its own libmtmd context) and a big one (the model's full tiling, another
+    context) in one prompt: each encoded by the context that cut it, the same answer from the cache."""
+    from PIL import Image
+
+    from edgevlm.runtime.generation.core import complete
+    from edgevlm.runtime.inputs.media import load_image
+    from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, ImageDetail, Message
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(small)
+    imgs = [load_image(str(small)), load_image(str(photo))]
+    out = []
+    for cache in (False, True, True):
+        b = _backend(vision_model, "gguf")
+        try:
+            req = ChatRequest([Message("user", "Compare.", imgs)], GenerationOptions(
+                temperature=0, max_tokens=8, image_detail=ImageDetail(level="auto", budget_s=1e6, cache=cache)))
+            _, last = complete(b, req)
+            out.append((last.token_ids, [(i["tiles"], i["cache"]) for i in b.image_report["images"]]))
+        finally:
+            b.close()
+    assert out[0][0] == out[1][0] == out[2][0]
+    assert out[0][1][0][0] == 1 and out[0][1][1][0] > 1          # the small image is one tile, the photo more
+    assert [c for _, c in out[2][1]] == ["hit", "hit"]

@@ -77,6 +77,7 @@ class _ImageUnit:
         self.pending: list = []        # its image chunks, in "e" order
         self.cache_key: Optional[str] = None
         self.hit = False
+        self.encode_s = 0.0
         self.report: dict = {}
 
 
@@ -191,11 +192,11 @@ class GGUFBackend:
             self._mm_info = mm_info
             self._mtmd_gpu = opts.n_gpu_layers != 0 and not opts.rpc    # the projector stays on this host
             self.artifact = artifact
-            mtmd = self._use_mtmd(None)     # the model's own preprocessing; see _use_mtmd for the others
-            if not mtmd_cpp.mtmd_support_vision(mtmd):
-                self.close()
-                raise BadModelFile(f"{artifact.mmproj.name} does not support images.", hint="Use an image projector.")
             self._marker = mtmd_cpp.mtmd_default_marker().decode()
+            if self._vision_geometry() is None:
+                self._use_mtmd(None)        # libmtmd's whole-prompt path; Idefics3 units make theirs on demand
+                # (a context costs ~0.4 s for SmolVLM's 190 MB projector: an answer from the embedding cache
+                # needs none, and "low" needs another one than the model's own)
         self.info = info
         self.artifact = artifact
         self._progress_ref = progress_ref
@@ -221,7 +222,7 @@ class GGUFBackend:
 
     @property
     def has_vision(self) -> bool:
-        return self._mtmd is not None
+        return self._mm_info is not None
 
     # ------------------------------------------------------------------ tokens
     def _token_text(self, tok: int) -> str:
@@ -281,7 +282,7 @@ class GGUFBackend:
         and ("i", start, n_pos, chunk) items covering keys in order (chunk None for an image the KV cache
         already holds, see _follow_up); chunks is libmtmd's list to free after evaluation, or None."""
         images = [img for m in request.messages for img in m.images]
-        if images and self._mtmd is None:
+        if images and self._mm_info is None:
             raise UsageError(
                 f"{self.artifact.name if self.artifact else 'This model'} has no vision projector, so it cannot read images.",
                 hint="Use a vision model (e.g. `-m smolvlm-500m`) or pass its projector with --mmproj.",
@@ -409,14 +410,16 @@ class GGUFBackend:
                 hint="Check that the mmproj belongs to this model; VLM_DEBUG=1 shows llama.cpp's log.",
             )
         self._mtmd, self._mtmd_cap = mtmd, cap
+        if not mt.mtmd_support_vision(mtmd):
+            self.close()
+            raise BadModelFile(f"{mmproj.name} does not support images.", hint="Use an image projector.")
         return mtmd
 
     def _vision_geometry(self) -> Optional[dict]:
         """Tile size, longest edge and tokens per tile of an Idefics3 projector; None for other projectors."""
         mm = self._mm_info
-        if mm is None or str(mm.get("clip.projector_type", "")).lower() != "idefics3" \
-                or self._mtmd_cpp.mtmd_decode_use_mrope(self._mtmd):
-            return None
+        if mm is None or str(mm.get("clip.projector_type", "")).lower() != "idefics3":
+            return None                 # (Idefics3 positions are plain: no M-RoPE, causal)
         try:
             tile = int(mm.get("clip.vision.image_size"))
             patch = int(mm.get("clip.vision.patch_size"))
@@ -615,7 +618,8 @@ class GGUFBackend:
             ptr = mt.mtmd_get_output_embd(self._mtmd)
             out.append(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy())
         unit.embd = out
-        return time.perf_counter() - t0
+        unit.encode_s = time.perf_counter() - t0
+        return unit.encode_s
 
     def _free_unit(self, unit: "_ImageUnit") -> None:
         if unit.chunks is not None:
@@ -652,10 +656,11 @@ class GGUFBackend:
 
     def _eval_unit(self, unit: "_ImageUnit", keys: list, logits_last: bool) -> float:
         """Encode (unless cached) and evaluate one image unit; returns the encode seconds."""
-        secs = 0.0
         try:
             if unit.embd is None:
-                secs = self._encode_unit(unit)
+                self._encode_unit(unit)
+            secs = unit.encode_s
+            if not unit.hit:
                 from ..inputs.detail import EncodeSpeed
 
                 EncodeSpeed().record(self._speed_key(), len(unit.embd), secs)
@@ -702,6 +707,10 @@ class GGUFBackend:
             if i == len(images):
                 break
             ch, cap, ov = choices[i]
+            if cap != self._mtmd_cap:     # the libmtmd context changes: encode the chunks made by this one first
+                for u in self._units:
+                    if u.embd is None and u.pending:
+                        self._encode_unit(u)
             unit = self._image_unit(images[i], cap, ov, ch, cache)
             self._units.append(unit)
             n_pos = sum(len(p[1]) if p[0] == "t" else p[1] for p in unit.parts)
