@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import MODELS_HOME
 
-pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]   # incl. building the vision fixture once
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -263,6 +263,8 @@ def test_bad_inputs(server, vision_gguf):
     _err(server.post("/v1/chat/completions", {"model": "smollm2-135m", "messages": ok_msgs,
                                               "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}}),
          400, "invalid_schema")
+    _err(server.post("/v1/chat/completions", {"model": "smollm2-135m", "messages": [{"role": "user", "content": "word " * 6000}]}),
+         400, "context_length_exceeded")
     # the server is still healthy and answers after all that
     assert server.post("/v1/chat/completions", {"model": "smollm2-135m", "messages": ok_msgs, "max_tokens": 2}).status_code == 200
 
