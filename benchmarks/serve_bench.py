@@ -7,7 +7,9 @@
    HTTP + queue + thread hand-off cost alone, paired within one request (robust on a busy machine).
 2. image: a chat about one image (a vision GGUF + mmproj): TTFT of the second turn (the conversation so
    far plus one new question; the image is neither decoded into tiles nor encoded again) vs the first.
-3. throughput (only with --llama-server PATH): aggregate decode tok/s of N streaming clients (8 requests
+3. decode: 1 client, tokens/s of a streamed answer as the HTTP client sees it (first to last token)
+   vs generate() in-process on the same backend.
+4. throughput (only with --llama-server PATH): aggregate decode tok/s of N streaming clients (8 requests
    of --gen-tokens, greedy) against our server and llama.cpp's llama-server on the same model and threads,
    rounds interleaved.
 
@@ -191,6 +193,49 @@ def load_run(url: str, model: str, clients: int, n: int, requests: int) -> float
     return toks / (time.perf_counter() - t0)
 
 
+def bench_decode(model: str, args) -> dict:
+    """1 client: tokens per second of a streamed answer seen by the HTTP client (first to last token) vs
+    generate() in-process on the same backend, greedy, same prompt, rounds interleaved."""
+    import httpx
+
+    from edgevlm.runtime.generation.core import generate
+    from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, Message
+
+    url, pool, server, th = start_server([model], args.threads, args.ctx)
+    entry = pool.loaded()[0]
+    backend, mid = entry.backend, entry.id
+    prompt = "Write a long tale about a lighthouse keeper and the sea."
+    http_tps, local_tps = [], []
+    with httpx.Client(timeout=600) as client:
+        for i in range(args.tp_rounds):
+            for side in (("http", "local") if i % 2 == 0 else ("local", "http")):
+                backend.reset()
+                if side == "http":
+                    t_first = t_last = None
+                    n = 0
+                    body = {"model": mid, "messages": [{"role": "user", "content": prompt}], "stream": True,
+                            "max_tokens": args.gen_tokens, "temperature": 0}
+                    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                        for line in r.iter_lines():
+                            if line.startswith("data: {") and '"content":"' in line and '"role"' not in line:
+                                t_last = time.perf_counter()
+                                t_first = t_first or t_last
+                            if '"finish_reason":"' in line:
+                                n = json.loads(line[6:])["timings"]["predicted_n"]
+                    http_tps.append((n - 1) / (t_last - t_first))
+                else:
+                    req = ChatRequest([Message("user", prompt)], GenerationOptions(max_tokens=args.gen_tokens, temperature=0))
+                    last = None
+                    for last in generate(backend, req):
+                        pass
+                    local_tps.append((last.completion_tokens - 1) / last.decode_s)
+    server.should_exit = True
+    th.join(30)
+    return {"model": mid, "rounds": args.tp_rounds, "gen_tokens": args.gen_tokens,
+            "http_client_tok_s": round(med(http_tps), 1), "inproc_tok_s": round(med(local_tps), 1),
+            "ratio": round(med(http_tps) / med(local_tps), 3)}
+
+
 def bench_throughput(model: str, args) -> dict:
     url, pool, server, th = start_server([model], args.threads, args.ctx)
     mid = pool.loaded()[0].id
@@ -232,13 +277,15 @@ def main() -> None:
     ap.add_argument("--vision", help="a vision GGUF with its mmproj beside it")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server, built from the same sources")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--tp-rounds", type=int, default=3)
+    ap.add_argument("--tp-rounds", type=int, default=5)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
     args = ap.parse_args()
     report = {"ttft": bench_ttft(str(Path(args.model).resolve()), args)}
     print(json.dumps(report["ttft"]), file=sys.stderr)
+    report["decode"] = bench_decode(str(Path(args.model).resolve()), args)
+    print(json.dumps(report["decode"]), file=sys.stderr)
     if args.vision:
         report["image"] = bench_image(str(Path(args.vision).resolve()), args)
         print(json.dumps(report["image"]), file=sys.stderr)
