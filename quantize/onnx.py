@@ -472,11 +472,14 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
 #   but take onnxruntime's unpacked path: 12x slower decode.
 # * Weighted by input-channel importance when the caller has an importance matrix (``--calibration``,
 #   the same one GGUF targets use), else by |w| (k-quant's default weighting).
-# * Mixed precision like Q4_K_M's: the most sensitive tensors -- the lm_head (with the tied embedding),
+# * recipe "mixed", like Q4_K_M's mix: the most sensitive tensors -- the lm_head (with the tied embedding),
 #   the attention q/k/v projections and the MLP down projection of the first and last layers -- as
 #   8-bit MatMulNBits, the rest 4-bit.
-# * A tied token embedding is not stored twice: GatherBlockQuantized reads the lm_head's own quantized
-#   weight (same bytes, same blocks along the hidden axis).
+# * Optionally (share_tied_embedding) a tied token embedding is not stored twice: GatherBlockQuantized
+#   reads the lm_head's own quantized weight (same bytes, same blocks along the hidden axis). It saves
+#   the embedding's bytes but onnxruntime does not prepack a weight two nodes read: decode 0.87x.
+# Default "int4": 4-bit everywhere, searched (meets the size and speed of the RTN recipe); "mixed" adds
+# the 8-bit tensors (better answers, 6.66 bits/w shared and ~0.9x decode unshared).
 INT4_RECIPES = ("mixed", "int4", "rtn")   # int4: every MatMul 4-bit, searched; rtn: the pre-issue-20 recipe
 _HIGH_PRECISION_ROLES = ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")
 _EDGE_LAYER_ROLES = ("down_proj", "fc2")
@@ -610,10 +613,10 @@ def quantize_blocks(wt, bits: int, block: int, importance=None, chunk: int = 409
         if kb * block != K:
             cols = np.pad(cols, ((0, 0), (0, kb * block - K)))
         x = cols.reshape(n * kb, block)
-        sigma2 = (x * x).mean(-1, keepdims=True)
-        w = np.sqrt(sigma2 + x * x)                                  # llama.cpp's weighting without imatrix
-        if imp is not None:
-            w = w * np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block)
+        if imp is not None:        # the error a weight causes ~ its input's mean square (the imatrix)
+            w = np.array(np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block))
+        else:                      # llama.cpp's weighting without an imatrix: favours the large weights
+            w = np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
         if kb * block != K:                                          # padding must not pull the fit
             pad = np.zeros((kb * block,), np.float32)
             pad[:K] = 1
@@ -641,7 +644,7 @@ def _wide_block(k: int, block_size: int) -> int:
 
 
 def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, importance: Optional[dict],
-                   quantize_embeddings: bool):
+                   quantize_embeddings: bool, share_tied_embedding: bool = False):
     """The int4 recipe (see the comment above ``INT4_RECIPES``) applied to ``model`` in place."""
     import numpy as np
     from onnx import helper, numpy_helper
@@ -678,7 +681,7 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
                                              name=n.name + f"_Q{bits}", domain="com.microsoft", K=K, N=N,
                                              bits=bits, block_size=block, accuracy_level=accuracy_level)]
         drop.add(base)
-        if K % block == 0:
+        if share_tied_embedding and K % block == 0:
             for tname, table in tables.items():
                 if tname not in tied and table.shape == (N, K) and np.array_equal(table, wt.T):
                     tied[tname] = (names[0], names[1], z, bits, block, K, N)
@@ -787,23 +790,26 @@ def _save(model, out: Path) -> None:
 def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Literal["int8", "int4"] = "int8",
                   block_size: int = 32, on_progress: Optional[ProgressCallback] = None, *,
                   symmetric: bool = False, accuracy_level: int = 4, quantize_embeddings: bool = True,
-                  recipe: str = "mixed", importance: Optional[dict] = None) -> Path:
+                  recipe: str = "int4", importance: Optional[dict] = None,
+                  share_tied_embedding: bool = False) -> Path:
     """Quantize an fp32/fp16 ONNX decoder's weights.
 
     * ``int8``: ``MatMulNBitsQuantizer(bits=8, block_size, symmetric)`` for every MatMul with a constant
       weight (activations quantized per block at run time with ``accuracy_level=4``), and the token
       embedding as int8 through ``quantize_dynamic`` (Gather + DequantizeLinear).
-    * ``int4`` (``recipe="mixed"``, the default): blockwise ``MatMulNBits`` (``block_size``, asymmetric,
+    * ``int4`` (``recipe="int4"``, the default): blockwise 4-bit ``MatMulNBits`` (``block_size``, asymmetric,
       ``accuracy_level=4``: the kernel computes in int8, the fast path on VNNI / dot-product CPUs) with
       each block's scale and zero point found by a weighted least-squares search, weighted by
       ``importance`` when given (Hugging Face tensor name -> mean squared input activation per input
-      channel: the importance matrix ``--calibration`` computes for GGUF targets); the lm_head, the
-      attention q/k/v projections and the first and last layers' MLP down projections as 8-bit
-      ``MatMulNBits`` (the widest block up to 256 dividing K); a tied token embedding read by
-      ``GatherBlockQuantized`` from the lm_head's own quantized weight, an untied one quantized 4-bit
-      the same way. ``recipe="int4"``: the same, every MatMul 4-bit. ``recipe="rtn"``: the recipe before
-      issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only); kept to
-      measure against. See the comment above ``INT4_RECIPES`` for the measurements.
+      channel: the importance matrix ``--calibration`` computes for GGUF targets), every MatMul; the token
+      embedding as 4-bit ``GatherBlockQuantized`` blocks found the same way. ``recipe="mixed"``: also
+      the lm_head, the attention q/k/v projections and the first and last layers' MLP down projections
+      as 8-bit ``MatMulNBits`` (the widest block up to 256 dividing K): better answers, bigger and slower
+      (figures in docs/quantize-output.md). ``share_tied_embedding``: a tied embedding is read by
+      ``GatherBlockQuantized`` from the lm_head's own quantized weight instead of a second copy (smaller
+      file, but onnxruntime then does not prepack that weight for the lm_head: ~10% slower decode).
+      ``recipe="rtn"``: the recipe before issue 20, ``MatMulNBitsQuantizer`` min/max rounding
+      (``symmetric`` applies to it only), kept to measure against.
 
     ``out_file`` gets the sidecar files (config, tokenizer, chat template) copied next to it when it is
     written to another directory, so its directory is a complete artifact. Returns ``out_file``.
@@ -874,7 +880,8 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
                                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
                     qmodel = onnx.load(str(tout), load_external_data=True)
         elif recipe != "rtn":
-            qmodel = _quantize_int4(model, block_size, accuracy_level, recipe, importance, quantize_embeddings)
+            qmodel = _quantize_int4(model, block_size, accuracy_level, recipe, importance, quantize_embeddings,
+                                    share_tied_embedding)
             del model
         else:
             # Embedding lookups too (GatherBlockQuantized, halves a small model's file) when the graph is

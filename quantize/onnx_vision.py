@@ -335,16 +335,16 @@ def _parts_dir(model_dir: Path) -> Path:
 
 
 def quantize_vision(out_dir: str | Path, kind: Literal["int8", "int4"], block_size: int = 32,
-                    on_progress: Optional[ProgressCallback] = None, *, recipe: str = "mixed",
+                    on_progress: Optional[ProgressCallback] = None, *, recipe: str = "int4",
                     importance: Optional[dict] = None) -> dict[str, Path]:
     """Quantize the three fp32 parts in ``out_dir`` (or its ``onnx/`` folder) to ``kind``, writing
     ``<part>_int8.onnx`` or ``<part>_q4.onnx`` beside them with ``quantize_onnx``. Returns part -> path.
 
     int8: 8-bit blockwise ``MatMulNBits`` for every MatMul with constant weights (the vision tower's
     linear layers, the decoder) and int8 ``Gather`` for the token and position embeddings. int4:
-    ``quantize_onnx``'s int4 ``recipe`` on each part (searched 4-bit blocks, 8-bit lm_head, q/k/v and
-    edge-layer down projections / fc2, weighted by ``importance`` -- the importance matrix of the
-    checkpoint's tensors -- where its names match), and ``GatherBlockQuantized`` for the token
+    ``quantize_onnx``'s int4 ``recipe`` on each part (searched 4-bit blocks weighted by ``importance``
+    -- the importance matrix of the checkpoint's tensors -- where its names match; ``"mixed"`` adds 8-bit
+    lm_head, q/k/v and edge-layer down projections / fc2), and ``GatherBlockQuantized`` for the token
     embeddings; the vision tower's patch convolution stays fp32 in both.
     """
     if kind not in ("int8", "int4"):

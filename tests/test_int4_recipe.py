@@ -119,7 +119,15 @@ def test_tied_embedding_is_read_from_the_lm_head_weight():
                           [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
-    q = _quantize_int4(m, 32, 0, "mixed", None, True)
+    unshared = onnx.ModelProto()
+    unshared.CopyFrom(m)
+    u = _quantize_int4(unshared, 32, 0, "mixed", None, True)          # default: a copy of its own, 4-bit
+    ug = next(n for n in u.graph.node if n.op_type == "GatherBlockQuantized")
+    assert ug.input[0] != next(n for n in u.graph.node if n.op_type == "MatMulNBits").input[1]
+    uh = ort.InferenceSession(u.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": np.array([[1, 2]], dtype=np.int64)})[1]
+    np.testing.assert_allclose(uh[0], emb[[1, 2]], atol=0.15 * np.abs(emb).max())
+    q = _quantize_int4(m, 32, 0, "mixed", None, True, share_tied_embedding=True)
     assert {t.name for t in q.graph.initializer}.isdisjoint({"embed", "head"})
     ops = [n.op_type for n in q.graph.node]
     assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
