@@ -59,10 +59,18 @@ def build_model() -> Path:
     return gguf
 
 
-def question_of(backend, n: int) -> str:
-    words = ("how do I keep my sourdough starter alive while I travel for two weeks and what should I feed it "
-             "before I leave so that it is still active when I come back home").split()
-    text = " ".join(words[i % len(words)] for i in range(n * 2))
+WORDS = ("how do I keep my sourdough starter alive while I travel for two weeks and what should I feed it "
+         "before I leave so that it is still active when I come back home from the mountains next month").split()
+
+
+def question_of(backend, n: int, seed: int = 0) -> str:
+    """An n-token question; each seed gives different words from the first token on, so a check never
+    shares more than the preamble with the one before it."""
+    import random
+
+    words = WORDS[:]
+    random.Random(seed).shuffle(words)
+    text = " ".join(words[i % len(words)] for i in range(n * 2)).capitalize()
     return backend.detokenize(backend.tokenize(text, add_special=False, parse_special=False)[:n])
 
 
@@ -82,13 +90,12 @@ def main() -> None:
     b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=a.threads))
     try:
         guard = Guard(b, name=path.name)
-        q = question_of(b, QUESTION_TOKENS)
-        answer = question_of(b, 40).capitalize()
-        guard.check_input([Message("user", q)])                      # warm-up: first touch of the weights
+        answer = question_of(b, 40, seed=-1)
+        guard.check_input([Message("user", question_of(b, QUESTION_TOKENS, seed=-2))])   # warm-up: first touch
         full, reused, output, ev = [], [], [], {}
         for i in range(a.rounds):
-            # two different questions per round, so no check is answered from a previous one's KV state
-            qa, qb = f"{q} ({2 * i})", f"{q} ({2 * i + 1})"
+            # two different questions per round: a check shares nothing but the preamble with the one before
+            qa, qb = question_of(b, QUESTION_TOKENS, 2 * i), question_of(b, QUESTION_TOKENS, 2 * i + 1)
             b.reset()
             v = guard.check_input([Message("user", qa)])
             full.append(v.seconds)
@@ -99,7 +106,7 @@ def main() -> None:
             v = guard.check_output([Message("user", qb)], answer)
             output.append(v.seconds)
             ev["output"] = (v.prompt_tokens, v.eval_tokens)
-        n_q = len(b.tokenize(q, add_special=False, parse_special=False))
+        n_q = len(b.tokenize(qa, add_special=False, parse_special=False))
     finally:
         b.close()
 

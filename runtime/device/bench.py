@@ -93,9 +93,10 @@ def guard_latency(ref: str, answer: str, *, repeat: int, threads: Optional[int],
         full, reused, out = [], [], []
         for i in range(repeat):
             gb.reset()
-            full.append(g.check_input([Message("user", f"{q} {2 * i}")]).seconds)
-            reused.append(g.check_input([Message("user", f"{q} {2 * i + 1}")]).seconds)
-            out.append(g.check_output([Message("user", f"{q} {2 * i + 1}")], answer).seconds)
+            # questions that differ from their first token: a check shares only the preamble with the last
+            full.append(g.check_input([Message("user", f"{2 * i}. {q}")]).seconds)
+            reused.append(g.check_input([Message("user", f"{2 * i + 1}. {q}")]).seconds)
+            out.append(g.check_output([Message("user", f"{2 * i + 1}. {q}")], answer).seconds)
         return {"model": res.alias_ref, "question_tokens": question_tokens, "input_full_s": _stat(full),
                 "input_s": _stat(reused), "output_s": _stat(out),
                 "added_s": _stat([a + b for a, b in zip(reused, out)])}
