@@ -22,6 +22,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -138,7 +139,8 @@ def bench_ttft(model: str, args) -> dict:
 def image_uri(seed: int, size=(640, 480)) -> str:
     from PIL import Image
 
-    img = Image.effect_noise(size, 40 + seed).convert("RGB")
+    # random bytes: a new image for every turn 1 (no KV cache or image-embedding cache has seen it)
+    img = Image.frombytes("RGB", (size[0] // 8, size[1] // 8), os.urandom(size[0] * size[1] * 3 // 64)).resize(size)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
