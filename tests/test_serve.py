@@ -319,7 +319,7 @@ def test_models_and_ollama(server, vision_gguf):
     assert server.post("/api/generate", {"model": "smollm2-135m", "prompt": "x", "images": ["!!"]}).json()["error"]
 
     metrics = httpx.get(server.url + "/metrics", headers=server.headers).text
-    assert 'vlm_requests_total{endpoint="chat_completions",model="smollm2-135m:q4_1",status="200"}' in metrics
+    assert 'vlm_requests_total{endpoint="ollama_chat",model="smollm2-135m:q4_1",status="200"} 2.0' in metrics
     assert "vlm_time_to_first_token_seconds_bucket" in metrics and "vlm_queue_depth" in metrics
 
 
