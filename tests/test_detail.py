@@ -75,3 +75,28 @@ def test_encode_speed_is_kept_per_key(tmp_path):
     assert sp.get("b") is None
     (tmp_path / "speed.json").write_text("not json")
     assert sp.get("a") is None                                     # a damaged file is measured again
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_images_of_any_shape_are_answered(vision_model, home, fmt):
+    """Tiny, huge and extreme aspect ratios, at every level: an answer, never an engine error (libmtmd fails
+    on a 3000x1 strip by itself; the GGUF backend letterboxes such images first)."""
+    from edgevlm.runtime.generation.core import complete
+    from edgevlm.runtime.loader import artifact_from_path, load_backend
+    from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, ImageInput, LoadOptions, Message
+
+    art = artifact_from_path(vision_model["gguf"], vision_model["mmproj"], True) if fmt == "gguf" \
+        else artifact_from_path(vision_model["onnx"], None, True)
+    b = load_backend(art, LoadOptions(n_ctx=4096))
+    try:
+        for w, h in [(1, 1), (2, 1), (1, 3000), (3000, 1), (4000, 3), (5, 7), (65, 1), (3000, 2000)]:
+            img = ImageInput(rgb=bytes([100]) * (w * h * 3), width=w, height=h, source=f"{w}x{h}", sha256=f"{w}x{h}")
+            for level in ("low", "auto", "high"):
+                b.reset()
+                _, last = complete(b, ChatRequest([Message("user", "What?", [img])], GenerationOptions(
+                    temperature=0, max_tokens=2, image_detail=ImageDetail(level=level, cache=False))))
+                assert last.image_tokens > 0, (w, h, level)
+    finally:
+        b.close()

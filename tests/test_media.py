@@ -536,3 +536,33 @@ def test_sniff_kind_by_magic_and_extension(tmp_path):
     assert sniff_kind("-") == "image"
     assert sniff_kind("https://example.com/clip.mp4?x=1") == "video"
     assert sniff_kind("https://example.com/cat.webp") == "image"
+
+
+def test_damaged_tiffs_leave_stderr_to_us(tmp_path):
+    """libtiff's own messages (fd 2) and Pillow's warnings about damaged files never reach the user raw."""
+    import io
+    import random
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    paths = []
+    for comp in ("tiff_deflate", "tiff_lzw", "packbits"):
+        b = io.BytesIO()
+        im.save(b, format="TIFF", compression=comp)
+        rnd = random.Random(1)
+        for k in range(4):
+            d = bytearray(b.getvalue())
+            for _ in range(8):
+                d[rnd.randrange(8, len(d))] = rnd.randrange(256)
+            p = tmp_path / f"bad_{comp}_{k}.tif"
+            p.write_bytes(bytes(d))
+            paths.append(str(p))
+    code = ("import sys\nfrom edgevlm.runtime.inputs.media import load_image\nfrom edgevlm.runtime.errors import BadMedia\n"
+            "for p in sys.argv[1:]:\n    try:\n        load_image(p)\n    except BadMedia:\n        pass\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "VLM_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[:500]

@@ -66,6 +66,27 @@ class _PieceStream:
         return self._utf8.flush()
 
 
+# libmtmd cannot cut an image whose short side rounds to nothing at its resize (a 3000x1 strip fails with
+# error 2): such images are letterboxed to this aspect ratio first (black bars, content unchanged). At
+# SmolVLM's 2048-px edge a 1:16 image is 2048 x 128 px, so nothing that would still be legible is padded.
+_MAX_ASPECT = 16
+
+
+def _padded(img, ratio: int):
+    """``img`` letterboxed (centred on black) so that neither side is under 1/ratio of the other."""
+    w, h = img.width, img.height
+    if max(w, h) <= ratio * min(w, h):
+        return img
+    from dataclasses import replace
+
+    from PIL import Image
+
+    nw, nh = (w, -(-w // ratio)) if w > h else (-(-h // ratio), h)
+    canvas = Image.new("RGB", (nw, nh))
+    canvas.paste(Image.frombytes("RGB", (w, h), img.rgb), ((nw - w) // 2, (nh - h) // 2))
+    return replace(img, rgb=canvas.tobytes(), width=nw, height=nh)
+
+
 class _ImageUnit:
     """One image of a prompt for an Idefics3 projector: its parts, and embeddings or chunks to encode."""
 
@@ -324,8 +345,13 @@ class GGUFBackend:
                 mt.mtmd_bitmap_free(bm)
         if rc != 0:
             mt.mtmd_input_chunks_free(chunks)
-            raise BackendError(f"libmtmd could not tokenize the prompt (error {rc}).",
-                               hint="The number of image markers and images must match.")
+            if rc == 1:           # libmtmd: the markers and the bitmaps do not pair up
+                raise BackendError(f"libmtmd could not place the images in the prompt (error {rc}).",
+                                   hint=f"Leave the text {self._marker} out of the prompt; attach images instead.")
+            sizes = ", ".join(f"{img.width}x{img.height}" for img in images)
+            raise BadMedia(f"The vision projector could not prepare the image{'s' if len(images) > 1 else ''} "
+                           f"({sizes}; libmtmd error {rc}).",
+                           hint="Crop or pad an image of extreme shape, or convert it to PNG or JPEG.")
         keys: list = []
         plan = []
         n_image_pos = 0
@@ -692,6 +718,7 @@ class GGUFBackend:
         if len(pieces) - 1 != len(images):
             raise BackendError(f"The prompt has {len(pieces) - 1} image markers for {len(images)} images.",
                                hint=f"Leave the text {self._marker} out of the prompt; attach images instead.")
+        images = [_padded(img, _MAX_ASPECT) for img in images]
         choices = self._choose(images, detail, geo)
         cache = self._embed_cache(detail)
         keys: list = []

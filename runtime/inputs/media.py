@@ -334,6 +334,9 @@ def _decode_guard() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
             with warnings.catch_warnings():
+                # Pillow's other warnings about damaged files (with a site-packages path) are chatter: the
+                # file decodes or our one-line error says why not.
+                warnings.simplefilter("ignore")
                 # Pillow warns above MAX_IMAGE_PIXELS and errors only above twice that: refuse both.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 yield
@@ -345,8 +348,34 @@ def _decode_guard() -> Iterator[None]:
 def _decode(data: bytes, display: str, max_pixels: Optional[int], content_type: Optional[str]) -> Image.Image:
     if _is_heif(data):
         _register_heif()
-    with _decode_guard():
+    with _decode_guard(), _native_stderr_muted(data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return _decode_guarded(data, display, max_pixels, content_type)
+
+
+@contextmanager
+def _native_stderr_muted(on: bool) -> Iterator[None]:
+    """libtiff prints its warnings and errors about damaged files straight to file descriptor 2, under
+    Pillow; a TIFF decode runs with fd 2 pointed at /dev/null (VLM_DEBUG=1 keeps them). Only TIFFs: the
+    redirect is process-wide while it lasts."""
+    from ..env import debug
+
+    if not on or debug():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _decode_guarded(data: bytes, display: str, max_pixels: Optional[int], content_type: Optional[str]) -> Image.Image:
