@@ -24,6 +24,8 @@ def _fmt(stat: dict, unit: str = "", scale: float = 1.0, digits: int = 1) -> str
 def bench(
     models: Annotated[list[str], typer.Argument(help="Registry names or .gguf paths; several are compared side by side.", show_default=False)],
     image: Annotated[Optional[str], typer.Option("--image", help="Also measure image encode (vision models).")] = None,
+    detail: Annotated[Optional[list[str]], typer.Option("--detail", help="With --image: detail levels to measure "
+                                                        "(low, auto, high; repeatable; default auto).")] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=8, help="Prompt length for prefill.")] = 256,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=2, help="Tokens to generate for decode.")] = 128,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Repeats per model (mean and spread).")] = 3,
@@ -49,6 +51,7 @@ def bench(
         if not as_json:
             console.info(f"[dim]Measuring {m} ...[/]")
         results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                    **({"detail": [d.lower() for d in detail]} if detail else {}),
                                     repeat=repeat, threads=threads, n_ctx=ctx, **cluster,
                                     **({"guard": guard} if guard else {})))
     report = {"device": device_summary(), "results": results}
@@ -74,6 +77,15 @@ def bench(
                   _fmt(r["decode_tps"]) + ratio, _fmt(img["encode_ms"], digits=0) if img else "-",
                   str(img.get("tokens") or "-"), fmt_bytes(r["peak_rss_bytes"]))
     Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)
+    if image and any((r.get("image") or {}).get("levels") for r in results):
+        d = Table(title="image detail levels (no embedding cache)", title_justify="left")
+        for col in ("model", "detail", "tiles", "img tok", "encode ms", "TTFT s", "choice"):
+            d.add_column(col, justify="left" if col in ("model", "detail", "choice") else "right")
+        for r in results:
+            for level, v in ((r.get("image") or {}).get("levels") or {}).items():
+                d.add_row(r["model"], level, str(v.get("tiles") or "-"), str(v.get("tokens") or "-"),
+                          _fmt(v["encode_ms"], digits=0), _fmt(v["ttft_s"], digits=3), v.get("choice") or "")
+        Console(highlight=False, width=None if console.err.is_terminal else 160).print(d)
     if guard:
         g = Table(title=f"--guard: {results[0]['guard']['model']}, 50-token question", title_justify="left")
         for col in ("model", "input check s (first)", "input check s (preamble reused)", "output check s", "added s"):

@@ -535,17 +535,18 @@ class GGUFBackend:
         return self._cache
 
     def _calibrate(self, speed, geo: dict) -> Optional[float]:
-        """Seconds per tile of this projector here: the overview tile of a blank image, once per projector,
-        build and thread count (EncodeSpeed keeps it)."""
+        """Seconds per tile of this projector here: the overview tile of a blank image (encoded twice: the
+        first encode of a context also allocates its compute graph), once per projector, build and thread
+        count (EncodeSpeed keeps it)."""
         from ..protocol import ImageInput
 
         t = geo["tile"]
         blank = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="(calibration)", sha256="")
         unit = self._image_unit(blank, geo["seq"], True, None, None)
         try:
-            t0 = time.perf_counter()
-            self._encode_unit(unit)
-            secs = time.perf_counter() - t0
+            self._encode_unit(unit)      # the first encode of a context also sizes its compute graph
+            unit.embd = None
+            secs = self._encode_unit(unit)
         finally:
             self._free_unit(unit)
         speed.record(self._speed_key(), 1, secs)

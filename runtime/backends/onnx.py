@@ -669,8 +669,8 @@ class ONNXBackend:
         return plans
 
     def _calibrate(self, speed) -> Optional[float]:
-        """Seconds per tile of this encoder here: one tile of a blank image through it, once per encoder,
-        build and thread count (kept by EncodeSpeed)."""
+        """Seconds per tile of this encoder here: one tile of a blank image through it (twice: the first run
+        also plans memory), once per encoder, build and thread count (kept by EncodeSpeed)."""
         proc = self._processor
         t = proc.tile
         blank = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="(calibration)", sha256="")
@@ -678,8 +678,9 @@ class ONNXBackend:
         feeds = {"pixel_values": batch.pixel_values}
         if self._vision_mask:
             feeds["pixel_attention_mask"] = batch.pixel_attention_mask
-        t0 = time.perf_counter()
         try:
+            self._vision_sess.run([self._vision_out], feeds)     # the first run also plans its memory
+            t0 = time.perf_counter()
             self._vision_sess.run([self._vision_out], feeds)
         except Exception:
             return None

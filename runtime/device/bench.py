@@ -107,12 +107,14 @@ def guard_latency(ref: str, answer: str, *, repeat: int, threads: Optional[int],
 def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256, gen_tokens: int = 128,
             repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None,
             rpc: Optional[list[str]] = None, tensor_split: Optional[list[float]] = None,
-            guard: Optional[str] = None) -> dict:
-    """Measure one model in this process (called in the child)."""
+            guard: Optional[str] = None, detail: Optional[list[str]] = None) -> dict:
+    """Measure one model in this process (called in the child). With an image, ``detail`` lists the image
+    detail levels to measure (default: auto); the first one is also the image of the TTFT rows. The
+    embedding cache is off: every repeat encodes."""
     from ..loader import estimate_memory, load_backend, resolve
     from ..inputs.media import load_image
     from ..generation.core import complete
-    from ..protocol import ChatRequest, GenerationOptions, LoadOptions, Message
+    from ..protocol import ChatRequest, GenerationOptions, ImageDetail, LoadOptions, Message
 
     img = load_image(image) if image else None
     resolved = resolve(model, want_vision=img is not None)
@@ -133,10 +135,14 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         if img is not None and not b.has_vision:
             raise BackendError(f"{resolved.alias_ref} has no vision projector.", hint="Benchmark images with a vision model.")
 
-        def run(text: str, images: list, reset: bool = True):
+        levels = list(detail or ["auto"])
+
+        def run(text: str, images: list, reset: bool = True, level: Optional[str] = None):
             if reset:
                 b.reset()
-            req = ChatRequest([Message("user", text, images)], GenerationOptions(raw=True, temperature=0, max_tokens=gen_tokens))
+            req = ChatRequest([Message("user", text, images)], GenerationOptions(
+                raw=True, temperature=0, max_tokens=gen_tokens,
+                image_detail=ImageDetail(level=level or levels[0], cache=False)))
             return complete(b, req)[1]
 
         run(prompt[:200], [], True)                     # warm-up: first-touch of weights, thread pools
@@ -155,6 +161,22 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 # a second question about the same image, same session: KV prefix reused, image not re-encoded
                 f2 = run(prompt + " And what else?", [img], reset=False)
                 follow.append(f2.ttft_s)
+        per_level = {}
+        if img is not None:
+            for level in levels:
+                rows = [run(prompt, [img], level=level) for _ in range(repeat)] if level != levels[0] else None
+                if rows is None:
+                    rows_ttft, rows_enc = ttft, enc
+                else:
+                    rows_ttft, rows_enc = [f.ttft_s for f in rows], [f.image_encode_s for f in rows]
+                rep = (b.image_report or {}).get("images") or [{}]
+                if rows is None:
+                    b.reset()
+                    run(prompt, [img], level=level)
+                    rep = (b.image_report or {}).get("images") or [{}]
+                per_level[level] = {"tiles": rep[0].get("tiles"), "tokens": rep[0].get("tokens"),
+                                    "choice": rep[0].get("reason"), "encode_ms": _stat([e * 1000 for e in rows_enc]),
+                                    "ttft_s": _stat(rows_ttft)}
         guard_doc = None
         if guard:
             answer = complete(b, ChatRequest([Message("user", prompt)], GenerationOptions(
@@ -183,6 +205,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             "image": None if img is None else {
                 "source": image, "width": img.width, "height": img.height, "tokens": n_img_tokens,
                 "encode_ms": _stat([e * 1000 for e in enc]), "followup_ttft_s": _stat(follow),
+                "detail": levels[0], "levels": per_level,
             },
             "peak_rss_bytes": peak_rss(), "weights_bytes": weights, "kv_cache_bytes": kv, "estimate_bytes": est,
             **({"guard": guard_doc} if guard_doc is not None else {}),

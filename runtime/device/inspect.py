@@ -60,6 +60,7 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
         except BadModelFile as e:
             match = f"MISMATCH: {e.message}"
         doc["vision_projector"] = f"{art.mmproj.name} ({mm.get('clip.projector_type', 'clip')}, {match})"
+        doc["image_detail"] = _gguf_detail(mm)
         files.append(art.mmproj)
     doc["files"] = [_file_entry(p, hash_files) for p in files]
     return doc
@@ -151,11 +152,18 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
         quant = next((q for suf, q in _SUFFIX_QUANT if stem.endswith(suf)), "fp32")
     tc = read("tokenizer_config.json")
     has_template = bool(find("chat_template.jinja") or find("chat_template.json") or tc.get("chat_template"))
-    vision = None
+    vision = detail = None
     if parts:
         pp = read("preprocessor_config.json")
         kind = pp.get("image_processor_type") or pp.get("processor_class") or "unknown image processor"
         vision = f"three-part: {', '.join(p.name for p in parts.values())} ({kind})"
+        le = (pp.get("size") or {}).get("longest_edge")
+        tile = (pp.get("max_image_size") or {}).get("longest_edge")
+        if pp.get("do_image_splitting", True) and le and tile:
+            detail = (f"low (1 tile of {tile} px), auto, high (longest edge {le} px: up to "
+                      f"{(le // tile) ** 2 + 1} tiles); --image-tokens; embedding cache")
+        else:
+            detail = "one fixed-size input (low = auto = high); embedding cache"
     files = list(weights)
     files += [p for p in (find(n) for n in _ONNX_SIDECARS) if p is not None]
     return {
@@ -167,5 +175,21 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
         "chat_template": "yes" if has_template else "no",
         "vocab_size": cfg.get("vocab_size") or text.get("vocab_size"),
         "vision_projector": vision,
+        **({"image_detail": detail} if parts else {}),
         "files": [_file_entry(p, hash_files) for p in files],
     }
+
+
+def _gguf_detail(mm) -> str:
+    """What --detail / --image-tokens / the embedding cache do for this projector (`vlm info`)."""
+    if str(mm.get("clip.projector_type", "")).lower() == "idefics3":
+        tile = mm.get("clip.vision.image_size")
+        le = mm.get("clip.vision.preproc_image_size") or tile
+        try:
+            most = (int(le) // int(tile)) ** 2 + 1
+        except (TypeError, ValueError, ZeroDivisionError):
+            most = "?"
+        return (f"low (the {tile}-px overview tile), auto, high (longest edge {le} px: up to {most} tiles, "
+                "libmtmd's own tiling); --image-tokens; embedding cache")
+    return ("the projector's own preprocessing only (libmtmd); --detail and the embedding cache apply to "
+            "Idefics3 / SmolVLM projectors")
