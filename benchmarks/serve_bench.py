@@ -275,7 +275,7 @@ def bench_throughput(model: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", help="a text GGUF (e.g. SmolLM2-135M Q4_1)")
+    ap.add_argument("model", help="a text GGUF (e.g. SmolLM2-135M Q4_1); with --only image, the vision GGUF")
     ap.add_argument("--vision", help="a vision GGUF with its mmproj beside it")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server, built from the same sources")
     ap.add_argument("--rounds", type=int, default=15)
@@ -283,15 +283,19 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--only", choices=["ttft", "decode", "image", "throughput"], help="run one part")
     args = ap.parse_args()
-    report = {"ttft": bench_ttft(str(Path(args.model).resolve()), args)}
-    print(json.dumps(report["ttft"]), file=sys.stderr)
-    report["decode"] = bench_decode(str(Path(args.model).resolve()), args)
-    print(json.dumps(report["decode"]), file=sys.stderr)
-    if args.vision:
+    report: dict = {}
+    for part, fn in (("ttft", bench_ttft), ("decode", bench_decode)):
+        if args.only in (None, part):
+            report[part] = fn(str(Path(args.model).resolve()), args)
+            print(json.dumps(report[part]), file=sys.stderr)
+    if args.only == "image" and not args.vision:
+        args.vision = args.model
+    if args.vision and args.only in (None, "image"):
         report["image"] = bench_image(str(Path(args.vision).resolve()), args)
         print(json.dumps(report["image"]), file=sys.stderr)
-    if args.llama_server:
+    if args.llama_server and args.only in (None, "throughput"):
         report["throughput"] = bench_throughput(str(Path(args.model).resolve()), args)
     print(json.dumps(report, indent=2))
 
