@@ -70,19 +70,58 @@ def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None) -> lis
                 est = None
             else:
                 est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx)).total
+            weights = sum(f.size for f in a.files if f.size) or None
             rows.append({"model": f"{m.alias}:{key}", "kind": m.kind, "format": a.format,
-                         "params": m.parameters, "estimate": est,
+                         "params": m.parameters, "estimate": est, "weights": weights,
                          "fits": None if est is None else est <= avail,
                          "installed": store.is_installed(m.alias, key)})
     return rows
 
 
-def recommend(rows: list[dict]) -> dict[str, Optional[str]]:
-    """The biggest default-format (gguf) model of each kind that fits, leaving a quarter of RAM free."""
+# What "answers in time" means for a recommendation: a reply that reads at least as fast as people read
+# (~5 tokens/s), and a photo question whose image encode (at --detail auto's smallest input) fits the
+# default image budget of inputs/detail.py.
+MIN_DECODE_TPS = 5.0
+
+
+def memory_bandwidth() -> Optional[float]:
+    """Bytes/s this process can stream through memory (numpy copy of 128 MiB, best of 3): what bounds
+    decode, which reads every weight once per token."""
+    try:
+        import time
+
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return None
+    a = np.ones(16 * 2 ** 20, dtype=np.float64)
+    b = np.empty_like(a)
+    best = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        s = time.perf_counter() - t0
+        best = s if best is None else min(best, s)
+    return 2 * a.nbytes / best if best else None       # read + write
+
+
+def decode_estimate(weight_bytes: Optional[int], bandwidth: Optional[float]) -> Optional[float]:
+    """Tokens/s a model of ``weight_bytes`` can decode here: each token streams the weights once; llama.cpp
+    reaches about half the copy bandwidth on small CPUs."""
+    if not weight_bytes or not bandwidth:
+        return None
+    return 0.5 * bandwidth / weight_bytes
+
+
+def recommend(rows: list[dict], bandwidth: Optional[float] = None) -> dict[str, Optional[str]]:
+    """The biggest default-format (gguf) model of each kind that fits (a quarter of RAM left free) and, when
+    the memory bandwidth is known, decodes at ``MIN_DECODE_TPS`` or more here (rows get ``decode_tps``)."""
     best: dict[str, Optional[str]] = {"text": None, "vision": None}
     size: dict[str, int] = {}
     for r in rows:
+        r["decode_tps"] = decode_estimate(r.get("weights"), bandwidth)
         if r["format"] != "gguf" or not r["fits"] or r["kind"] not in best:
+            continue
+        if r["decode_tps"] is not None and r["decode_tps"] < MIN_DECODE_TPS:
             continue
         p = r["params"] or 0
         if p > size.get(r["kind"], -1):
@@ -148,7 +187,9 @@ def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
         "llama_cpp": {"version": _version("llama-cpp-python"), "system_info": sysinfo.strip() or None},
         "onnxruntime": {"version": _version("onnxruntime"), "providers": _onnx_providers()},
         "rpc": rpc_report(rpc),
-        "models": fits, "recommended": recommend(fits), "context_for_estimates": n_ctx,
+        "models": fits, "recommended": recommend(fits, bw := memory_bandwidth()), "context_for_estimates": n_ctx,
+        "memory_bandwidth": bw, "recommended_basis": f"fits in memory and decodes >= {MIN_DECODE_TPS:g} tok/s "
+                                                    "(estimated from memory bandwidth and weight bytes)",
         "warnings": warnings,
     }
 
