@@ -83,6 +83,7 @@ def ask(
 
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None       # a bad schema fails before the model loads
+    idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
     inp = split_args(list(args or []))
     context = None if "-" in inp.media else read_stdin_text()
     prompt = combine(inp.prompt, context)
@@ -103,7 +104,7 @@ def ask(
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema,
-                                 image_detail=image_detail(detail, image_tokens, image_budget, no_cache))
+                                 image_detail=idetail)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
         warn_unenforced(backend, json_schema)
         image_docs = [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height,

@@ -61,6 +61,7 @@ def caption(
 
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None          # invalid schemas fail before loading
+    idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
     inputs = expand_inputs(paths)
     if not inputs:
         raise EdgeVLMError("No inputs.", hint="Pass image files, folders or globs.")
@@ -84,7 +85,7 @@ def caption(
         name = resolved.alias_ref
         session = ChatSession(backend, name, options=GenerationOptions(
             max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=json_schema,
-            image_detail=image_detail(detail, image_tokens, image_budget, no_cache)))
+            image_detail=idetail))
         warn_unenforced(backend, json_schema)
         t_start = time.perf_counter()
         with console.progress("Captioning", unit="items") as cb:

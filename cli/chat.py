@@ -167,6 +167,7 @@ def chat(
 
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None
+    idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
     images = load_media(list(media or []), frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX)
     from .guard import chat_turn, load_guard, memory_pair, plan_guard
 
@@ -180,7 +181,7 @@ def chat(
         runner = load_guard(gplan, threads=threads, quiet=quiet)
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema,
-                                 image_detail=image_detail(detail, image_tokens, image_budget, no_cache))
+                                 image_detail=idetail)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
         warn_unenforced(backend, json_schema)
         for img in images:

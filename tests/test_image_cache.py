@@ -232,3 +232,28 @@ def test_two_images_at_two_details_in_one_prompt(vision_model, photo, home, tmp_
     assert out[0][0] == out[1][0] == out[2][0]
     assert out[0][1][0][0] == 1 and out[0][1][1][0] > 1          # the small image is one tile, the photo more
     assert [c for _, c in out[2][1]] == ["hit", "hit"]
+
+
+def test_vlm_cache_show_and_clear(home):
+    import json
+
+    from conftest import vlm
+
+    c = EmbedCache(home / "cache")
+    c.put(entry_key("e", "p", "s"), _arrays())
+    r = vlm("cache", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["entries"] == 1 and doc["bytes"] > 0 and doc["max_bytes"] == 1024 ** 3
+    (home / "config.yaml").write_text("image_cache_max_bytes: 5000000\n")
+    assert json.loads(vlm("cache", "show", "--json", home=home).stdout)["max_bytes"] == 5_000_000
+    r = vlm("cache", "clear", home=home)
+    assert r.returncode == 0 and "Removed 1" in r.stderr
+    assert json.loads(vlm("cache", "--json", home=home).stdout)["entries"] == 0
+
+
+def test_unknown_detail_is_one_clear_line(home, tmp_path):
+    from conftest import vlm
+
+    r = vlm("ask", "--detail", "medium", "-m", str(tmp_path / "none.gguf"), "hi", home=home)
+    assert r.returncode != 0 and "--detail low, auto or high" in r.stderr and "Traceback" not in r.stderr
