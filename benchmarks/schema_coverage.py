@@ -145,6 +145,7 @@ def main() -> int:
     ap.add_argument("--no-old", action="store_true", help="skip the previous GGUF engine")
     ap.add_argument("--answers", type=int, default=0, help="schemas per category answered by the GGUF model")
     ap.add_argument("--answer-tokens", type=int, default=256)
+    ap.add_argument("--answers-model", type=Path, help="GGUF model that answers (default: --gguf)")
     ap.add_argument("--json", type=Path, help="write the per-schema results here")
     args = ap.parse_args()
 
@@ -186,12 +187,14 @@ def main() -> int:
         for why, n in reasons.most_common(8):
             print(f"  {n:4d}  {why}")
     if args.answers:
-        print(f"\nconstrained answers from {args.gguf.name}, {args.answers} schema(s) per category, "
+        print(f"\nconstrained answers from {(args.answers_model or args.gguf).name}, {args.answers} schema(s) per category, "
               f"<= {args.answer_tokens} tokens, greedy:")
         tot = Counter()
+        answerer = gguf if args.answers_model is None else load_backend(
+            artifact_from_path(args.answers_model, None, False), LoadOptions(n_ctx=2048, n_threads=2))
         for cat, ps in cats.items():
             ok = [p for p in ps if res["gguf"][str(p)]["ok"]][: args.answers]
-            c = answers(gguf, ok, args.answer_tokens)
+            c = answers(answerer, ok, args.answer_tokens)
             tot += c
             print(f"  {cat}: {dict(c)}")
         n = sum(tot.values())

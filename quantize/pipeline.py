@@ -266,7 +266,7 @@ def _build_onnx(src: Source, targets: list[Target], staging: Path, work: Path, o
                     shutil.copy2(p, onnx_dir / p.name.replace(fp32.name, dst.name, 1))
             _copy_sidecars(fp32.parent, onnx_dir, overwrite=False)
         else:
-            quantize_onnx(fp32, dst, t.quant, block_size=opts.block_size,
+            quantize_onnx(fp32, dst, t.quant, block_size=opts.block_size, importance=ref.imatrix,
                           on_progress=prefixed(on_progress, f"onnx {t.quant}"))
         weights = [p for p in onnx_dir.iterdir() if p.name == dst.name or p.name == dst.name + "_data"]
         sidecars = [onnx_dir / n for n in SIDECAR_FILES if (onnx_dir / n).is_file()]
@@ -306,7 +306,7 @@ def _build_onnx_vision(src: Source, targets: list[Target], staging: Path, work: 
                     if p.is_file():
                         shutil.copy2(p, work / p.name)
         else:
-            written = quantize_vision(exp["dir"], t.quant, block_size=opts.block_size,
+            written = quantize_vision(exp["dir"], t.quant, block_size=opts.block_size, importance=ref.imatrix,
                                       on_progress=prefixed(on_progress, f"onnx {t.quant}"))
         weights = []
         for part in PARTS:

@@ -91,9 +91,15 @@ def _safe_integers(schema):
     return out
 
 
-def _without_patterns(schema) -> tuple[object, list[str]]:
-    """``schema`` without its ``pattern`` keywords, and the patterns taken out."""
-    dropped: list[str] = []
+_REF_KEEP = {"$ref", "definitions", "$defs", "$id", "id", "$schema"}
+
+
+def _simplified(schema, ref_siblings: bool) -> tuple[object, list[str]]:
+    """``schema`` without what the engine cannot compile, and notes on what was taken out: ``pattern``
+    and ``patternProperties`` regexes (look-arounds, back-references), and with ``ref_siblings`` the
+    keywords beside a ``$ref`` (which drafts 4 to 7 say to ignore anyway; recursive references with
+    siblings are what the engine refuses)."""
+    notes: list[str] = []
 
     def walk(x):
         if isinstance(x, list):
@@ -102,13 +108,19 @@ def _without_patterns(schema) -> tuple[object, list[str]]:
             return x
         out = {}
         for k, v in x.items():
-            if k == "pattern" and isinstance(v, str):      # (a property named "pattern" maps to a dict)
-                dropped.append(v)
+            if k == "pattern" and isinstance(v, str):       # (a property named "pattern" maps to a dict)
+                notes.append(f"pattern {v[:60]!r} (regex not supported)")
+                continue
+            if k == "patternProperties" and isinstance(v, dict) and all(isinstance(r, str) for r in v):
+                notes.append(f"patternProperties {list(v)[:3]} (regex not supported)")
+                continue
+            if ref_siblings and "$ref" in x and isinstance(x["$ref"], str) and k not in _REF_KEEP:
+                notes.append(f"{k!r} beside a $ref")
                 continue
             out[k] = v if k in ("const", "enum", "default", "examples") else walk(v)
         return out
 
-    return walk(schema), dropped
+    return walk(schema), notes
 
 
 def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
@@ -124,14 +136,15 @@ def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
         return hit[1]
     why = ""
     result = None
-    dropped: list[str] = []
-    for lenient, strip in ((False, False), (True, False), (True, True)):
-        if strip:       # regexes the engine cannot compile (look-arounds, back-references): go without them
-            schema, dropped = _without_patterns(schema)
-            if not dropped:
-                break
+    original, notes = schema, []
+    for stage in ("strict", "lenient", "no-regex", "no-ref-siblings"):
+        if stage in ("no-regex", "no-ref-siblings"):
+            schema, notes = _simplified(original, ref_siblings=stage == "no-ref-siblings")
+            if not notes:
+                continue
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": lenient})
+            grammar = llg.LLMatcher.grammar_from_json_schema(
+                schema, defaults={**JSON_OPTIONS, "lenient": stage != "strict"})
         except (ValueError, RuntimeError) as e:
             why = _first_line(str(e))
             continue
@@ -139,8 +152,7 @@ def compile_schema(schema: dict, ll_tokenizer: Any) -> tuple[str, list[str]]:
         if is_error:
             why = " ".join((messages[0] if messages else "invalid grammar").split())[:300]
             continue
-        result = (grammar, [f"pattern {p!r} (regex not supported)" for p in dropped]
-                  + [" ".join(m.split())[:200] for m in messages])
+        result = (grammar, list(dict.fromkeys(notes)) + [" ".join(m.split())[:200] for m in messages])
         break
     if result is None:
         raise UsageError(f"--schema cannot be used to constrain the output: {why}",
