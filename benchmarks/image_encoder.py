@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 TILE_GFLOP = 12 * (8 * 1024 * 768 ** 2 + 16 * 1024 * 768 ** 2 + 4 * 1024 ** 2 * 768) / 1e9 + 2.1
 
@@ -45,7 +46,7 @@ def _child(spec: dict) -> dict:
     from edgevlm.runtime.protocol import ImageInput, LoadOptions
 
     if kind == "gguf":
-        b = load_backend(artifact_from_path(spec["model"], spec["mmproj"], True),
+        b = load_backend(artifact_from_path(Path(spec["model"]), Path(spec["mmproj"]), True),
                          LoadOptions(n_ctx=1024, n_threads=spec["threads"]))
         geo = b._vision_geometry()
         t = geo["tile"]
@@ -63,16 +64,19 @@ def _child(spec: dict) -> dict:
         from edgevlm.runtime.backends import onnx as onnx_backend   # benchmarks may name a backend
 
         onnx_backend.TILE_BATCH = spec["batch"]
-        b = load_backend(artifact_from_path(spec["model"], None, True), LoadOptions(n_ctx=1024, n_threads=spec["threads"]))
+        b = load_backend(artifact_from_path(Path(spec["model"]), None, True), LoadOptions(n_ctx=1024, n_threads=spec["threads"]))
         proc = b._processor
         w, h = 4000, 3000
         img = ImageInput(rgb=bytes([128]) * (w * h * 3), width=w, height=h, source="x", sha256="bench")
         plan = proc.plan(w, h)
+        from edgevlm.runtime.protocol import ImageDetail
+
+        off = ImageDetail(level="high", cache=False)
         b._detail = {}
-        b._image_features(img, plan)                # warm: first runs plan memory
+        b._image_features(img, plan, off)           # warm: first runs plan memory
         b._features.clear()
         t0 = time.perf_counter()
-        b._image_features(img, plan)
+        b._image_features(img, plan, off)
         s = (time.perf_counter() - t0) / plan.tiles
         b.close()
     return {"s_per_tile": s, "gflops": TILE_GFLOP / s, "peak_rss_mib": peak_rss() / 2 ** 20}
