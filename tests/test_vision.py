@@ -22,7 +22,9 @@ def images(tmp_path_factory):
 
 
 def _ask(vm, *args, **kw):
-    return vlm("ask", "-m", str(vm["gguf"]), "--mmproj", str(vm["mmproj"]), "-t", "0", *args, **kw)
+    # --no-cache: these tests run in the shared models home, where an earlier run's embeddings would make
+    # image_encode_s 0 (the cache has tests of its own: test_image_cache.py)
+    return vlm("ask", "-m", str(vm["gguf"]), "--mmproj", str(vm["mmproj"]), "-t", "0", "--no-cache", *args, **kw)
 
 
 def test_image_is_encoded_and_answered(vision_model, images):
@@ -70,10 +72,11 @@ def test_follow_up_about_same_image_reuses_cache(vision_model, images, monkeypat
         assert second.final.image_encode_s == 0                          # ...but not encoded again
         assert second.final.prompt_eval_tokens < first.final.image_tokens
         assert preprocessed == []                                        # ...nor preprocessed again
-        # and the tokens are exactly those of libmtmd's own tokenization of the whole conversation
+        # and the tokens are exactly those of a full tokenization of the whole conversation
         text, _, keys, _, _ = b._last_prompt
-        full_keys, _, chunks, n_image = b._tokenize_media(text, [img])
-        b._mtmd_cpp.mtmd_input_chunks_free(chunks)
+        full_keys, _, _, n_image = b._tokenize_units(text, [img], s.options.image_detail, b._vision_geometry())
+        for u in b._units:
+            b._free_unit(u)
         assert keys == full_keys and n_image == first.final.image_tokens and len(preprocessed) == 1
         b.reset()                                                        # a new conversation re-encodes
         third = s.ask("And now?")
