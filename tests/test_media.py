@@ -71,8 +71,6 @@ def test_every_format_round_trips(tmp_path, fmt, ext, kwargs, tol):
     assert close(px(inp, 30, 20), RED, tol)
     assert inp.source == str(path)
     assert inp.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    # encode() round-trips the pixels for backends that want a file
-    assert Image.open(io.BytesIO(inp.encode())).size == (40, 30)
 
 
 def test_gif_uses_first_frame(tmp_path):
