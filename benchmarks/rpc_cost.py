@@ -4,8 +4,8 @@ bytes sent per token, local vs one and two loopback workers, in one run.
     python benchmarks/rpc_cost.py MODEL.gguf [MODEL2.gguf ...] [--rounds 3] [--prompt 128] [--gen 64]
 
 Workers run on this same machine (loopback), so this measures the RPC path's cost, not a speed-up:
-every process shares the same cores. Bytes: what each worker process read and wrote through its
-sockets (/proc/PID/io rchar/wchar, minus what it read from disk) during the generation, per token.
+every process shares the same cores. Bytes: what crossed the workers' connections (received + sent, from `ss`'s per-socket
+counters) during the load and during the generation, per token evaluated.
 Rounds alternate the configurations; medians are reported, and ratios against local in the same run.
 """
 from __future__ import annotations
@@ -41,12 +41,18 @@ def start_worker(threads: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("worker did not start")
 
 
-def io_bytes(pid: int) -> int:
-    d = {}
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        k, v = line.split(":")
-        d[k] = int(v)
-    return d["rchar"] + d["wchar"] - d.get("read_bytes", 0)
+def socket_bytes(ports: list[int]) -> int:
+    """Bytes received by the workers' listening ports' connections so far (ss's per-socket counters):
+    what the main host sent them. Connections that closed are not counted, so read it while loaded."""
+    import re
+
+    total = 0
+    for port in ports:
+        out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True).stdout
+        total += sum(int(x) for x in re.findall(r"bytes_received:(\d+)", out))
+        total += sum(int(x) for x in re.findall(r"bytes_acked:(\d+)", out))
+    return total
 
 
 def run(model: Path, endpoints: list[str], prompt_tokens: int, gen: int, threads: int, moved) -> dict:
@@ -98,8 +104,8 @@ def main() -> int:
             res: dict[str, list[dict]] = {k: [] for k in configs}
             for _ in range(args.rounds):
                 for name, eps in configs.items():
-                    r = run(model, eps, args.prompt, args.gen, args.threads,
-                            lambda: sum(io_bytes(p.pid) for p, _ in workers))
+                    ports = [int(ep.rsplit(":", 1)[1]) for ep in eps]
+                    r = run(model, eps, args.prompt, args.gen, args.threads, lambda: socket_bytes(ports))
                     res[name].append(r)
             print(f"\n{model.name}: prompt {args.prompt}, {args.gen} generated, {args.threads} thread(s) per "
                   f"process, medians of {args.rounds} alternating rounds (loopback, shared cores)\n")

@@ -68,7 +68,8 @@ def _manifest(opts: QuantizeOptions, src: Source, fingerprint: dict, ref, target
         "source": fingerprint,
         "options": {"targets": [t.label for t in targets], "mmproj_type": opts.mmproj_type.lower() if src.vision else None,
                     "onnx_int4_block_size": opts.block_size if any(t.quant == "int4" for t in targets) else None,
-                    "onnx_int4_recipe": "int4" if any(t.quant == "int4" and t.format == "onnx" for t in targets) else None,
+                    "onnx_int4_recipe": ("int4" if ref.imatrix is not None else "rtn")
+                    if any(t.quant == "int4" and t.format == "onnx" for t in targets) else None,
                     "calibration": cal, "allow_pickle": opts.allow_pickle, "trust_remote_code": opts.trust_remote_code},
         "verification": {
             "held_out_sha256": hashlib.sha256(V.HELD_OUT_TEXT.encode()).hexdigest(),

@@ -335,7 +335,7 @@ def _parts_dir(model_dir: Path) -> Path:
 
 
 def quantize_vision(out_dir: str | Path, kind: Literal["int8", "int4"], block_size: int = 32,
-                    on_progress: Optional[ProgressCallback] = None, *, recipe: str = "int4",
+                    on_progress: Optional[ProgressCallback] = None, *, recipe: str = "auto",
                     importance: Optional[dict] = None) -> dict[str, Path]:
     """Quantize the three fp32 parts in ``out_dir`` (or its ``onnx/`` folder) to ``kind``, writing
     ``<part>_int8.onnx`` or ``<part>_q4.onnx`` beside them with ``quantize_onnx``. Returns part -> path.

@@ -73,8 +73,8 @@ def list_types(block_size: int = 32) -> list[dict]:
     rows.append({"target": "onnx:int8", "bits_per_weight": round(8 + 32 / block_size, 2),
                  "note": f"MatMulNBits 8-bit, block {block_size}, fp32 scale per block; int8 embeddings"})
     rows.append({"target": "onnx:int4", "bits_per_weight": round(4 + 36 / block_size, 2),
-                 "note": f"MatMulNBits 4-bit, block {block_size}, searched scale/zero point per block "
-                         "(importance-weighted with --calibration)"})
+                 "note": f"MatMulNBits 4-bit, block {block_size}, fp32 scale + 4-bit zero point per block "
+                         "(with --calibration: searched, importance-weighted)"})
     rows.append({"target": "onnx:fp32", "bits_per_weight": 32.0, "note": "the export itself (a reference)"})
     return rows
 
