@@ -324,13 +324,17 @@ def vision_smoke(backend) -> dict:
 
     from PIL import Image
 
-    from ..runtime.protocol import ChatRequest, GenerationOptions, ImageInput, Message
+    from ..runtime.protocol import ChatRequest, GenerationOptions, ImageDetail, ImageInput, Message
 
     img = Image.new("RGB", (96, 64))
     img.putdata([(x * 255 // 96, y * 255 // 64, (x * y) % 256) for y in range(64) for x in range(96)])
     rgb = img.tobytes()
     image = ImageInput(rgb=rgb, width=96, height=64, source="verify.png", sha256=hashlib.sha256(rgb).hexdigest())
-    req = ChatRequest([Message(role="user", content="Describe this image.", images=[image])], GenerationOptions(max_tokens=4, temperature=0.0))
+    req = ChatRequest([Message(role="user", content="Describe this image.", images=[image])], GenerationOptions(
+        max_tokens=4, temperature=0.0,
+        # the model's own full tiling, never the embedding cache: the check is that the projector encodes
+        # and that the context holds the most image tokens the model makes
+        image_detail=ImageDetail(level="high", cache=False)))
     from ..runtime.generation.core import complete
 
     _, last = complete(backend, req)
