@@ -48,6 +48,8 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     if not ignore_memory and not endpoints:
         loader.check_memory(resolved, n_ctx, with_model=with_model)     # before downloading: refuse early
     ensure_installed(resolved, yes=yes)
+    if endpoints and rpc is None and resolved.artifact.format != "gguf":
+        endpoints = []                  # the config's standing cluster serves GGUF models; others run here
     opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
     if endpoints:                                   # the memory check plans across this host and the workers
         plan = loader.plan_cluster(resolved, n_ctx, endpoints, split, check=not ignore_memory)
