@@ -154,3 +154,36 @@ def sess_weights(q):
     z = zp.reshape(N, kb).astype(np.float32) if at["bits"] == 8 else \
         np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, :kb].astype(np.float32)
     return _dequant(packed, scales, z, at["bits"], at["block_size"], at["K"]).T
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_vlm_info_counts_a_quantized_embedding_once_at_its_real_size(tmp_path, shared):
+    """`vlm info`'s parameter count: a 4-bit GatherBlockQuantized table holds two values a byte, its
+    scales and zero points (read through a Reshape) are not parameters, and a table shared with the
+    lm_head is counted once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.quantize.onnx import _save
+    from edgevlm.runtime.device.inspect import _onnx_graph_facts
+
+    V, H = 64, 96
+    emb = np.random.default_rng(4).standard_normal((V, H)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="/model/embed_tokens/Gather", axis=0),
+             helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])],
+                          [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    fp32 = onnx.ModelProto()
+    fp32.CopyFrom(m)                      # saving moves the weights out of the proto
+    assert _onnx_graph_facts([_saved(fp32, tmp_path / "fp32.onnx", _save)])["parameters"] == 2 * V * H
+    q = _quantize_int4(m, 32, 0, "int4", None, True, share_tied_embedding=shared)
+    facts = _onnx_graph_facts([_saved(q, tmp_path / "q4.onnx", _save)])
+    assert facts["parameters"] == (1 if shared else 2) * V * H
+    assert facts["quantization"] == "int4 (MatMulNBits, block 32)"
+
+
+def _saved(model, path, save):
+    save(model, path)
+    return path

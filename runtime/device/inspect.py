@@ -90,6 +90,9 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
             raise BadModelFile(f"{f.name} is not a readable ONNX model: {str(e).splitlines()[0][:200]}",
                                hint="Download or export the model again.") from e
         packed = set()
+        inits = {t.name: t for t in g.initializer}
+        made_by = {o: n for n in g.node for o in n.output}
+        gathers = []
         for n in g.node:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             if n.op_type == "MatMulNBits":
@@ -97,11 +100,29 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
                 packed.update(n.input[1:])
                 key = f"int{attrs.get('bits', 4)} (MatMulNBits, block {attrs.get('block_size', '?')})"
                 quant[key] = quant.get(key, 0) + 1
+            elif n.op_type == "GatherBlockQuantized":
+                gathers.append((n, attrs))
             elif n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"):
                 quant["int8 (dynamic, per tensor)"] = quant.get("int8 (dynamic, per tensor)", 0) + 1
+        for n, attrs in gathers:
+            # A quantized embedding: its scales and zero points are not parameters (they may reach it
+            # through a Reshape), and its data holds 8/bits values a byte when stored as uint8; a table
+            # shared with the lm_head's MatMulNBits is counted there already.
+            for name in n.input[1:]:
+                while name not in inits and name in made_by and made_by[name].op_type in ("Reshape", "Cast", "Identity"):
+                    name = made_by[name].input[0]
+                packed.add(name)
+            data = inits.get(n.input[0])
+            if data is not None and n.input[0] not in packed:
+                size = 1
+                for dim in data.dims:
+                    size *= int(dim)
+                per_byte = 8 // int(attrs.get("bits", 4)) if data.data_type == onnx.TensorProto.UINT8 else 1
+                n_params += size * per_byte
+            packed.add(n.input[0])
         for t in g.initializer:
-            if t.name in packed:
-                continue
+            if t.name in packed or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                continue                          # shapes, axes, indices: not weights
             size = 1
             for d in t.dims:
                 size *= int(d)
