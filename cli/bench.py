@@ -11,7 +11,7 @@ from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
-from .options import Rpc, TensorSplit
+from .options import GpuLayers, Rpc, TensorSplit
 
 
 def _fmt(stat: dict, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
@@ -35,6 +35,7 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG chart of the comparison.")] = None,
     rpc: Rpc = None,
     tensor_split: TensorSplit = None,
+    gpu_layers: GpuLayers = None,
     guard: Annotated[Optional[str], typer.Option(
         "--guard", metavar="MODEL", help="Also measure what --guard adds: Llama Guard 3 (registry name or .gguf) "
                                          "checking a 50-token question and the answer.")] = None,
@@ -44,8 +45,12 @@ def bench(
 
     from .acquire import cluster_args
 
+    from edgevlm.runtime.device.gpu import parse_gpu_layers
+
     endpoints, split = cluster_args(rpc, tensor_split)
     cluster = {"rpc": endpoints, "tensor_split": split} if endpoints else {}
+    if gpu_layers is not None:
+        cluster["gpu_layers"] = parse_gpu_layers(gpu_layers)
     results = []
     for m in models:
         if not as_json:
@@ -64,7 +69,9 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{report['device']['cpu']} ({results[0]['threads']} threads)", title_justify="left")
+    gl = results[0].get("gpu_layers")
+    gpu = f", {gl} layers on {results[0]['gpu_offload']}" if gl and results[0].get("gpu_offload") else ""
+    t = Table(title=f"{report['device']['cpu']} ({results[0]['threads']} threads{gpu})", title_justify="left")
     for col in ("model", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "image ms", "img tok", "peak RSS"):
         t.add_column(col, justify="left" if col == "model" else "right")
     base = results[0]

@@ -36,6 +36,8 @@ def doctor(
         cores += f" ({c['performance_cores']} performance + {c['efficiency_cores']} efficiency)"
     out(f"OS          {r['os']}  (Python {r['python']})\n")
     out(f"CPU         {c['model']} [{c['arch']}], {cores}\n")
+    if c.get("board"):
+        out(f"Board       {c['board']}\n")
     out(f"Features    {feats}\n")
     out(f"Memory      {fmt_bytes(r['memory']['available'])} available of {fmt_bytes(r['memory']['total'])}\n")
     out(f"GPUs        {', '.join(r['gpus']) or 'none found'}\n")
@@ -44,6 +46,9 @@ def doctor(
     out(f"llama.cpp   llama-cpp-python {lc['version'] or 'not installed'}\n")
     if lc["system_info"]:
         out(f"            {lc['system_info']}\n")
+    out(f"GPU offload {lc['gpu_offload'] or 'none in this build'}; --gpu-layers default {lc['gpu_layers']}\n")
+    if lc["rebuild"]:
+        out(f"Rebuild     {lc['rebuild']['command']}\n")
     rp = r["rpc"]
     out(f"RPC         {'available (vlm worker, --rpc)' if rp['available'] else 'not in this build: ' + rp['install']}\n")
     for w in rp["workers"]:

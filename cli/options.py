@@ -25,6 +25,10 @@ Raw = Annotated[bool, typer.Option("--raw", help="Plain completion: send the pro
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop generating at this string (repeatable).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr; errors only.")]
 
+GpuLayers = Annotated[Optional[str], typer.Option(
+    "--gpu-layers", metavar="N|auto", help="GGUF on a CUDA or Metal build of llama.cpp: layers to put on the GPU "
+                                            "(0 = CPU only; default auto: all that fit in the GPU's free memory).")]
+
 Rpc = Annotated[Optional[str], typer.Option(
     "--rpc", help="Spread the model's layers over these workers too (HOST:PORT,HOST:PORT; each runs `vlm worker`).")]
 TensorSplit = Annotated[Optional[str], typer.Option(

@@ -31,6 +31,7 @@ RESULT_SCHEMA = {
         "image": {"type": ["object", "null"]},
         "peak_rss_bytes": {"type": "integer"}, "weights_bytes": {"type": "integer"},
         "kv_cache_bytes": {"type": ["integer", "null"]}, "estimate_bytes": {"type": ["integer", "null"]},
+        "gpu_layers": {"type": ["integer", "null"]}, "gpu_offload": {"type": ["string", "null"]},
     },
 }
 REPORT_SCHEMA = {
@@ -107,7 +108,8 @@ def guard_latency(ref: str, answer: str, *, repeat: int, threads: Optional[int],
 def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256, gen_tokens: int = 128,
             repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None,
             rpc: Optional[list[str]] = None, tensor_split: Optional[list[float]] = None,
-            guard: Optional[str] = None, detail: Optional[list[str]] = None) -> dict:
+            guard: Optional[str] = None, detail: Optional[list[str]] = None,
+            gpu_layers: Optional[int] = None) -> dict:
     """Measure one model in this process (called in the child). With an image, ``detail`` lists the image
     detail levels to measure (default: auto); the first one is also the image of the TTFT rows. The
     embedding cache is off: every repeat encodes."""
@@ -123,11 +125,17 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
     ctx = n_ctx or max(512, prompt_tokens + gen_tokens + 2048 * (img is not None) + 64)
     t0 = time.perf_counter()
     opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    gpu = None
     if rpc:                                  # spread over `vlm worker`s: what that costs per token
         from ..loader import plan_cluster
 
         plan = plan_cluster(resolved, ctx, rpc, tensor_split)
         opts.rpc, opts.host_layers, opts.worker_shares = rpc, plan.host_layers, plan.worker_shares
+    else:                                    # --gpu-layers N|auto (None): 0 on a CPU-only llama.cpp build
+        from .gpu import plan as gpu_plan
+
+        gpu = gpu_plan(resolved, ctx, gpu_layers)
+        opts.n_gpu_layers = gpu.layers if gpu is not None else 0
     b = load_backend(resolved.artifact, opts)
     load_s = time.perf_counter() - t0
     try:
@@ -208,6 +216,8 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 "detail": levels[0], "levels": per_level,
             },
             "peak_rss_bytes": peak_rss(), "weights_bytes": weights, "kv_cache_bytes": kv, "estimate_bytes": est,
+            "gpu_layers": opts.n_gpu_layers if resolved.artifact.format == "gguf" else None,
+            "gpu_offload": gpu.device if gpu is not None else None,
             **({"guard": guard_doc} if guard_doc is not None else {}),
         }
     finally:
@@ -234,11 +244,12 @@ def run_isolated(model: str, **kw) -> dict:
 def device_summary() -> dict:
     import platform
 
-    from .hardware import cpu_info, memory_info
+    from .hardware import cpu_info, gpu_backend, llama_system_info, memory_info
 
     c = cpu_info()
     return {"cpu": c.model, "arch": c.arch, "physical_cores": c.physical_cores, "logical_cores": c.logical_cores,
-            "memory_total": memory_info().total, "os": f"{platform.system()} {platform.release()}"}
+            "memory_total": memory_info().total, "os": f"{platform.system()} {platform.release()}",
+            "board": c.board, "gpu_offload": gpu_backend(llama_system_info())}
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..protocol import DEFAULT_CTX
-from .hardware import cpu_info, default_threads, llama_build_has_amx, llama_system_info, memory_info
+from .hardware import (cpu_info, default_threads, gpu_backend, llama_build_has_amx, llama_system_info, memory_info,
+                       rebuild_advice)
 
 FEATURES_SHOWN = {
     "x86": ["avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "avx_vnni"],
@@ -34,6 +35,13 @@ def _gpus() -> list[str]:
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         out.append("Metal: Apple Silicon GPU (unified memory)")
     return out
+
+
+def _cuda_home() -> Optional[str]:
+    """Where nvcc is when it is not on PATH (JetPack puts it in /usr/local/cuda/bin)."""
+    if shutil.which("nvcc") is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    return None
 
 
 def _onnx_providers() -> Optional[list[str]]:
@@ -169,8 +177,14 @@ def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
         warnings.append(f"VLM_THREADS={env_threads} exceeds the {cpu.physical_cores} physical cores: decode usually slows down.")
     if cpu.efficiency_cores:
         warnings.append(f"Hybrid CPU: defaulting to {threads} threads (performance cores only).")
-    if sysinfo and family == "x86" and "AVX2 = 1" not in sysinfo:
-        warnings.append("llama.cpp was built without AVX2: expect slow decoding; rebuild llama-cpp-python (see README).")
+    gpus = _gpus()
+    rpc_doc = rpc_report(rpc)
+    advice = rebuild_advice(cpu.arch, cpu.features, sysinfo, gpus, system=platform.system(),
+                            keep_rpc=rpc_doc["available"], cuda_home=_cuda_home())
+    if advice is not None:
+        warnings.append(f"llama.cpp was built without {', '.join(advice.missing)}, which this device has: "
+                        f"rebuild it with `{advice.command}`.")
+    gpu = gpu_backend(sysinfo)
     try:
         fits = model_fits(n_ctx, mem.available)
     except Exception as e:  # a broken user registry must not hide the rest of the report
@@ -180,13 +194,18 @@ def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
         "os": f"{platform.system()} {platform.release()}", "python": sys.version.split()[0],
         "cpu": {"model": cpu.model, "arch": cpu.arch, "logical_cores": cpu.logical_cores,
                 "physical_cores": cpu.physical_cores, "performance_cores": cpu.performance_cores,
-                "efficiency_cores": cpu.efficiency_cores, "features": feats},
+                "efficiency_cores": cpu.efficiency_cores, "features": feats, "board": cpu.board},
         "memory": {"total": mem.total, "available": mem.available},
-        "gpus": _gpus(),
+        "gpus": gpus,
         "default_threads": threads,
-        "llama_cpp": {"version": _version("llama-cpp-python"), "system_info": sysinfo.strip() or None},
+        "llama_cpp": {"version": _version("llama-cpp-python"), "system_info": sysinfo.strip() or None,
+                      "gpu_offload": gpu,
+                      "gpu_layers": "auto: all layers that fit in the GPU's memory" if gpu else "0 (CPU only build)",
+                      "rebuild": None if advice is None else {"missing": list(advice.missing),
+                                                              "cmake_args": advice.cmake_args,
+                                                              "command": advice.command}},
         "onnxruntime": {"version": _version("onnxruntime"), "providers": _onnx_providers()},
-        "rpc": rpc_report(rpc),
+        "rpc": rpc_doc,
         "models": fits, "recommended": recommend(fits, bw := memory_bandwidth()), "context_for_estimates": n_ctx,
         "memory_bandwidth": bw, "recommended_basis": f"fits in memory and decodes >= {MIN_DECODE_TPS:g} tok/s "
                                                     "(estimated from memory bandwidth and weight bytes)",

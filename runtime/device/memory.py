@@ -121,3 +121,61 @@ def fmt_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How many layers go to the GPU (llama.cpp's n_gpu_layers: ``n_layers + 1`` also takes the output
+    layer, i.e. everything) and what that costs on the device and on this host."""
+    layers: int
+    n_layers: int
+    device: str | None       # "CUDA", "Metal", ... (None: the build has no GPU offload)
+    device_bytes: int
+    host_bytes: int
+
+    @property
+    def all(self) -> bool:
+        return self.layers > self.n_layers
+
+    def describe(self) -> str:
+        if not self.device or not self.layers:
+            return "0 (CPU only)" if self.device else "0 (this llama.cpp build has no GPU offload)"
+        shown = "all" if self.all else f"{self.layers}/{self.n_layers}"
+        return f"{shown} on {self.device} ({fmt_bytes(self.device_bytes)} there)"
+
+
+def plan_gpu_layers(est: MemoryEstimate, n_layers: int, requested: int | None, device: str | None,
+                    device_free: int | None, unified: bool = False) -> GpuPlan:
+    """--gpu-layers N|auto (``requested`` None = auto) for a build with GPU offload on ``device``.
+
+    auto: every layer when the build has a GPU backend and they fit in the device's free memory, else as
+    many as fit; 0 without GPU offload. Each layer costs its share of the weights and of the KV cache; the
+    device also holds compute buffers (the estimate's runtime share). With unified memory (Jetson, Apple
+    Silicon) the device's memory is this host's, which the ordinary memory check already covers: all
+    layers. An explicit N above what fits is refused here, before llama.cpp fails to allocate."""
+    n_layers = max(1, n_layers)
+    if device is None:
+        if requested:
+            from ..errors import UsageError
+
+            raise UsageError(f"--gpu-layers {requested}: this llama.cpp build has no GPU offload.",
+                             hint="Rebuild llama-cpp-python with CUDA or Metal (`vlm doctor` prints the line), "
+                                  "or drop --gpu-layers.")
+        return GpuPlan(0, n_layers, None, 0, est.total)
+    per_layer = (est.weights + est.kv_cache) / n_layers
+    if unified or device_free is None:
+        layers = n_layers + 1 if requested is None else min(requested, n_layers + 1)
+    elif requested is None:
+        fit = int(max(0, device_free - est.overhead) // per_layer) if per_layer else n_layers
+        layers = n_layers + 1 if fit >= n_layers else fit
+    else:
+        layers = min(requested, n_layers + 1)
+    on_device = min(layers, n_layers)
+    device_bytes = int(per_layer * on_device) + (est.overhead if layers else 0)
+    if not unified and device_free is not None and requested is not None and device_bytes > device_free:
+        raise InsufficientMemory(
+            f"--gpu-layers {requested} needs about {fmt_bytes(device_bytes)} on the {device} device, "
+            f"which has {fmt_bytes(device_free)} free.",
+            hint="Lower --gpu-layers, or use --gpu-layers auto (as many as fit).")
+    host = est.total if unified else est.total - int(per_layer * on_device)
+    return GpuPlan(layers, n_layers, device, device_bytes, host)

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Proves edgevlm on aarch64 Linux (Raspberry Pi 5, Jetson CPU) under emulation, on an x86-64 Linux host:
+#     sudo bash scripts/test-aarch64.sh            # build (first run) or reuse (later runs), then test
+#     sudo bash scripts/test-aarch64.sh -k schema  # extra pytest arguments pass through
+# It builds a Debian bookworm arm64 root with debootstrap, runs it through qemu-user-static and
+# binfmt_misc, installs edgevlm there by the README's own Raspberry Pi install line (llama-cpp-python
+# built from source for armv8.2-a+dotprod, onnxruntime from its aarch64 wheel), and runs the part of
+# the test suite that matters on a board. Emulation proves installs and code paths, not speeds.
+# Not part of .ci/run: the first run compiles llama.cpp under emulation (README: how long it takes).
+#
+# Needs root (debootstrap, chroot, mounts) and Debian's mirror + PyPI. Caches, so a second run is quick:
+#   $VLM_AARCH64_CACHE (default ~/.cache/edgevlm-aarch64): rootfs/ (the arm64 root, with a venv in
+#   /opt/vlm), wheels/llama-<version>-<hash of CMAKE_ARGS>/ (the built llama-cpp-python wheel: pip caches
+#   built wheels by version, not by build flags, so the key carries the flags), pip/ (pip's cache).
+# Test models: the host-built fixtures in $VLM_TEST_CACHE (default ~/.cache/edgevlm-tests; build them
+# once with `bash scripts/test.sh`) are platform-independent files; they are mounted into the root
+# through an overlay, so the host copy is never written and the root needs no torch/transformers.
+# The whole script is one block, read before it runs: editing it mid-run cannot change a running copy.
+{
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+CACHE=${VLM_AARCH64_CACHE:-$HOME/.cache/edgevlm-aarch64}
+FIXTURES=${VLM_TEST_CACHE:-$HOME/.cache/edgevlm-tests}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+ROOT=$CACHE/rootfs
+LLAMA_VERSION=0.3.36
+# The README's own Raspberry Pi 5 line, read from the README so the two cannot drift apart.
+PI_LINE=$(grep -A3 '^# Raspberry Pi 5' README.md | grep 'CMAKE_ARGS=' | head -1)
+ARM_CMAKE_ARGS=$(sed -n 's/^CMAKE_ARGS="\([^"]*\)".*/\1/p' <<<"$PI_LINE")
+[ -n "$ARM_CMAKE_ARGS" ] || { echo "README.md has no '# Raspberry Pi 5' install line with CMAKE_ARGS" >&2; exit 2; }
+WHEEL_KEY="llama-$LLAMA_VERSION-$(echo "$ARM_CMAKE_ARGS" | sha256sum | cut -c1-12)"
+# Everything the board-relevant tests need: GGUF text and vision, the ONNX backend, images, caption,
+# --schema, doctor, bench's report shape, and the ARM detection tests.
+DEFAULT_TESTS=()
+for t in tests/test_arm*.py tests/test_cli_text.py tests/test_vision.py tests/test_media.py \
+         tests/test_batch_video.py tests/test_schema_backends.py tests/test_onnx_backend.py \
+         tests/test_onnx_vision.py tests/test_bench_doctor.py; do
+  [ -f "$t" ] && DEFAULT_TESTS+=("$t")
+done
+# Left out: video (PyAV is an optional extra), bench's plot (matplotlib), the checks against transformers
+# (they skip themselves without torch) and the RSS measurements (emulation's memory is not a board's).
+DEFAULT_K="not video and not plot and not rss"
+
+t0=$(date +%s)
+say() { printf '[aarch64 %4ss] %s\n' "$(( $(date +%s) - t0 ))" "$*" >&2; }
+[ "$(id -u)" = 0 ] || { echo "run as root (debootstrap, chroot and mounts need it)" >&2; exit 2; }
+[ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || { echo "x86-64 or aarch64 host only" >&2; exit 2; }
+[ -d "$FIXTURES/fixtures" ] || { echo "no test fixtures in $FIXTURES: run 'bash scripts/test.sh' once first" >&2; exit 2; }
+mkdir -p "$CACHE/wheels/$WHEEL_KEY" "$CACHE/pip" "$CACHE/fixtures-upper" "$CACHE/fixtures-work"
+
+# 1. Host tools and the aarch64 interpreter (binfmt_misc with the F flag: the kernel keeps qemu open,
+#    so the root needs no copy of it).
+if [ "$(uname -m)" != aarch64 ]; then
+  if ! command -v debootstrap >/dev/null || [ ! -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] \
+       && ! command -v qemu-aarch64-static >/dev/null; then
+    say "installing debootstrap, qemu-user-static, binfmt-support"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap qemu-user-static binfmt-support
+  fi
+  mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+  grep -q '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 \
+    || { echo "binfmt_misc's qemu-aarch64 entry lacks the F flag; re-register it with update-binfmts" >&2; exit 2; }
+else
+  command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
+fi
+
+# Mounts are undone on any exit, in reverse order; a busy one is detached lazily.
+MOUNTS=()
+cleanup() {
+  local i
+  for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do
+    umount "${MOUNTS[i]}" 2>/dev/null || umount -l "${MOUNTS[i]}" 2>/dev/null || echo "could not unmount ${MOUNTS[i]}" >&2
+  done
+  MOUNTS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+bind() { mkdir -p "$2"; mount --bind "$1" "$2"; MOUNTS+=("$2"); }
+mount_all() {
+  mount -t proc proc "$ROOT/proc"; MOUNTS+=("$ROOT/proc")
+  bind /sys "$ROOT/sys"; bind /dev "$ROOT/dev"; bind /dev/pts "$ROOT/dev/pts"
+  bind "$CACHE/pip" "$ROOT/root/.cache/pip"
+  bind "$CACHE/wheels" "$ROOT/wheels"
+  cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
+}
+in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/opt/vlm/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+
+# 2. The arm64 Debian root (cached: built in a temporary folder, renamed when complete).
+if [ ! -e "$ROOT/.complete" ]; then
+  rm -rf "$ROOT.partial"
+  say "debootstrap bookworm arm64 into $ROOT (emulated second stage: several minutes)"
+  debootstrap --arch=arm64 --variant=minbase \
+    --include=python3,python3-venv,python3-dev,build-essential,cmake,ninja-build,ca-certificates \
+    bookworm "$ROOT.partial" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+    || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
+  rm -rf "$ROOT"; mv "$ROOT.partial" "$ROOT"
+  touch "$ROOT/.complete"
+  say "root ready"
+fi
+mount_all
+say "$(in_root uname -m) $(in_root python3 --version)"
+[ -x "$ROOT/opt/vlm/bin/python" ] || in_root python3 -m venv /opt/vlm
+in_root python -m pip install -q --upgrade pip
+
+# 3. llama-cpp-python, built once per version + flags by the README's line, then installed from the cache.
+if ! ls "$CACHE/wheels/$WHEEL_KEY"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  say "building llama-cpp-python $LLAMA_VERSION under emulation: CMAKE_ARGS=\"$ARM_CMAKE_ARGS\" (log: $CACHE/llama-build.log)"
+  b0=$(date +%s)
+  in_root /usr/bin/env CMAKE_ARGS="$ARM_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    python -m pip wheel -v --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_VERSION" -w "/wheels/$WHEEL_KEY.partial" \
+    >"$CACHE/llama-build.log" 2>&1 || { tail -30 "$CACHE/llama-build.log" >&2; exit 1; }
+  mv "$CACHE/wheels/$WHEEL_KEY.partial"/llama_cpp_python-*.whl "$CACHE/wheels/$WHEEL_KEY/"
+  rmdir "$CACHE/wheels/$WHEEL_KEY.partial" 2>/dev/null || true
+  say "llama-cpp-python built in $(( $(date +%s) - b0 ))s"
+fi
+
+
+# 4. edgevlm itself, by the README's Raspberry Pi line (plus the extras the tests need). The working tree
+#    (tracked and untracked, not ignored files) is copied in fresh; pip finds the cached wheel above
+#    through --find-links, so nothing is compiled again.
+say "installing edgevlm: CMAKE_ARGS=\"$ARM_CMAKE_ARGS\" pip install --no-cache-dir '.[onnx,test]'"
+rm -rf "$ROOT/src/edgevlm"; mkdir -p "$ROOT/src/edgevlm"
+git ls-files -z -co --exclude-standard | tar --null -T - -cf - 2>/dev/null | tar -xf - -C "$ROOT/src/edgevlm"
+in_root /bin/sh -c "cd /src/edgevlm && CMAKE_ARGS='$ARM_CMAKE_ARGS' pip install -q --no-cache-dir \
+    --find-links /wheels/$WHEEL_KEY '.[onnx,test]'" >"$CACHE/install.log" 2>&1 || { tail -30 "$CACHE/install.log" >&2; exit 1; }
+in_root python -c "import llama_cpp, onnxruntime, platform; print(platform.machine(), 'llama-cpp-python', llama_cpp.__version__, 'onnxruntime', onnxruntime.__version__)" | sed 's/^/    /' >&2
+
+# 5. The host's test fixtures, through an overlay at the same path (the tests' caches key files by path):
+#    reads come from the host's files, writes (locks, hash caches) go to the cache's upper layer.
+mkdir -p "$ROOT$FIXTURES"
+mount -t overlay overlay -o "lowerdir=$FIXTURES,upperdir=$CACHE/fixtures-upper,workdir=$CACHE/fixtures-work" "$ROOT$FIXTURES"
+MOUNTS+=("$ROOT$FIXTURES")
+# The vision fixture's cache key includes the versions of the packages that build it (torch,
+# transformers, ...), which this root does not have: point the key computed here at the host's newest
+# complete build (the files themselves are platform-independent).
+vision=$(ls -td "$FIXTURES"/fixtures/*/ 2>/dev/null | while read -r d; do
+  grep -qs '"name": "tiny-idefics3"' "$d/manifest.json" && { basename "$d"; break; }; done || true)
+if [ -n "$vision" ]; then
+  key=$(in_root /usr/bin/env VLM_TEST_CACHE="$FIXTURES" python -c "
+import sys; sys.path.insert(0, '/src/edgevlm/tests')
+from pathlib import Path
+from conftest import CACHE, MODELS_HOME, _pull
+from fixtures import fixture_key
+print(fixture_key(_pull('smollm2-135m'), CACHE / 'fixtures'))")
+  [ "$key" = "$vision" ] || [ -e "$ROOT$FIXTURES/fixtures/$key" ] || ln -s "$vision" "$ROOT$FIXTURES/fixtures/$key"
+else
+  say "no vision fixture in $FIXTURES/fixtures: the vision tests will try to build it and fail here; run bash scripts/test.sh first"
+fi
+
+# 6. The board-relevant tests, on aarch64.
+if [ $# -eq 0 ]; then
+  set -- "${DEFAULT_TESTS[@]}" -k "$DEFAULT_K"
+fi
+say "pytest $*"
+set +e
+in_root /usr/bin/env VLM_TEST_CACHE="$FIXTURES" NO_COLOR=1 /bin/sh -c 'cd /src/edgevlm && exec python -m pytest -q -p no:cacheprovider "$@"' pytest "$@"
+rc=$?
+set -e
+say "done: pytest exit $rc (aarch64 $(in_root python -c 'import platform; print(platform.machine())'), llama.cpp build: $ARM_CMAKE_ARGS)"
+exit $rc
+exit
+}
