@@ -38,10 +38,13 @@ def ensure_installed(resolved, *, yes: bool) -> None:
 
 def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
                threads: Optional[int], yes: bool, ignore_memory: bool, rpc: Optional[str] = None,
-               tensor_split: Optional[str] = None, with_model=None) -> tuple[Backend, object]:
+               tensor_split: Optional[str] = None, with_model=None,
+               gpu_layers: Optional[str] = None) -> tuple[Backend, object]:
     """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
+    from edgevlm.runtime.device.gpu import parse_gpu_layers, plan as gpu_plan
 
+    requested_gpu = parse_gpu_layers(gpu_layers)         # a bad --gpu-layers fails before anything loads
     resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)
     n_ctx = ctx or DEFAULT_CTX
     endpoints, split = cluster_args(rpc, tensor_split)
@@ -57,6 +60,9 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
         console.info("[dim]Layers: " + ", ".join(f"{d.name} {d.fraction:.0%}" for d in plan.shares) + "[/]")
     elif not ignore_memory:
         loader.check_memory(resolved, n_ctx, with_model=with_model)     # again with the real files' metadata
+    if not endpoints:                               # --gpu-layers N|auto: 0 on a CPU-only llama.cpp build
+        gpu = gpu_plan(resolved, n_ctx, requested_gpu)
+        opts.n_gpu_layers = gpu.layers if gpu is not None else 0
     # No progress callback: loading takes well under a second, and each call of a Python callback makes
     # llama.cpp take the GIL.
     backend = loader.load_backend(resolved.artifact, opts)

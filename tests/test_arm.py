@@ -15,7 +15,7 @@ import pytest
 
 from edgevlm.runtime.device.gpu import parse_gpu_layers
 from edgevlm.runtime.device.hardware import (arm_hwcap_features, board_model, core_groups, gpu_backend,
-                                             parse_cpuinfo, parse_system_info, rebuild_advice, split_performance)
+                                             llama_system_info, parse_cpuinfo, parse_system_info, rebuild_advice, split_performance)
 from edgevlm.runtime.device.memory import estimate, plan_gpu_layers
 from edgevlm.runtime.errors import InsufficientMemory, UsageError
 
@@ -230,6 +230,15 @@ def test_gpu_layers_on_the_cli(smollm2_gguf, home):
     assert r.returncode != 0 and "no GPU offload" in r.stderr and "Traceback" not in r.stderr
     r = vlm("bench", str(smollm2_gguf), "--gpu-layers", "lots", "--repeat", "1", home=home)
     assert r.returncode == 2 and "not a number of layers" in r.stderr
+    for cmd in (["ask", "-m", str(smollm2_gguf), "hi"], ["chat", "-m", str(smollm2_gguf)]):
+        r = vlm(*cmd, "--gpu-layers", "lots", home=home, input="hi\n")
+        assert r.returncode == 2 and "not a number of layers" in r.stderr, (cmd, r.stderr)
+    if gpu_backend(llama_system_info()) is None:            # a CPU-only build: auto is 0, a number is refused
+        r = vlm("ask", "-m", str(smollm2_gguf), "--gpu-layers", "3", "hi", home=home)
+        assert r.returncode == 2 and "no GPU offload" in r.stderr
+        r = vlm("ask", "-m", str(smollm2_gguf), "--gpu-layers", "auto", "--raw", "-n", "3",
+                "The capital of France is", home=home, check=True)
+        assert "Paris" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------- this machine

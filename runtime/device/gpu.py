@@ -58,10 +58,12 @@ def plan(resolved, n_ctx: int, requested: Optional[int]) -> Optional[GpuPlan]:
     art = resolved.artifact
     if art is None or art.format != "gguf":
         return None
+    device, free, unified = offload_device()
+    if device is None and not requested:            # a CPU-only build: nothing to plan (the common case)
+        return GpuPlan(0, 0, None, 0, 0)
     from ..formats.gguf_file import read_gguf
     from ..loader import estimate_memory
 
     info = read_gguf(art.path)
     n_layers = info.kv_shape[0] if info.kv_shape else int(info.get(f"{info.architecture}.block_count") or 0)
-    device, free, unified = offload_device()
     return plan_gpu_layers(estimate_memory(resolved, n_ctx), n_layers, requested, device, free, unified)
