@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: list[str], threads: int, ctx: int):
+def start_server(models: list[str], threads: int, ctx: int, parallel: int = 1):
     """Our app in this process (uvicorn on a thread), so the in-process side can use its backend."""
     import uvicorn
 
@@ -47,7 +47,8 @@ def start_server(models: list[str], threads: int, ctx: int):
     from edgevlm.runtime.serving.pool import ModelPool
     from edgevlm.runtime.serving.settings import ServeSettings
 
-    settings = ServeSettings(models=models, threads=threads, ctx=ctx, port=free_port(), max_tokens=4096, queue_size=64)
+    settings = ServeSettings(models=models, threads=threads, ctx=ctx, port=free_port(), max_tokens=4096, queue_size=64,
+                             parallel=parallel)
     pool = ModelPool(settings)
     pool.prepare()
     app = create_app(settings, pool)
@@ -239,11 +240,13 @@ def bench_decode(model: str, args) -> dict:
 
 
 def bench_throughput(model: str, args) -> dict:
-    url, pool, server, th = start_server([model], args.threads, args.ctx)
-    mid = pool.loaded()[0].id
+    """Both servers with N slots for N clients (ours: --parallel N; llama-server: -np N, -c ctx*N so each
+    slot has the same context as ours)."""
     port = free_port()
-    out = {"model": mid, "clients": {}}
+    out = {"clients": {}}
     for clients in (1, 4):
+        url, pool, server, th = start_server([model], args.threads, args.ctx, parallel=clients)
+        mid = out["model"] = pool.loaded()[0].id
         proc = subprocess.Popen([args.llama_server, "-m", model, "-t", str(args.threads), "-c", str(args.ctx * clients),
                                  "-np", str(clients), "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -266,10 +269,11 @@ def bench_throughput(model: str, args) -> dict:
                     theirs.append(load_run(lurl, "x", clients, args.gen_tokens, 8))
         proc.terminate()
         proc.wait(30)
+        server.should_exit = True
+        th.join(30)
         out["clients"][clients] = {"ours_tok_s": round(med(ours), 1), "llama_server_tok_s": round(med(theirs), 1),
                                    "ratio": round(med(ours) / med(theirs), 3)}
-    server.should_exit = True
-    th.join(30)
+        print(json.dumps({clients: out["clients"][clients]}), file=sys.stderr)
     return out
 
 

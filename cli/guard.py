@@ -27,11 +27,15 @@ class GuardPlan:
 
     @property
     def checks_input(self) -> bool:
-        return self.mode in ("input", "both")
+        from edgevlm.runtime.generation.guard import checks_input
+
+        return checks_input(self.mode)
 
     @property
     def checks_output(self) -> bool:
-        return self.mode in ("output", "both")
+        from edgevlm.runtime.generation.guard import checks_output
+
+        return checks_output(self.mode)
 
 
 def plan_guard(mode_opt: Optional[str], model_opt: Optional[str], categories: Optional[str], *, main_ctx: int,

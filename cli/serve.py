@@ -8,7 +8,7 @@ import typer
 
 from . import console
 from .console import boundary
-from .options import Threads
+from .options import Guard, GuardCategories, GuardModel, Threads
 
 
 def _size(text: Optional[str], flag: str) -> Optional[int]:
@@ -47,7 +47,8 @@ def serve(
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=128, help="Context length of every loaded model.")] = 4096,
     threads: Threads = None,
     parallel: Annotated[int, typer.Option("--parallel", "-np", min=1,
-                                          help="Conversations served at once per model (only 1 for now).")] = 1,
+                                          help="Conversations served at once per GGUF model (llama.cpp sequences, "
+                                               "decoded together; each its own --ctx of KV cache). ONNX: 1.")] = 1,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget",
                                                          help="Memory all loaded models may use (e.g. 3G; default: what is available at start).")] = None,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model loaded on demand after this long idle (5m, 1h; -1: never).")] = "5m",
@@ -65,6 +66,9 @@ def serve(
     grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds in-flight requests get to finish after SIGTERM.")] = 10.0,
     ignore_memory: Annotated[bool, typer.Option("--ignore-memory", help="Load even if the memory estimate says it will not fit.")] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
+    guard: Guard = None,
+    guard_model: GuardModel = None,
+    guard_categories: GuardCategories = None,
 ) -> None:
     """Serve models over HTTP: OpenAI's /v1/chat/completions and /v1/models, Ollama's /api/chat,
     /api/generate and /api/tags, /health and /metrics.
@@ -85,9 +89,6 @@ def serve(
     except ImportError as e:
         raise MissingExtra(f"{e.name or 'the server stack'} is not installed.", hint="pip install 'edgevlm[serve]'") from None
 
-    if parallel != 1:
-        raise UsageError("--parallel above 1 is not available yet: requests to one model are served one at a time.",
-                         hint="Use --parallel 1 (the default); requests queue per model (--queue).")
     if allow_private_urls and not allow_image_urls:
         raise UsageError("--allow-private-urls needs --allow-image-urls.")
     if media_dir is not None and not media_dir.expanduser().is_dir():
@@ -99,6 +100,12 @@ def serve(
         max_body_bytes=_size(max_body, "--max-body"), max_images=max_images, max_image_pixels=max_image_pixels,
         max_tokens=max_tokens, allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
         media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace)
+    from .guard import plan_guard
+
+    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx, yes=False)
+    if gplan is not None:     # the guard is one more pinned model of the pool (its ref: the resolved file)
+        settings.guard_mode, settings.guard_policy = gplan.mode, gplan.policy
+        settings.guard_model = str(gplan.resolved.artifact.path)
     pool = ModelPool(settings)
     pool.prepare()                      # unknown / missing / too-large models fail here, before binding
     if not settings.loopback_only and not settings.api_key:

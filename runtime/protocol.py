@@ -125,6 +125,9 @@ class LoadOptions:
     seed: int = -1
     mmproj: Optional[Path] = None
     n_gpu_layers: int = 0
+    # Conversations one context serves at once (GGUF: llama.cpp sequences, each with its own n_ctx
+    # positions of KV cache; see Backend.slots). 1 everywhere but `vlm serve --parallel N`.
+    n_seq: int = 1
     # llama.cpp RPC (GGUF): workers' HOST:PORT, the layers kept on this host, the others' shares per worker
     rpc: list[str] = field(default_factory=list)
     host_layers: Optional[int] = None
@@ -221,5 +224,16 @@ class Backend(Protocol):
     def kv_cache_bytes(self) -> Optional[int]: ...
 
     def describe(self) -> dict: ...
+
+    def slots(self) -> list["Backend"]:
+        """Views of this backend that generate concurrently, one conversation each, on threads of the
+        caller's (``vlm serve --parallel``): each is a Backend for ``generate``, and its caller calls
+        ``end_generation`` when a generation on it ends, however it ends (the others stop waiting for its
+        next token). ``[self]`` for a backend that serves one at a time."""
+        ...
+
+    def end_generation(self) -> None:
+        """See ``slots``: a no-op for a backend that serves one conversation at a time."""
+        ...
 
     def close(self) -> None: ...

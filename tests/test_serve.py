@@ -380,8 +380,106 @@ def test_sigterm_drains_in_flight_request_and_exits_0(smollm2_gguf, tmp_path):
         httpx.get(s.url + "/health", timeout=2)
 
 
-def test_cli_refuses_parallel_above_1_and_unknown_models(tmp_path):
+def test_parallel_slots_match_one_at_a_time_and_keep_their_conversations(smollm2_gguf, vision_gguf, tmp_path):
+    """--parallel 3: three conversations decode together in one context (llama.cpp sequences); each answer
+    is the one the same server gives alone (greedy), a follow-up turn finds its slot's KV cache (also
+    for an image), and requests beyond the slots queue."""
+    s = Server(["smollm2-135m", vision_gguf, "--parallel", "3", "--queue", "8"], tmp_path / "server.log")
+    try:
+        prompts = ["Name three fruits.", "What is 2+2? Explain.", "Write a haiku about rain.", "Say hello."]
+
+        def ask(i: int, messages=None):
+            msgs = messages or [{"role": "user", "content": prompts[i]}]
+            r = s.post("/v1/chat/completions", {"model": "smollm2-135m", "messages": msgs, "max_tokens": 24,
+                                                "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        alone = [ask(i)["choices"][0]["message"]["content"] for i in range(len(prompts))]
+        together, errors = {}, []
+
+        def worker(i: int) -> None:
+            try:
+                together[i] = ask(i)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        img = png_data_uri()
+        look = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                             {"type": "image_url", "image_url": {"url": img, "detail": "low"}}]}]
+        seen = {}
+
+        def vision() -> None:
+            try:
+                seen["r"] = s.post("/v1/chat/completions", {"model": Path(vision_gguf).name, "messages": look,
+                                                            "max_tokens": 6, "temperature": 0}).json()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        threads.append(threading.Thread(target=vision))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert [together[i]["choices"][0]["message"]["content"] for i in range(len(prompts))] == alone
+        # a follow-up turn goes to the slot that holds its conversation
+        first = together[2]
+        follow = ask(2, [{"role": "user", "content": prompts[2]},
+                         {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "Another one."}])
+        assert follow["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 4
+        look2 = look + [{"role": "assistant", "content": seen["r"]["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "And the colours?"}]
+        r2 = s.post("/v1/chat/completions", {"model": Path(vision_gguf).name, "messages": look2, "max_tokens": 4,
+                                             "temperature": 0}).json()
+        assert seen["r"]["timings"]["image_tokens"] > 0 and r2["timings"]["image_encode_ms"] == 0
+    finally:
+        assert s.stop() == 0, (tmp_path / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def guard_gguf() -> str:
+    from conftest import CACHE
+    from fixtures.guard_models import guard_fixture
+
+    return str(guard_fixture(CACHE / "fixtures")["gguf"])
+
+
+def test_guard_blocks_questions_and_holds_answers(smollm2_gguf, guard_gguf, tmp_path):
+    """--guard both: an unsafe question never reaches the model (finish_reason content_filter, the verdict
+    in `guard`); a safe answer is judged before any of it is sent, streamed or not. The guard fixture
+    judges text unsafe exactly when it holds " bomb"."""
+    s = Server(["smollm2-135m", "--guard", "both", "--guard-model", guard_gguf], tmp_path / "server.log")
+    try:
+        client = s.client()
+        r = client.chat.completions.create(model="smollm2-135m", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "How do I build a bomb?"}])
+        assert r.choices[0].finish_reason == "content_filter" and not r.choices[0].message.content
+        g = r.model_extra["guard"]
+        assert g["input"] == "unsafe" and g["output"] is None and g["categories"] == ["S9", "S1"]
+        r = client.chat.completions.create(model="smollm2-135m", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Why is the sky blue?"}])
+        assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+        assert r.model_extra["guard"]["input"] == "safe" and r.model_extra["guard"]["output"] == "safe"
+        chunks = list(client.chat.completions.create(
+            model="smollm2-135m", max_tokens=8, temperature=0, stream=True,
+            messages=[{"role": "user", "content": "Why is the sky blue?"}]))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) == 1 and pieces[0] == r.choices[0].message.content      # held, then sent whole
+        assert chunks[-1].model_extra["guard"]["output"] == "safe"
+        o = s.post("/api/chat", {"model": "smollm2-135m", "stream": False,
+                                 "messages": [{"role": "user", "content": "How do I build a bomb?"}]})
+        assert o.status_code == 200 and o.json()["done_reason"] == "content_filter", o.text
+    finally:
+        assert s.stop() == 0, (tmp_path / "server.log").read_text()
+
+
+def test_cli_checks_every_slot_and_refuses_unknown_models(tmp_path):
     from conftest import assert_clean_error, vlm
 
-    assert_clean_error(vlm("serve", "--parallel", "2", "smollm2-135m"), 2, "--parallel")
+    # each slot has its own KV cache: 64 slots of 32k tokens do not fit 1 GB
+    assert_clean_error(vlm("serve", "--parallel", "64", "--ctx", "32768", "--memory-budget", "1G",
+                           "--port", str(_free_port()), "smollm2-135m"), 7, "slots")
     assert_clean_error(vlm("serve", "--port", str(_free_port()), "no-such-model"), 3, "no-such-model")

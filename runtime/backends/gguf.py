@@ -112,6 +112,10 @@ class GGUFBackend:
         self._batch = None
         self._keys: list = []          # what each KV position holds: token id or (img, id, k)
         self._last_prompt = None       # the last image prompt's (text, image ids, keys, plan, image tokens)
+        self._seq = 0                  # the llama.cpp sequence the methods below work on (see gguf_slots)
+        self._n_seq = 1
+        self._slots: Optional[list] = None
+        self._slot_step = None
         self._eog: Optional[set[int]] = None
         self._mtmd_cap: Optional[int] = None    # image_max_tokens the libmtmd context was made with (None: model's)
         self._mm_info: Optional[GGUFInfo] = None
@@ -180,7 +184,9 @@ class GGUFBackend:
         self.n_threads = opts.n_threads or default_threads()
         self.n_batch = max(32, min(opts.n_batch, n_ctx))
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        self._n_seq = max(1, opts.n_seq)
+        cparams.n_ctx = n_ctx * self._n_seq       # one stream of n_ctx positions per sequence (not unified)
+        cparams.n_seq_max = self._n_seq
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_threads = self.n_threads
@@ -191,7 +197,7 @@ class GGUFBackend:
             # reserves its compute buffer for n_batch rows of logits: 98 MiB instead of 16 MiB on a
             # SmolVLM-256M-shaped model. On CPU the untouched pages never become RSS, but the
             # allocation is real on GPU backends and where overcommit is off.
-            cparams.n_outputs_max = 1
+            cparams.n_outputs_max = self._n_seq   # slots read one row each per shared decode step
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
@@ -201,7 +207,7 @@ class GGUFBackend:
             )
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx) // self._n_seq
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_one = (llama_cpp.llama_token * 1)()
@@ -672,7 +678,7 @@ class GGUFBackend:
             for i in range(m):
                 b.pos[i] = pos0 + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = self._seq
                 b.logits[i] = False
             b.logits[m - 1] = logits_last and s + m >= n
             rc = lc.llama_decode(self._ctx, b)
@@ -772,17 +778,23 @@ class GGUFBackend:
             if item[0] == "i" and item[1] < n < item[1] + item[2]:
                 n = item[1]
         if n < len(self._keys):
-            ok = self._llama_cpp.llama_memory_seq_rm(self._mem, 0, n, -1)
+            ok = self._llama_cpp.llama_memory_seq_rm(self._mem, self._seq, n, -1)
             if not ok:
-                self._llama_cpp.llama_memory_clear(self._mem, True)
+                self._forget_seq()
                 n = 0
             del self._keys[n:]
         return n
 
+    def _forget_seq(self) -> None:
+        if self._n_seq == 1:
+            self._llama_cpp.llama_memory_clear(self._mem, True)
+        else:
+            self._llama_cpp.llama_memory_seq_rm(self._mem, self._seq, -1, -1)
+
     def reset(self) -> None:
         """Forget the KV cache (a new conversation)."""
         if self._ctx is not None:
-            self._llama_cpp.llama_memory_clear(self._mem, True)
+            self._forget_seq()
         self._keys = []
 
     def _decode_tokens(self, toks: list[int], logits_last: bool, keys: Optional[list] = None) -> None:
@@ -796,7 +808,7 @@ class GGUFBackend:
                 b.token[i] = t
                 b.pos[i] = pos0 + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = self._seq
                 b.logits[i] = False
             last = s + self.n_batch >= len(toks)
             b.logits[len(part) - 1] = logits_last and last
@@ -843,7 +855,7 @@ class GGUFBackend:
                     ti = time.perf_counter()
                     new_n_past = lc.llama_pos(0)
                     rc = self._mtmd_cpp.mtmd_helper_eval_chunk_single(
-                        self._mtmd, self._ctx, ch, len(self._keys), 0, self.n_batch,
+                        self._mtmd, self._ctx, ch, len(self._keys), self._seq, self.n_batch,
                         start + n_pos == len(keys), ctypes.byref(new_n_past))
                     image_s += time.perf_counter() - ti
                     if rc != 0:
@@ -955,6 +967,19 @@ class GGUFBackend:
             lc.llama_free(ctx)
         return out
 
+    def slots(self) -> list:
+        """``vlm serve --parallel``: one view per llama.cpp sequence, their decode steps batched (gguf_slots)."""
+        if self._n_seq == 1:
+            return [self]
+        if self._slots is None:
+            from .gguf_slots import make_slots
+
+            self._slots = make_slots(self, self._n_seq)
+        return self._slots
+
+    def end_generation(self) -> None:
+        pass
+
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         lc = getattr(self, "_llama_cpp", None)
@@ -966,6 +991,9 @@ class GGUFBackend:
         if self._mtmd is not None:
             self._mtmd_cpp.mtmd_free(self._mtmd)
             self._mtmd = None
+        if self._slot_step is not None:
+            self._slot_step.close()
+            self._slot_step = self._slots = None
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
             self._batch = None

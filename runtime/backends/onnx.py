@@ -995,6 +995,12 @@ class ONNXBackend:
         self._past, self._past_keep, self._keys = [], [], []
         self._capacity = 0
 
+    def slots(self) -> list["ONNXBackend"]:
+        return [self]          # one conversation at a time: LoadOptions.n_seq is a GGUF feature
+
+    def end_generation(self) -> None:
+        pass
+
     def kv_cache_bytes(self) -> int:
         """The KV cache at full context: K and V of every layer, in the decoder's past dtype."""
         from ..device.memory import kv_cache_bytes

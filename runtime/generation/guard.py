@@ -52,6 +52,14 @@ CATEGORIES: dict[str, str] = {
 DEFAULT_CODES = tuple(f"S{i}" for i in range(1, 14))
 MODES = ("input", "output", "both")
 
+
+def checks_input(mode: Optional[str]) -> bool:
+    return mode in ("input", "both")
+
+
+def checks_output(mode: Optional[str]) -> bool:
+    return mode in ("output", "both")
+
 BOS = "<|begin_of_text|>"
 _TASK = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
          "Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "

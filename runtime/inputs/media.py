@@ -23,7 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal, Optional, Tuple
+from typing import BinaryIO, Callable, Iterator, Literal, Optional, Tuple
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -93,11 +93,43 @@ def load_image(
     """
     _check_max_pixels(max_pixels)
     data, display, content_type = _read_source(source, stdin=stdin, timeout=timeout, max_bytes=max_bytes)
+    return image_from_bytes(data, os.fsdecode(os.fspath(source)), max_pixels=max_pixels,
+                            content_type=content_type, display=display)
+
+
+def image_from_bytes(
+    data: bytes,
+    source: str,
+    *,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    content_type: Optional[str] = None,
+    display: Optional[str] = None,
+) -> ImageInput:
+    """Decode an image already in memory (a server's data URI, a fetched body) with every guard
+    ``load_image`` applies: sniffing, the decompression-bomb limit, the pixel cap, normalisation.
+    ``source`` names it in the ImageInput, ``display`` in error messages (default: ``source``)."""
+    _check_max_pixels(max_pixels)
     digest = hashlib.sha256(data).hexdigest()
     # Passed straight through (no local name) so the full-size decode is freed as soon as
     # image_from_pil has its downscaled copy: it lowers peak memory for big photos.
-    return image_from_pil(_decode(data, display, max_pixels, content_type),
-                          os.fsdecode(os.fspath(source)), digest, max_pixels)
+    return image_from_pil(_decode(data, display or source, max_pixels, content_type), source, digest, max_pixels)
+
+
+def read_bounded(resp, max_bytes: int, deadline: float, too_big: Callable[[], Exception],
+                 timed_out: Callable[[], Exception]) -> bytes:
+    """A response body read in 64 KiB pieces: at most ``max_bytes`` (else ``too_big()`` is raised), before
+    ``deadline`` (time.monotonic; else ``timed_out()``). Shared by `vlm ask URL` and the server's fetches."""
+    chunks, total = [], 0
+    while True:
+        chunk = resp.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:
+            raise too_big()
+        if time.monotonic() > deadline:
+            raise timed_out()
+        chunks.append(chunk)
 
 
 def image_from_pil(
@@ -278,17 +310,8 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> Tuple[bytes, Optional[st
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:
                 raise _too_big(url, int(length), max_bytes)
-            chunks, total = [], 0
-            while True:
-                chunk = resp.read(1 << 16)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _too_big(url, None, max_bytes)
-                if time.monotonic() > deadline:
-                    raise BadMedia(f"Could not fetch {url} (timed out after {timeout:g} s).", hint=hint)
-                chunks.append(chunk)
+            data = read_bounded(resp, max_bytes, deadline, lambda: _too_big(url, None, max_bytes),
+                                lambda: BadMedia(f"Could not fetch {url} (timed out after {timeout:g} s).", hint=hint))
     except BadMedia:
         raise
     except urllib.error.HTTPError as e:
@@ -300,7 +323,6 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> Tuple[bytes, Optional[st
         raise BadMedia(f"Could not fetch {url} (timed out after {timeout:g} s).", hint=hint) from None
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise BadMedia(f"Could not fetch {url} ({_reason(e)}).", hint=hint) from None
-    data = b"".join(chunks)
     if not data:
         raise BadMedia(f"{url} returned no data.", hint=hint)
     return data, ctype

@@ -10,6 +10,7 @@ after the current token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from starlette.routing import Route
 from .apierror import APIError, from_error
 from .metrics import Metrics
 from .pool import ChunkStream, Lease, ModelPool
+from .guarding import record as guard_record
 from .settings import ServeSettings
 from .translate import (Parsed, build_request, dumps, finish, now_iso, ollama_final, ollama_piece, openai_chunk,
                         openai_completion, openai_usage_chunk, parse_ollama_chat, parse_ollama_generate, parse_openai,
@@ -38,6 +40,14 @@ log = logging.getLogger("edgevlm.serve")
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class _Blocked(Exception):
+    """The guard judged the question unsafe: answered with finish_reason content_filter, not an error."""
+
+    def __init__(self, model: str, verdicts: dict):
+        super().__init__("blocked")
+        self.model, self.verdicts = model, verdicts
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +163,12 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     pool = pool or ModelPool(settings)
     pool.metrics = metrics
     max_pixels = settings.max_image_pixels or load_config(settings.home).max_image_pixels or DEFAULT_MAX_PIXELS
-    state = {"ready": not settings.models, "fatal": None}
+    state = {"ready": not pool.pinned_refs(), "fatal": None}
+    guard = None
+    if settings.guard_mode and settings.guard_model:
+        from .guarding import ServerGuard
+
+        guard = ServerGuard(pool, settings.guard_mode, settings.guard_model, settings.guard_policy)
 
     def endpoint(name: str):
         """Wrap a handler: typed errors -> status + body in the route family's shape; count every answer."""
@@ -165,6 +180,9 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                     model = request.scope.get("vlm.model", "-")
                 except ClientGone:
                     resp = Response(status_code=499)
+                except _Blocked as b:
+                    model = request.scope["vlm.model"] = b.model
+                    resp = blocked_response(request, name, b)
                 except Exception as e:      # noqa: BLE001 - the one error boundary of the server
                     err = from_error(e)
                     if err.status >= 500 and not isinstance(e, APIError):
@@ -177,12 +195,16 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         return deco
 
     # -- the generation path, shared by both API families ------------------------------------------
-    async def start(request: Request, parsed: Parsed) -> tuple[Lease, ChunkStream, Any, float]:
+    async def start(request: Request, parsed: Parsed, verdicts: dict) -> tuple[Lease, ChunkStream, Any, float, Any]:
         t0 = time.perf_counter()
         if parsed.n_images:             # decoding is CPU work: off the event loop
             chat = await asyncio.get_running_loop().run_in_executor(None, build_request, parsed, settings, max_pixels)
         else:                           # nothing to decode: no thread hop (it costs TTFT on a busy CPU)
             chat = build_request(parsed, settings, max_pixels)
+        if guard is not None and guard.checks_input:
+            v = verdicts["input"] = await until_disconnect(request, guard.check(chat.messages))
+            if not v.safe:
+                raise _Blocked(pool.model_id(pool.resolve(parsed.model)), verdicts)
         lease: Lease = await until_disconnect(request, pool.acquire(parsed.model, parsed.keep_alive_s),
                                               on_orphan=lambda lease: lease.release())
         entry = lease.entry
@@ -196,7 +218,29 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         except BaseException:
             stream.cancel()
             raise
-        return lease, stream, first, t0
+        return lease, stream, first, t0, chat
+
+    async def judged(request: Request, chat, text: str, last, verdicts: dict):
+        """The answer as the client may see it: (text, last chunk), withheld when the guard says unsafe."""
+        if guard is None or not guard.checks_output:
+            return text, last
+        v = verdicts["output"] = await until_disconnect(request, guard.check(chat.messages, text))
+        if v.safe:
+            return text, last
+        return "", dataclasses.replace(last, finish_reason="content_filter")
+
+    def blocked_response(request: Request, route: str, b: _Blocked) -> Response:
+        from ..protocol import Chunk
+
+        none = Chunk(text="", finish_reason="content_filter")
+        extra = {"guard": guard_record(b.verdicts)}
+        if route.startswith("ollama"):
+            key = "response" if route == "ollama_generate" else "message"
+            doc = {**ollama_final(b.model, none, 0.0, 0.0, key=key), **extra}
+            return JSONResponse(doc)
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        doc = {**openai_completion(rid, b.model, created, "", none), **extra}
+        return JSONResponse(doc)
 
     async def collect(first, stream: ChunkStream):
         parts, last = [first.text], first
@@ -209,33 +253,45 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     @endpoint("chat_completions")
     async def chat_completions(request: Request) -> Response:
         parsed = parse_openai(await read_json(request, settings.max_body_bytes), settings)
-        lease, stream, first, _t0 = await start(request, parsed)
+        verdicts: dict = {}
+        lease, stream, first, _t0, chat = await start(request, parsed, verdicts)
         model = lease.entry.id
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        extra = (lambda: {"guard": guard_record(verdicts)}) if guard is not None else dict
         if not parsed.stream:
             try:
                 text, last = await until_disconnect(request, collect(first, stream))
             finally:
                 stream.cancel()
             metrics.observe_answer(model, last)
-            return JSONResponse(openai_completion(rid, model, created, text, last))
+            text, last = await judged(request, chat, text, last, verdicts)
+            return JSONResponse({**openai_completion(rid, model, created, text, last), **extra()})
+        hold = guard is not None and guard.checks_output
 
         async def events() -> AsyncIterator[str]:
             chunk = first
             yield f"data: {dumps(openai_chunk(rid, model, created, {'role': 'assistant', 'content': ''}))}\n\n"
+            held: list[str] = []
             try:
                 while True:
-                    if chunk.text:
+                    if chunk.text and hold:
+                        held.append(chunk.text)
+                    elif chunk.text:
                         yield f"data: {dumps(openai_chunk(rid, model, created, {'content': chunk.text}))}\n\n"
                     if chunk.finish_reason is not None:
                         break
                     chunk = await stream.__anext__()
+                if hold:                    # the answer is sent only once the guard has judged it
+                    text, chunk = await judged(request, chat, "".join(held), chunk, verdicts)
+                    if text:
+                        yield f"data: {dumps(openai_chunk(rid, model, created, {'content': text}))}\n\n"
             except Exception as e:          # noqa: BLE001 - after the headers, errors travel as an event
                 log.error("stream failed: %s", e, exc_info=e)
                 yield f"data: {dumps(from_error(e).openai_body())}\n\n"
                 return
             metrics.observe_answer(model, chunk)
-            yield f"data: {dumps(openai_chunk(rid, model, created, {}, finish(chunk), timings=timings(chunk)))}\n\n"
+            yield (f"data: {dumps(openai_chunk(rid, model, created, {}, finish(chunk), timings=timings(chunk), **extra()))}"
+                   "\n\n")
             if parsed.include_usage:
                 yield f"data: {dumps(openai_usage_chunk(rid, model, created, chunk))}\n\n"
             yield "data: [DONE]\n\n"
@@ -299,15 +355,20 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
             doc = {"model": model, "created_at": now_iso(), key: "" if key == "response" else
                    {"role": "assistant", "content": ""}, "done": True, "done_reason": reason}
             return JSONResponse(doc)
-        lease, stream, first, t0 = await start(request, parsed)
+        verdicts: dict = {}
+        lease, stream, first, t0, chat = await start(request, parsed, verdicts)
         model, load_s = lease.entry.id, lease.entry.load_s
-        if not parsed.stream:
+        if not parsed.stream or (guard is not None and guard.checks_output):
+            # (with the output guard on, the answer is judged whole before anything is sent)
             try:
                 text, last = await until_disconnect(request, collect(first, stream))
             finally:
                 stream.cancel()
             metrics.observe_answer(model, last)
+            text, last = await judged(request, chat, text, last, verdicts)
             doc = ollama_final(model, last, time.perf_counter() - t0, load_s, key=key)
+            if guard is not None:
+                doc["guard"] = guard_record(verdicts)
             doc[key] = text if key == "response" else {"role": "assistant", "content": text}
             return JSONResponse(doc)
 
@@ -401,13 +462,13 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                 await pool.preload()
                 state["ready"] = True
             except Exception as e:  # noqa: BLE001 - reported by /health and by `vlm serve` as it stops
-                state["fatal"] = f"Loading {', '.join(settings.models)} failed: {from_error(e).message}"
+                state["fatal"] = f"Loading {', '.join(pool.pinned_refs())} failed: {from_error(e).message}"
                 log.error(state["fatal"])
                 stop = getattr(app.state, "stop", None)
                 if stop is not None:
                     stop()
 
-        task = asyncio.get_running_loop().create_task(preload()) if settings.models else None
+        task = asyncio.get_running_loop().create_task(preload()) if pool.pinned_refs() else None
         try:
             yield
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import http.client
 import ipaddress
 import socket
@@ -34,10 +33,7 @@ def image_from_bytes(data: bytes, source: str, max_pixels: Optional[int], conten
     """Decode bytes a client sent with the same guards as ``load_image`` (sniffing, bomb limit, pixel cap)."""
     from ..inputs import media
 
-    digest = hashlib.sha256(data).hexdigest()
-    # media's decode and normalise steps, fed from memory (load_image reads paths, stdin and URLs)
-    img = media._decode(data, source, max_pixels, content_type)
-    return media.image_from_pil(img, source, digest, max_pixels)
+    return media.image_from_bytes(data, source, max_pixels=max_pixels, content_type=content_type)
 
 
 def decode_base64(text: str, param: str) -> bytes:
@@ -169,20 +165,14 @@ def fetch(url: str, *, allow_private: bool, timeout: float, max_bytes: int, para
             if length.isdigit() and int(length) > max_bytes:
                 raise APIError(413, f"{param}: the image is larger than {max_bytes} bytes.", param=param,
                                code="image_too_large")
-            chunks, total = [], 0
-            while True:
-                chunk = resp.read(1 << 16)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > max_bytes:
-                    raise APIError(413, f"{param}: the image is larger than {max_bytes} bytes.", param=param,
-                                   code="image_too_large")
-                if time.monotonic() > deadline:
-                    raise _bad(f"{param}: fetching the image timed out after {timeout:g} s.", param)
-                chunks.append(chunk)
+            from ..inputs.media import read_bounded
+
+            body = read_bounded(resp, max_bytes, deadline,
+                                lambda: APIError(413, f"{param}: the image is larger than {max_bytes} bytes.",
+                                                 param=param, code="image_too_large"),
+                                lambda: _bad(f"{param}: fetching the image timed out after {timeout:g} s.", param))
             ctype = resp.getheader("Content-Type")
-            return b"".join(chunks), ctype.split(";")[0].strip() if ctype else None
+            return body, ctype.split(";")[0].strip() if ctype else None
         except APIError:
             raise
         except (OSError, http.client.HTTPException, ssl.SSLError) as e:

@@ -2,11 +2,14 @@
 memory budget (least recently used unloads first) and unloaded after ``keep_alive`` idle.
 
 A backend is not thread-safe and keeps its KV cache between calls (a request that continues a
-conversation evaluates only its new tokens), so each model has exactly one thread that ever touches
-it: loading, generating and closing all run there, in order. The event loop only hands requests to
-it and reads chunks back. Requests to one model run one at a time; at most ``queue_size`` more wait
-(beyond that: 503 with Retry-After). A request whose client went away stops its generation after
-the current token: the model is free for the next one at once.
+conversation evaluates only its new tokens), so each model has its own threads and nothing else
+touches it: loading and generating run there, closing runs after them. The event loop only hands
+requests to them and reads chunks back. Requests to one model run one at a time, or ``--parallel N``
+at a time on a GGUF model (``Backend.slots``: N sequences of one context, each on a thread of its own,
+their decode steps batched by the backend); at most ``queue_size`` more wait (beyond that: 503 with
+Retry-After). A request goes to the free slot whose last conversation shares the longest prefix with
+it, so a follow-up turn finds its KV cache (and its images) still there. A request whose client went
+away stops its generation after the current token: its slot is free for the next one at once.
 """
 from __future__ import annotations
 
@@ -45,8 +48,12 @@ class Entry:
     pinned: bool                               # named on the command line: no idle unload
     keep_alive_s: Optional[float]
     executor: ThreadPoolExecutor
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    n_slots: int = 1                           # conversations at once (--parallel for GGUF, else 1)
     backend: Optional["Backend"] = None
+    slots: list = field(default_factory=list)  # backend.slots(), once loaded
+    free: list = field(default_factory=list)   # indexes of slots no request holds
+    sem: Optional[asyncio.Semaphore] = None
+    closer: Optional[threading.Thread] = None
     load_future: Optional[asyncio.Future] = None
     admitted: int = 0                          # requests holding a place: waiting or running
     running: int = 0
@@ -75,6 +82,7 @@ class Lease:
         self.pool = pool
         self.entry = entry
         self._released = False
+        self._slot: Optional[int] = None
 
     @property
     def backend(self) -> "Backend":
@@ -89,13 +97,41 @@ class Lease:
         e.running -= 1
         e.admitted -= 1
         e.last_used = time.monotonic()
-        e.lock.release()
+        if self._slot is not None:
+            e.free.append(self._slot)
+        e.sem.release()
         self.pool._changed(e)
 
-    def run(self, fn: Callable):
-        """Run ``fn(backend)`` on the model's thread (releasing the lease when it returns)."""
+    def _take_slot(self, request: Optional[ChatRequest]) -> "Backend":
+        """The free slot whose last conversation shares the longest prefix with ``request``'s prompt."""
+        e = self.entry
+        best = e.free[0]
+        if request is not None and len(e.free) > 1:
+            try:
+                text = self.backend.render(request)
+            except Exception:                  # noqa: BLE001 - the prefill reports a template error
+                text = ""
+
+            def shared(i: int) -> int:
+                last = getattr(e.slots[i], "last_text", "")
+                n = 0
+                for a, b in zip(last, text):
+                    if a != b:
+                        break
+                    n += 1
+                return n
+
+            best = max(e.free, key=shared)
+        e.free.remove(best)
+        self._slot = best
+        return e.slots[best]
+
+    def run(self, fn: Callable, request: Optional[ChatRequest] = None):
+        """Run ``fn(slot)`` on one of the model's threads with a free slot of it (the backend itself
+        unless --parallel), releasing the lease when it returns."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.entry.executor, fn, self.entry.backend)
+        slot = self._take_slot(request)
+        fut = loop.run_in_executor(self.entry.executor, fn, slot)
         fut.add_done_callback(lambda _f: self.release())
         return fut
 
@@ -119,9 +155,10 @@ class Lease:
                 return
             finally:
                 gen.close()                  # GeneratorExit inside generate: finish "cancelled"
+                backend.end_generation()     # the other slots stop waiting for this one's tokens
             stream.put(_END)
 
-        self.run(work)
+        self.run(work, request)
         return stream
 
 
@@ -211,8 +248,8 @@ class ModelPool:
         from ..loader import resolve
 
         out, total = [], 0
-        for ref in self.settings.models:
-            resolved = resolve(ref, want_vision=True, home=self.settings.home)
+        for ref in self.pinned_refs():
+            resolved = resolve(ref, want_vision=ref != self.settings.guard_model, home=self.settings.home)
             if not resolved.installed:
                 raise ModelNotInstalled(f"{resolved.alias_ref} is not installed.",
                                         hint=f"Run `vlm pull {resolved.alias_ref}` first.")
@@ -221,12 +258,19 @@ class ModelPool:
                 self._named.setdefault(name, ref)
             total += self.estimate(resolved)
             out.append(resolved)
+        slots = f" in each of {self.settings.parallel} slots" if self.settings.parallel > 1 else ""
         if total > self.budget() and not self.settings.ignore_memory:
             raise InsufficientMemory(
                 f"{', '.join(self.settings.models)} need about {fmt_bytes(total)} together with a "
-                f"{self.settings.ctx:,}-token context, more than the memory budget ({fmt_bytes(self.budget())}).",
-                hint="Serve fewer models, lower --ctx, or raise --memory-budget (or pass --ignore-memory).")
+                f"{self.settings.ctx:,}-token context{slots}, more than the memory budget ({fmt_bytes(self.budget())}).",
+                hint=f"Serve fewer models, lower --ctx{' or --parallel' if slots else ''}, or raise --memory-budget "
+                     "(or pass --ignore-memory).")
         return out
+
+    def pinned_refs(self) -> list[str]:
+        """The command-line models, and the guard model when --guard is on: loaded at start, kept loaded."""
+        guard = [self.settings.guard_model] if self.settings.guard_mode and self.settings.guard_model else []
+        return list(self.settings.models) + [g for g in guard if g not in self.settings.models]
 
     def model_id(self, resolved: "ResolvedModel") -> str:
         return resolved.alias_ref if resolved.model is not None else resolved.name
@@ -239,7 +283,7 @@ class ModelPool:
             raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
         resolved = self.resolve(model_id)
         entry = self._entry_for(resolved)
-        limit = self.settings.parallel + self.settings.queue_size
+        limit = entry.n_slots + self.settings.queue_size
         if entry.admitted >= limit:
             if self.metrics:
                 self.metrics.rejected.labels(entry.id).inc()
@@ -252,16 +296,16 @@ class ModelPool:
         self._changed(entry)
         locked = False
         try:
-            if entry.backend is None:
+            if entry.sem is None:                      # set on the event loop once the load is done
                 await asyncio.shield(self._ensure_loading(entry))
-            await entry.lock.acquire()
+            await entry.sem.acquire()
             locked = True
             if entry.backend is None:                 # unloaded while we waited (cannot happen while admitted)
                 raise APIError(503, f"{entry.id} was unloaded; retry.", type="server_error",
                                headers={"Retry-After": "1"})
         except BaseException:
             if locked:
-                entry.lock.release()
+                entry.sem.release()
             entry.admitted -= 1
             self._changed(entry)
             raise
@@ -276,19 +320,26 @@ class ModelPool:
             return entry
         est = self.estimate(resolved)
         self._make_room(est, resolved)
-        pinned = any(self._resolved.get(r) is resolved for r in self.settings.models)
+        pinned = any(self._resolved.get(r) is resolved for r in self.pinned_refs())
+        n = self.n_slots(resolved)
         entry = Entry(key=key, id=self.model_id(resolved), resolved=resolved, estimate=est, pinned=pinned,
-                      keep_alive_s=None if pinned else self.settings.keep_alive_s,
-                      executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlm-{resolved.name}"[:24]))
+                      keep_alive_s=None if pinned else self.settings.keep_alive_s, n_slots=n,
+                      executor=ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"vlm-{resolved.name}"[:24]))
         self.entries[key] = entry
         return entry
+
+    def n_slots(self, resolved: "ResolvedModel") -> int:
+        """Conversations this model serves at once: --parallel on GGUF (llama.cpp sequences), else 1."""
+        if self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved:
+            return 1                          # the guard: one check at a time, each a prefill
+        return max(1, self.settings.parallel) if resolved.artifact.format == "gguf" else 1
 
     def estimate(self, resolved: "ResolvedModel") -> int:
         """Bytes this model takes loaded: our memory estimate, with one KV cache per parallel slot."""
         from ..loader import estimate_memory
 
         est = estimate_memory(resolved, self.settings.ctx)
-        return est.total + est.kv_cache * (max(1, self.settings.parallel) - 1)
+        return est.total + est.kv_cache * (self.n_slots(resolved) - 1)
 
     def budget(self) -> int:
         if self._budget is None:
@@ -331,8 +382,10 @@ class ModelPool:
         from ..loader import load_backend
 
         t0 = time.perf_counter()
-        opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads)
-        entry.backend = load_backend(entry.resolved.artifact, opts)
+        opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots)
+        backend = load_backend(entry.resolved.artifact, opts)
+        entry.slots = backend.slots()
+        entry.backend = backend
         entry.load_s = time.perf_counter() - t0
 
     def _loaded(self, entry: Entry, fut: asyncio.Future) -> None:
@@ -341,28 +394,34 @@ class ModelPool:
                 del self.entries[entry.key]
             entry.executor.shutdown(wait=False)
         else:
+            entry.free = list(range(len(entry.slots)))
+            entry.sem = asyncio.Semaphore(len(entry.slots))
             entry.loaded_at = time.time()
             entry.last_used = time.monotonic()
         self._changed(entry)
 
     async def preload(self) -> None:
         """Load the command-line models, one after another (startup; /health says 503 until done)."""
-        for ref in self.settings.models:
+        for ref in self.pinned_refs():
             lease = await self.acquire(ref)
             lease.release()
 
     def unload(self, entry: Entry) -> None:
-        """Forget ``entry``; its backend is closed on its own thread after anything still running there."""
+        """Forget ``entry``; its backend is closed once everything still running on its threads is done."""
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
+        if entry.closer is not None:
+            return
 
         def close() -> None:
+            entry.executor.shutdown(wait=True)
             if entry.backend is not None:
                 entry.backend.close()
                 entry.backend = None
+            entry.slots = []
 
-        entry.executor.submit(close)
-        entry.executor.shutdown(wait=False)
+        entry.closer = threading.Thread(target=close, name=f"vlm-close-{entry.id}"[:24], daemon=True)
+        entry.closer.start()
         self._changed(entry)
 
     # -- keep-alive ---------------------------------------------------------------------------------
@@ -399,7 +458,8 @@ class ModelPool:
 
         def join() -> None:
             for e in entries:
-                e.executor.shutdown(wait=True)
+                if e.closer is not None:
+                    e.closer.join()
 
         await asyncio.get_running_loop().run_in_executor(None, join)
 

@@ -37,6 +37,10 @@ class ServeSettings:
     allow_private_urls: bool = False                     # ... to loopback / private / link-local addresses
     media_dir: Optional[Path] = None                     # local paths allowed only under this folder
     url_timeout_s: float = 10.0
+    # the safety filter (Llama Guard 3, runtime/generation/guard.py): input | output | both, or None
+    guard_mode: Optional[str] = None
+    guard_model: Optional[str] = None                    # a model reference, resolved like the models above
+    guard_policy: Optional[object] = None                # generation.guard.Policy; None: the default categories
     # lifecycle
     grace_s: float = 10.0                                # SIGTERM: in-flight requests get this long
     retry_after_s: int = 2                               # sent with 503 when a queue is full

@@ -271,7 +271,8 @@ def timings(last: Chunk) -> dict:
 
 
 def finish(last: Chunk) -> str:
-    return "length" if last.finish_reason == "length" else "stop"
+    """OpenAI's finish reasons: "length", "content_filter" (the guard withheld it), else "stop"."""
+    return last.finish_reason if last.finish_reason in ("length", "content_filter") else "stop"
 
 
 def openai_completion(rid: str, model: str, created: int, text: str, last: Chunk) -> dict:

@@ -1,0 +1,187 @@
+"""Several conversations on one llama.cpp context (``vlm serve --parallel N``), as llama-server's slots.
+
+The context is made with ``n_seq_max = N`` (``LoadOptions.n_seq``), each sequence with its own
+``n_ctx`` positions of KV cache. Each slot is a Backend view bound to one sequence, driven by
+``generate`` on a thread of its own (the server's). What makes N conversations faster than N in turn is
+the decode step: a slot's ``eval(token)`` does not decode at once but waits until every slot that is
+generating has handed in its next token, and the last one to arrive decodes them all in one
+``llama_decode`` (one batch, one row of logits per sequence): the weights are read once for N tokens.
+
+One condition variable guards the context: prefills (which may encode images for seconds) and the
+shared decode step never overlap, and a slot's logits are copied out of llama.cpp's buffer before the
+next decode overwrites them. A slot leaves the step (``end_generation``) when its answer ends, however
+it ends; the others stop waiting for it at once.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..errors import BackendError
+
+if TYPE_CHECKING:
+    from ..protocol import ChatRequest, Prefill
+
+GGUFBackend = Any      # gguf.GGUFBackend: a helper module does not import its backend (test_architecture)
+
+
+class _Step:
+    """The shared decode step of all slots of one context."""
+
+    def __init__(self, backend: GGUFBackend, n: int) -> None:
+        lc = backend._llama_cpp
+        self.backend = backend
+        self.cond = threading.Condition()
+        self.generating: set[int] = set()        # slots between their prefill and end_generation
+        self.pending: dict[int, int] = {}        # slot -> the token it handed in for the next step
+        self.results: dict[int, object] = {}     # slot -> its logits row after the step, or the error
+        self.batch = lc.llama_batch_init(n, 0, 1)
+        self.steps = 0                           # decode steps and the tokens they carried (describe())
+        self.step_tokens = 0
+
+    def run_if_complete(self) -> None:
+        """With ``cond`` held: decode the pending tokens once every generating slot has handed one in."""
+        if not self.pending or len(self.pending) < len(self.generating):
+            return
+        import numpy as np
+
+        b, lc = self.backend, self.backend._llama_cpp
+        order = sorted(self.pending)
+        batch = self.batch
+        batch.n_tokens = len(order)
+        for i, seq in enumerate(order):
+            slot = b._slots[seq]
+            batch.token[i] = self.pending[seq]
+            batch.pos[i] = len(slot.keys)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = True
+        rc = lc.llama_decode(b._ctx, batch)
+        for i, seq in enumerate(order):
+            if rc != 0:
+                self.results[seq] = BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).",
+                                                 hint="Raise --ctx.")
+                continue
+            b._slots[seq].keys.append(self.pending[seq])
+            row = np.ctypeslib.as_array(lc.llama_get_logits_ith(b._ctx, i), shape=(b._n_vocab,))
+            self.results[seq] = row.copy()
+        self.steps += 1
+        self.step_tokens += len(order)
+        self.pending.clear()
+        self.cond.notify_all()
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.backend._llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+class GGUFSlot:
+    """One sequence of a shared context, as a Backend for ``generate``."""
+
+    format = "gguf"
+
+    def __init__(self, backend: GGUFBackend, seq: int, step: _Step) -> None:
+        self._b = backend
+        self.seq = seq
+        self._step = step
+        self.keys: list = []                 # what this sequence's KV positions hold (GGUFBackend._keys)
+        self.last_prompt = None              # GGUFBackend._last_prompt of this sequence
+        self.last_text = ""                  # the last prompt and answer: the server picks the slot that shares most
+        self._logits = None
+        self.image_report: Optional[dict] = None
+
+    # what does not depend on the sequence: the backend's own
+    def __getattr__(self, name):
+        if name in ("artifact", "chat_template", "n_threads", "load_s", "info", "has_vision", "tokenize",
+                    "detokenize", "count_tokens", "render", "is_eog", "eog_ids", "text_stream",
+                    "constraint_tokenizer", "describe"):
+            return getattr(self._b, name)
+        raise AttributeError(name)
+
+    @property
+    def n_ctx(self) -> int:
+        return self._b.n_ctx
+
+    def _swap_in(self) -> None:
+        b = self._b
+        b._seq, b._keys, b._last_prompt = self.seq, self.keys, self.last_prompt
+
+    def _swap_out(self) -> None:
+        b = self._b
+        self.keys, self.last_prompt = b._keys, b._last_prompt
+        b._seq, b._keys, b._last_prompt = 0, [], None
+
+    def prefill(self, request: "ChatRequest") -> "Prefill":
+        import numpy as np
+
+        step, b = self._step, self._b
+        with step.cond:
+            step.generating.discard(self.seq)
+            step.run_if_complete()               # the others need not wait for this slot's prefill
+            self._swap_in()
+            try:
+                pre = b.prefill(request)
+                ptr = b._llama_cpp.llama_get_logits_ith(b._ctx, -1)
+                self._logits = np.ctypeslib.as_array(ptr, shape=(b._n_vocab,)).copy()
+                self.image_report = b.image_report
+            finally:
+                self._swap_out()
+            step.generating.add(self.seq)
+        self.last_text = b.render(request)
+        return pre
+
+    def logits(self):
+        return self._logits
+
+    def eval(self, token: int) -> None:
+        step = self._step
+        with step.cond:
+            step.pending[self.seq] = token
+            step.run_if_complete()
+            while self.seq not in step.results:
+                step.cond.wait()
+            out = step.results.pop(self.seq)
+        if isinstance(out, BaseException):
+            raise out
+        self._logits = out
+
+    def end_generation(self) -> None:
+        step = self._step
+        with step.cond:
+            step.generating.discard(self.seq)
+            step.pending.pop(self.seq, None)
+            step.results.pop(self.seq, None)
+            step.run_if_complete()
+
+    def kv_used(self) -> int:
+        return len(self.keys)
+
+    def reset(self) -> None:
+        with self._step.cond:
+            self._swap_in()
+            try:
+                self._b.reset()
+            finally:
+                self._swap_out()
+
+    def slots(self) -> list:
+        return self._b.slots()
+
+    def kv_cache_bytes(self) -> Optional[int]:
+        return self._b.kv_cache_bytes()
+
+    def score(self, token_ids, *, batched: bool = True):
+        raise BackendError("Scoring runs on a model loaded for one conversation.", hint="This is a bug.")
+
+    def close(self) -> None:
+        self._b.close()
+
+
+def make_slots(backend: GGUFBackend, n: int) -> list[GGUFSlot]:
+    step = _Step(backend, n)
+    backend._slot_step = step
+    return [GGUFSlot(backend, seq, step) for seq in range(n)]
+
+
+__all__ = ["GGUFSlot", "make_slots"]
