@@ -85,6 +85,8 @@ def caption(
         judge_question(runner, [Message("user", prompt)])     # one prompt for every image: checked once
         question = runner.public() if runner is not None else None
         name = resolved.alias_ref
+        guard_key = None if gplan is None else \
+            f"{gplan.mode}|{gplan.resolved.alias_ref}|{gplan.policy.block()}"
         session = ChatSession(backend, name, options=GenerationOptions(
             max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=json_schema,
             image_detail=idetail))
@@ -94,7 +96,7 @@ def caption(
             for i, path in enumerate(inputs):
                 cb("images", i, len(inputs))
                 sha = file_sha256(path)
-                key = record_key(sha, prompt, name, json_schema)
+                key = record_key(sha, prompt, name, json_schema, guard=guard_key)
                 if key in writer.done:
                     skipped += 1
                     continue

@@ -339,6 +339,24 @@ def test_caption_records_carry_the_guard(vision_model, guard_gguf, tmp_path):
     assert r.returncode == 13 and not out3.read_text().strip()
 
 
+
+@pytest.mark.model
+def test_caption_resume_with_the_guard_judges_what_was_captioned_without_it(vision_model, guard_gguf, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "pics"
+    d.mkdir()
+    Image.new("RGB", (64, 48), (0, 120, 0)).save(d / "a.png")
+    vm = ["-m", str(vision_model["gguf"]), "--mmproj", str(vision_model["mmproj"]), "-n", "3"]
+    out = tmp_path / "caps.jsonl"
+    assert vlm("caption", str(d), "--out", str(out), *vm).returncode == 0
+    r = vlm("caption", str(d), "--out", str(out), "--resume", *vm, *_g(guard_gguf))
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 2 and "guard" not in recs[0] and recs[1]["guard"]["output"] == "safe"
+    r = vlm("caption", str(d), "--out", str(out), "--resume", *vm, *_g(guard_gguf))     # now done: skipped
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 2
+
 @pytest.mark.model
 def test_bench_reports_guard_latency(smollm2_gguf, guard_gguf):
     from edgevlm.runtime.device.bench import measure

@@ -50,9 +50,13 @@ def file_sha256(path: str) -> Optional[str]:
         return None
 
 
-def record_key(sha256: Optional[str], prompt: str, model: str, schema: Optional[dict]) -> str:
+def record_key(sha256: Optional[str], prompt: str, model: str, schema: Optional[dict],
+               guard: Optional[str] = None) -> str:
+    """What makes a record done for --resume: the image bytes, prompt, model, schema and, when the safety
+    filter is on, its settings (a record written without the guard was never judged: do it again)."""
     s = json.dumps(schema, sort_keys=True) if schema is not None else ""
-    return hashlib.sha256(f"{sha256}\0{prompt}\0{model}\0{s}".encode()).hexdigest()
+    g = f"\0guard:{guard}" if guard else ""
+    return hashlib.sha256(f"{sha256}\0{prompt}\0{model}\0{s}{g}".encode()).hexdigest()
 
 
 class JsonlWriter:
