@@ -312,7 +312,8 @@ def _rope_caches(cfg: dict, head_dim: int, n_pos: int):
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Optional[ProgressCallback] = None) -> Path:
+def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Optional[ProgressCallback] = None, *,
+                        inputs_embeds: bool = False, prefix: str = "model") -> Path:
     """Write ``out_dir/model.onnx`` for a Llama-family checkpoint with onnxruntime's fused operators.
 
     Per layer: SkipSimplifiedLayerNormalization -> one MatMul for packed Q/K/V -> GroupQueryAttention
@@ -327,6 +328,12 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
     (fewer, larger calls into the thread pool). The metadata ``edgevlm.kv_cache = shared`` tells a runner it
     may also bind each past and present to one max-length buffer (GroupQueryAttention then appends in
     place instead of copying the cache every step).
+
+    ``inputs_embeds=True`` builds the decoder of a vision-language model: it takes ``inputs_embeds``
+    [batch, seq, hidden] (token embeddings with image features scattered in, made by the caller) instead of
+    ``input_ids`` and holds no embedding table (unless the lm_head is tied to it). ``prefix`` is where the
+    text model's tensors live in the checkpoint (``model.text_model`` for Idefics3 / SmolVLM); the lm_head
+    is ``lm_head.weight`` either way.
     """
     import numpy as np
 
@@ -346,7 +353,9 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     window = int(window) if window and int(window) < n_pos else -1
     w = _SafeTensors(src)
-    vocab = int(w.get("model.embed_tokens.weight").shape[0])
+    embed_name = f"{prefix}.embed_tokens.weight"
+    head_name = "lm_head.weight" if "lm_head.weight" in w else embed_name      # else tied to the embeddings
+    vocab = int(w.entries[head_name][2]["shape"][0]) if head_name in w else int(w.get(head_name).shape[0])
 
     nodes: list = []
     inits: list = []
@@ -369,7 +378,8 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     graph_inputs = [
-        helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("inputs_embeds", f32, ["batch_size", "sequence_length", hidden]) if inputs_embeds
+        else helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
     ]
     graph_outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, vocab])]
@@ -389,18 +399,21 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
     node("Shape", ["attention_mask"], ["/mask/shape"], "/mask/Shape")
     node("Gather", ["/mask/shape", "/const/one"], ["/mask/total"], "/mask/Gather", axis=0)
     node("Cast", ["/mask/total"], ["/mask/total_seq_len"], "/mask/Cast_1", to=i32)
-    inter = int(cfg.get("intermediate_size") or w.get("model.layers.0.mlp.gate_proj.weight").shape[0])
+    inter = int(cfg.get("intermediate_size") or w.get(f"{prefix}.layers.0.mlp.gate_proj.weight").shape[0])
     init("/const/gate_up_split", np.array([inter, inter], dtype=np.int64))
     cos, sin = _rope_caches(cfg, head_dim, n_pos)
     init("cos_cache", cos)
     init("sin_cache", sin)
 
-    embed = w.get("model.embed_tokens.weight")
-    node("Gather", [init("model.embed_tokens.weight", embed), "input_ids"], ["/model/embed_tokens/output_0"],
-         "/model/embed_tokens/Gather", axis=0)
-    x, residual, last_out = "/model/embed_tokens/output_0", None, None
+    if inputs_embeds:
+        x = "inputs_embeds"
+    else:
+        node("Gather", [init(embed_name, w.get(embed_name)), "input_ids"], ["/model/embed_tokens/output_0"],
+             "/model/embed_tokens/Gather", axis=0)
+        x = "/model/embed_tokens/output_0"
+    residual, last_out = None, None
     for i in range(L):
-        p = f"model.layers.{i}"
+        p = f"{prefix}.layers.{i}"
         _progress(on_progress, "build", i, L)
         ln_in = init(f"{p}.input_layernorm.weight", w.get(f"{p}.input_layernorm.weight"))
         normed = f"/{p}/input_layernorm/output_0"
@@ -439,13 +452,13 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
         last_out = linear(f"/{m}/Mul/output_0", f"{m}.down_proj", [f"{m}.down_proj.weight"], [f"{m}.down_proj.bias"])
     _progress(on_progress, "build", L, L)
 
-    node("SkipSimplifiedLayerNormalization", [last_out, residual, init("model.norm.weight", w.get("model.norm.weight"))],
+    node("SkipSimplifiedLayerNormalization", [last_out, residual, init(f"{prefix}.norm.weight", w.get(f"{prefix}.norm.weight"))],
          ["/model/norm/output_0"], "/model/norm/SkipLayerNorm", domain="com.microsoft", epsilon=eps)
     init("/const/last_start", np.array([-1], dtype=np.int64))
     init("/const/last_end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
     node("Slice", ["/model/norm/output_0", "/const/last_start", "/const/last_end", "/const/axis1"],
          ["/model/norm/last_position"], "/edgevlm/last_position/Slice")
-    head = w.get("lm_head.weight") if "lm_head.weight" in w else embed   # tied embeddings
+    head = w.get(head_name)
     node("MatMul", ["/model/norm/last_position", init("lm_head.weight", np.ascontiguousarray(head.T))], ["logits"],
          "/lm_head/MatMul")
 

@@ -1,7 +1,11 @@
 """Idefics3 / SmolVLM checkpoint -> three ONNX graphs (onnx-community's layout) -> int8 / int4 variants.
 
-optimum cannot export these models, so each part is traced with ``torch.onnx.export`` (the TorchScript
-exporter, ``dynamo=False``) from a small wrapper around the checkpoint's own modules:
+optimum cannot export these models. The vision encoder and the token embeddings are traced with
+``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``) from small wrappers around the
+checkpoint's own modules; the decoder is written by ``quantize.onnx.build_fused_decoder`` straight from the
+safetensors (the text model is a Llama: GroupQueryAttention, KV cache in a shared buffer, the fused decoder
+text models get; ``decoder="traced"`` traces it too, as before, and text models the builder does not know
+fall back to that):
 
 ``out_dir/onnx/vision_encoder.onnx``
     ``pixel_values`` [batch, num_images, 3, tile, tile] float32 and ``pixel_attention_mask``
@@ -13,9 +17,12 @@ exporter, ``dynamo=False``) from a small wrapper around the checkpoint's own mod
     ``input_ids`` [batch, seq] int64 -> ``inputs_embeds`` [batch, seq, text_hidden].
 ``out_dir/onnx/decoder_model_merged.onnx``
     ``inputs_embeds`` [batch, seq, text_hidden], ``attention_mask`` [batch, past + seq] int64,
-    ``position_ids`` [batch, seq] int64, ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim]
-    -> ``logits`` [batch, 1, vocab] (last position only: all generation needs) and
-    ``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
+    ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] -> ``logits`` [batch, 1, vocab]
+    (last position only: all generation needs) and ``present.{i}.key|value``. The fused decoder has no
+    ``position_ids`` (GroupQueryAttention places the rotary from the cache length: Idefics3's positions
+    are the plain 0..n-1 of one sequence) and declares ``edgevlm.kv_cache = shared``, so the runtime binds
+    past and present to one buffer per layer; the traced one takes ``position_ids`` [batch, seq] and
+    concatenates the cache inside the graph.
 
 Beside ``onnx/`` (in ``out_dir``): the checkpoint's config, generation config, tokenizer, processor
 configs and chat template, so the folder is a complete artifact for the ONNX backend.
@@ -50,6 +57,9 @@ VISION_SIDECAR_FILES = (
     "preprocessor_config.json", "processor_config.json",
 )
 _OPSET = 18            # the TorchScript exporter's well-trodden range
+DECODERS = ("auto", "fused", "traced")
+# Where an Idefics3 / SmolVLM checkpoint keeps its text model's tensors (lm_head.weight sits at the top).
+_TEXT_PREFIXES = ("model.text_model", "text_model", "model.language_model")
 _EMBED_OPSET = 21      # int4 embeddings (GatherBlockQuantized) need int4 tensors, i.e. opset 21
 
 
@@ -203,11 +213,41 @@ def _to_opset(model, version: int):
     return converted
 
 
+def _fused_text(model, src: Path, decoder: str) -> Optional[tuple[dict, str]]:
+    """(text config, tensor prefix) when ``build_fused_decoder`` can write this checkpoint's decoder and
+    ``decoder`` allows it; None for the traced export (``decoder="fused"`` refuses instead)."""
+    from .onnx import _SafeTensors, fused_unsupported_reason
+
+    if decoder not in DECODERS:
+        raise UsageError(f"Unknown decoder export {decoder!r}.", hint=f"Use one of {', '.join(DECODERS)}.")
+    if decoder == "traced":
+        return None
+    tc = model.config.text_config.to_dict()
+    prefix = None
+    if tc.get("model_type") != "llama":
+        reason = f"its text model is {tc.get('model_type')!r}, not llama"
+    else:
+        reason = fused_unsupported_reason({**tc, "architectures": ["LlamaForCausalLM"]})
+    if reason is None:
+        names = _SafeTensors(src)
+        prefix = next((p for p in _TEXT_PREFIXES if f"{p}.layers.0.input_layernorm.weight" in names), None)
+        if prefix is None:
+            reason = "its text-model tensors are not under " + " / ".join(_TEXT_PREFIXES)
+    if reason is None:
+        return tc, prefix
+    if decoder == "fused":
+        raise UsageError(f"The fused decoder cannot be built for {src.name}: {reason}.",
+                         hint="Export with decoder='traced' (or 'auto', which falls back to it).")
+    return None
+
+
 def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optional[ProgressCallback] = None,
-                  *, overwrite: bool = False) -> dict:
+                  *, overwrite: bool = False, decoder: str = "auto") -> dict:
     """Export the Idefics3 / SmolVLM checkpoint in ``src_dir`` to the three-part ONNX layout in ``out_dir``
     (see the module docstring). Returns a summary: ``dir``, the three part paths, ``image_seq_len``,
-    ``tile``, ``n_layers``, ``kv_heads``, ``head_dim``, ``hidden_size``.
+    ``tile``, ``n_layers``, ``kv_heads``, ``head_dim``, ``hidden_size``, ``decoder_kind`` ("fused" or
+    "traced"). ``decoder``: "auto" (fused when the builder supports the text model, else traced),
+    "fused" or "traced".
 
     ``out_dir`` is built in a temporary directory beside it and renamed into place; an existing non-empty
     ``out_dir`` is an error unless ``overwrite``.
@@ -237,7 +277,8 @@ def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optiona
     hidden = int(tcfg.hidden_size)
     tile = int(vcfg.image_size)
     image_seq_len = (tile // int(vcfg.patch_size)) ** 2 // int(model.config.scale_factor) ** 2
-    vision, embed, decoder = _wrappers(model)
+    fused = _fused_text(model, src, decoder)
+    vision, embed, traced = _wrappers(model)
     _progress(on_progress, "load", 1, 1)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,25 +309,15 @@ def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optiona
             _finish(raw / "embed_tokens.onnx", onnx_dir / "embed_tokens.onnx", lambda m: _to_opset(m, _EMBED_OPSET))
             _progress(on_progress, "export", 2, 3)
 
-            seq, past_len = 3, 2      # a prefill after a cached prefix: both lengths stay symbolic
-            emb = torch.randn((1, seq, hidden), generator=g)
-            am = torch.ones((1, past_len + seq), dtype=torch.int64)
-            pos = torch.arange(past_len, past_len + seq, dtype=torch.int64)[None]
-            past = [torch.randn((1, kv_heads, past_len, head_dim), generator=g) for _ in range(2 * n_layers)]
-            past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-            present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-            axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-                    "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-                    "position_ids": {0: "batch_size", 1: "sequence_length"},
-                    "logits": {0: "batch_size", 1: "sequence_length"}}
-            axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
-            axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
-            _export_one(decoder, (emb, am, pos, *past), raw / "decoder_model_merged.onnx",
-                        ["inputs_embeds", "attention_mask", "position_ids", *past_names],
-                        ["logits", *present_names], axes, _OPSET)
-            _finish(raw / "decoder_model_merged.onnx", onnx_dir / "decoder_model_merged.onnx", _last_logits)
+            if fused is not None:
+                from .onnx import build_fused_decoder
+
+                built = build_fused_decoder(src, raw, fused[0], inputs_embeds=True, prefix=fused[1])
+                _finish(built, onnx_dir / "decoder_model_merged.onnx")
+            else:
+                _export_traced_decoder(traced, raw, onnx_dir, g, hidden, kv_heads, head_dim, n_layers)
             _progress(on_progress, "export", 3, 3)
-        del model, vision, embed, decoder
+        del model, vision, embed, traced
 
         for name in VISION_SIDECAR_FILES:
             if (src / name).is_file():
@@ -306,7 +337,33 @@ def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optiona
     d = out / "onnx"
     return {"dir": out, "vision_encoder": d / "vision_encoder.onnx", "embed_tokens": d / "embed_tokens.onnx",
             "decoder": d / "decoder_model_merged.onnx", "image_seq_len": image_seq_len, "tile": tile,
-            "n_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden_size": hidden}
+            "n_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden_size": hidden,
+            "decoder_kind": "traced" if fused is None else "fused"}
+
+
+def _export_traced_decoder(decoder, raw: Path, onnx_dir: Path, g, hidden: int, kv_heads: int, head_dim: int,
+                           n_layers: int) -> None:
+    """The decoder traced from transformers' text model (``decoder="traced"``): takes ``position_ids`` and
+    concatenates the KV cache inside the graph."""
+    import torch
+
+    seq, past_len = 3, 2      # a prefill after a cached prefix: both lengths stay symbolic
+    emb = torch.randn((1, seq, hidden), generator=g)
+    am = torch.ones((1, past_len + seq), dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq, dtype=torch.int64)[None]
+    past = [torch.randn((1, kv_heads, past_len, head_dim), generator=g) for _ in range(2 * n_layers)]
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
+    _export_one(decoder, (emb, am, pos, *past), raw / "decoder_model_merged.onnx",
+                ["inputs_embeds", "attention_mask", "position_ids", *past_names],
+                ["logits", *present_names], axes, _OPSET)
+    _finish(raw / "decoder_model_merged.onnx", onnx_dir / "decoder_model_merged.onnx", _last_logits)
 
 
 def _set_dims(model, output: str, dims: list):

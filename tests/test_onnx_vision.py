@@ -156,8 +156,11 @@ def test_layout(vision_onnx):
     assert list(outs) == ["image_features"]
     assert io["embed_tokens"][0].keys() == {"input_ids"} and list(io["embed_tokens"][1]) == ["inputs_embeds"]
     ins, outs = io["decoder_model_merged"]
-    assert {"inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"} <= set(ins)
-    assert "input_ids" not in ins
+    assert {"inputs_embeds", "attention_mask", "past_key_values.0.key"} <= set(ins)
+    assert "input_ids" not in ins and "position_ids" not in ins          # the fused decoder: rotary from the cache
+    meta = ort.InferenceSession(str(d / "decoder_model_merged.onnx"),
+                                providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert meta.get("edgevlm.kv_cache") == "shared"
     assert {"logits", "present.0.key", "present.1.value"} <= set(outs)
     assert ins["past_key_values.0.key"][1] == 2 and ins["past_key_values.0.key"][3] == 16   # kv_heads, head_dim
 
@@ -176,6 +179,7 @@ def test_greedy_matches_transformers(fp32, hf, sizes):
     want = want[: want.index(eos)] if eos in want else want
 
     fp32.reset()
+    assert fp32._shared                                  # the decoder runs on one KV buffer per layer
     req = _ask(images)
     _, ids, _ = fp32._prepare(req)
     assert ids == ref["input_ids"][0].tolist()          # same prompt, same image tokens
