@@ -532,13 +532,12 @@ class GGUFBackend:
         return entry_key(self._encoder_id(), iid, settings)
 
     def _embed_cache(self, detail):
-        if not detail.cache:
-            return None
-        if getattr(self, "_cache", None) is None:
-            from ..inputs.embed_cache import EmbedCache
+        from ..inputs.embed_cache import cache_for
 
-            self._cache = EmbedCache.default()
-        return self._cache
+        cache = cache_for(detail)
+        if cache is not None:
+            self._cache = cache            # where _eval_unit writes what this request encodes
+        return cache
 
     def _calibrate(self, speed, geo: dict) -> Optional[float]:
         """Seconds per tile of this projector here: the overview tile of a blank image (encoded twice: the

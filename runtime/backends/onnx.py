@@ -693,13 +693,9 @@ class ONNXBackend:
         return secs / max(1, batch.pixel_values.shape[1])
 
     def _embed_cache(self, detail):
-        if not detail.cache:
-            return None
-        from ..inputs.embed_cache import EmbedCache
+        from ..inputs.embed_cache import cache_for
 
-        if getattr(self, "_cache", None) is None:
-            self._cache = EmbedCache.default()
-        return self._cache
+        return cache_for(detail)
 
     def _cache_key(self, iid: str, settings: str) -> str:
         from ..inputs.embed_cache import entry_key

@@ -246,4 +246,20 @@ def _decode(data: bytes, key: str, np) -> Optional[tuple[list, dict]]:
     return out, meta
 
 
-__all__ = ["EmbedCache", "entry_key", "pixels_id", "file_identity", "cache_root", "DEFAULT_MAX_BYTES"]
+_OPENED: dict = {}       # cache folder -> its EmbedCache, opened once per process
+
+
+def cache_for(detail) -> Optional[EmbedCache]:
+    """The embedding cache a request uses, for both backends: None when it asks for none (``--no-cache``:
+    ``detail.cache`` is false), else ``$VLM_HOME``'s with the configured cap, opened on first use and kept
+    for the process (one object per cache folder, so a later ``$VLM_HOME`` gets its own)."""
+    if detail is not None and not detail.cache:
+        return None
+    root = cache_root()
+    cache = _OPENED.get(root)
+    if cache is None:
+        cache = _OPENED[root] = EmbedCache.default()
+    return cache
+
+
+__all__ = ["EmbedCache", "entry_key", "pixels_id", "file_identity", "cache_root", "cache_for", "DEFAULT_MAX_BYTES"]
