@@ -93,6 +93,19 @@ print("ok")
 """
 
 
+def test_both_backends_open_the_cache_one_way(tmp_path, monkeypatch):
+    """cache_for: None under --no-cache, one object per cache folder in a process, a new $VLM_HOME its own."""
+    from edgevlm.runtime.inputs.embed_cache import cache_for
+    from edgevlm.runtime.protocol import ImageDetail
+
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "a"))
+    assert cache_for(ImageDetail(cache=False)) is None
+    first = cache_for(ImageDetail())
+    assert first is cache_for(ImageDetail(level="high")) and first.root == tmp_path / "a" / "cache"
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "b"))
+    assert cache_for(ImageDetail()).root == tmp_path / "b" / "cache"
+
+
 def test_concurrent_processes(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
