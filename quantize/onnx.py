@@ -488,12 +488,21 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
 # * recipe "mixed", like Q4_K_M's mix: the most sensitive tensors -- the lm_head (with the tied embedding),
 #   the attention q/k/v projections and the MLP down projection of the first and last layers -- as
 #   8-bit MatMulNBits, the rest 4-bit.
-# * Optionally (share_tied_embedding) a tied token embedding is not stored twice: GatherBlockQuantized
-#   reads the lm_head's own quantized weight (same bytes, same blocks along the hidden axis). It saves
-#   the embedding's bytes but onnxruntime does not prepack a weight two nodes read: decode 0.87x.
-# Default "int4": 4-bit everywhere, searched (meets the size and speed of the RTN recipe); "mixed" adds
-# the 8-bit tensors (better answers, 6.66 bits/w shared and ~0.9x decode unshared).
-INT4_RECIPES = ("mixed", "int4", "rtn")   # int4: every MatMul 4-bit, searched; rtn: the pre-issue-20 recipe
+# * share_tied_embedding: a tied token embedding is not stored twice: GatherBlockQuantized reads the
+#   lm_head's own quantized blocks (same bytes, same blocks along the hidden axis) under a second
+#   initializer name whose external-data entry points at the same bytes of the data file. (Reading the
+#   lm_head's initializer itself cost 0.87x decode: onnxruntime does not prepack a weight two nodes read.)
+#   It frees ~1 bit/w on a small model with a big vocabulary, which the 8-bit tensors then spend.
+# * recipe "gptq" (issue 20, second round; the default with --calibration): GPTQ error compensation
+#   (``gptq_blocks``) with each layer input's second moments from the calibration text, the attention
+#   input projections at 8 bits, the tied embedding shared.
+# "int4": 4-bit everywhere, searched (meets the size and speed of the RTN recipe); "mixed" adds the
+# 8-bit tensors (better answers, 6.66 bits/w and ~0.9x decode).
+INT4_RECIPES = ("gptq", "mixed", "int4", "rtn")   # int4: every MatMul 4-bit, searched; rtn: the pre-issue-20 recipe
+_GPTQ_RECIPES = ("gptq",)
+# "gptq": the attention input projections at 8 bits (SmolLM2: KL 0.166 -> 0.090 for +0.43 bits/w), the rest
+# 4-bit with GPTQ, the tied embedding stored once with the lm_head's blocks.
+_GPTQ_8BIT_ROLES = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 _HIGH_PRECISION_ROLES = ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")
 _EDGE_LAYER_ROLES = ("down_proj", "fc2")
 
@@ -516,12 +525,12 @@ def _layer_index(path: str) -> Optional[int]:
 
 
 def int4_recipe(recipe: str, importance: Optional[dict]) -> str:
-    """``"auto"``: the searched recipe when an importance matrix (--calibration) weights the search, else
-    min/max rounding ("rtn"). Without calibration the search was not measured better on every prompt
-    (SmolLM2's " Paris" turned into another token) and costs minutes of numpy per 100M weights, so it
-    stays opt-in there."""
+    """``"auto"``: "gptq" when the calibration gave second moments (``ImportanceMatrix.hessians``), the
+    searched recipe ("int4") when it gave only an importance matrix, else min/max rounding ("rtn").
+    Without calibration the search was not measured better on every prompt (SmolLM2's " Paris" turned
+    into another token) and costs minutes of numpy per 100M weights, so it stays opt-in there."""
     if recipe == "auto":
-        return "int4" if importance else "rtn"
+        return ("gptq" if getattr(importance, "hessians", None) else "int4") if importance else "rtn"
     if recipe not in INT4_RECIPES:
         raise UsageError(f"Unknown int4 recipe {recipe!r}.", hint=f"Use one of {', '.join(INT4_RECIPES)}, or auto.")
     return recipe
@@ -533,6 +542,11 @@ def int4_bits_plan(names: list[str], recipe: str = "mixed") -> dict[str, int]:
     if recipe not in INT4_RECIPES:
         raise UsageError(f"Unknown int4 recipe {recipe!r}.", hint=f"Use one of {', '.join(INT4_RECIPES)}.")
     plan = {n: 4 for n in names}
+    if recipe == "gptq":
+        for n in names:
+            if _node_path(n).rsplit(".", 1)[-1] in _GPTQ_8BIT_ROLES:
+                plan[n] = 8
+        return plan
     if recipe != "mixed":
         return plan
     layers = [i for i in (_layer_index(_node_path(n)) for n in names) if i is not None]
@@ -650,13 +664,91 @@ def quantize_blocks(wt, bits: int, block: int, importance=None, chunk: int = 409
         q_all[c0:c0 + n] = q.reshape(n, kb, block)
         s_all[c0:c0 + n] = s.reshape(n, kb)
         z_all[c0:c0 + n] = z.reshape(n, kb)
+    return _pack(q_all, s_all, z_all, bits)
+
+
+def hessians_for(names_k: dict[str, int], importance: Optional[dict]) -> dict:
+    """MatMul node name -> its input's second moment ``mean(x x^T)`` [K, K], matched like ``importance_for``
+    from the ``hessians`` an ``ImportanceMatrix`` (``verify.collect_imatrix``) carries; {} without them."""
+    hs = getattr(importance, "hessians", None) if importance else None
+    if not hs:
+        return {}
+    flat = {k: v.reshape(-1) for k, v in hs.items()}      # views: matched on size K*K like the vectors
+    got = importance_for({n: k * k for n, k in names_k.items()}, flat)
+    return {n: v.reshape(names_k[n], names_k[n]) for n, v in got.items()}
+
+
+def gptq_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step: int = 128):
+    """``quantize_blocks`` with GPTQ's error compensation (Frantar et al. 2022): input channels are
+    quantized one at a time in order, and each one's rounding error, divided by its diagonal of the
+    inverse Hessian's Cholesky factor, is spread over the channels not yet quantized in proportion to
+    how their inputs correlate (``hessian`` = the input's ``mean(x x^T)`` from calibration text), so the
+    layer's output error rather than its weight error is what the rounding minimises. Each block's scale and
+    integer zero point are fitted (``_fit_blocks``, weighted by the Hessian's diagonal) on the weights
+    as updated when the block is reached. Same outputs as ``quantize_blocks``."""
+    import numpy as np
+
+    K, N = wt.shape
+    if K % block:
+        return quantize_blocks(wt, bits, block, np.diag(hessian))
+    maxq = (1 << bits) - 1
+    W = np.array(wt, dtype=np.float32)                         # [K, N]: GPTQ's columns are our rows
+    H = np.array(hessian, dtype=np.float64)
+    diag = np.diag(H).copy()
+    dead = diag <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(diag[~dead])) if np.any(~dead) else damp
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T             # upper factor of H^-1
+    except np.linalg.LinAlgError:
+        H[np.diag_indices(K)] += 0.1 * float(np.mean(np.diag(H)))
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    U = U.astype(np.float32)
+    imp = np.maximum(diag, 0).astype(np.float32)
+    Q = np.empty((K, N), np.uint8)
+    kb = K // block
+    S = np.empty((kb, N), np.float32)
+    Z = np.empty((kb, N), np.float32)
+    step = max(block, step - step % block)
+    for i1 in range(0, K, step):
+        i2 = min(i1 + step, K)
+        W1 = W[i1:i2]                                          # a view: updated in place
+        E1 = np.empty((i2 - i1, N), np.float32)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                x = np.ascontiguousarray(W1[i:i + block].T)       # [N, block]
+                w8 = np.broadcast_to(imp[col:col + block] + 1e-12, x.shape)
+                _, s, z = _fit_blocks(x, w8, maxq)
+                s, z = s[:, 0], z[:, 0]
+                S[col // block], Z[col // block] = s, z
+            w = W1[i]
+            q = np.clip(np.rint(w / s + z), 0, maxq)
+            Q[col] = q
+            err = (w - (q - z) * s) / U[col, col]
+            E1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1:] -= np.outer(U[col, col + 1:i2], err)
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].T @ E1
+    q_all = np.ascontiguousarray(Q.T).reshape(N, kb, block)
+    s_all, z_all = np.ascontiguousarray(S.T), np.ascontiguousarray(Z.T).astype(np.uint8)
+    return _pack(q_all, s_all, z_all, bits)
+
+
+def _pack(q_all, s_all, z_all, bits: int):
+    """[N, K/block, block] levels, [N, K/block] scales and integer zero points -> MatMulNBits' inputs."""
+    import numpy as np
+
+    N, kb = s_all.shape
     if bits == 4:
         packed = q_all[..., 0::2] | (q_all[..., 1::2] << 4)
         zz = z_all if kb % 2 == 0 else np.concatenate([z_all, np.full((N, 1), 8, np.uint8)], 1)
         zp = (zz[:, 0::2] | (zz[:, 1::2] << 4)).reshape(-1)
     else:
         packed, zp = q_all, z_all.reshape(-1)
-    return packed.astype(np.uint8), s_all, zp.astype(np.uint8), z_all
+    return packed.astype(np.uint8), s_all.astype(np.float32), zp.astype(np.uint8), z_all
 
 
 def _wide_block(k: int, block_size: int) -> int:
@@ -669,9 +761,11 @@ def _wide_block(k: int, block_size: int) -> int:
 
 
 def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, importance: Optional[dict],
-                   quantize_embeddings: bool, share_tied_embedding: bool = False):
+                   quantize_embeddings: bool, share_tied_embedding: bool = False,
+                   bits_plan: Optional[dict] = None):
     """The int4 recipe (see the comment above ``INT4_RECIPES``) applied to ``model`` in place."""
     import numpy as np
+    import onnx
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -684,7 +778,10 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
                 targets.append(n)
     ks = {n.name: int(inits[n.input[1]].dims[0]) for n in targets}
     plan = int4_bits_plan(list(ks), recipe)
+    if bits_plan:
+        plan.update({n: b for n, b in bits_plan.items() if n in plan})
     imps = importance_for(ks, importance)
+    hs = hessians_for(ks, importance) if recipe in _GPTQ_RECIPES else {}
     gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
                and inits[n.input[0]].data_type == onnx_float()]
     tables = {n.input[0]: numpy_helper.to_array(inits[n.input[0]]) for n in gathers}
@@ -692,12 +789,16 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
     replaced: dict[str, list] = {}
     drop: set[str] = set()
     tied: dict[str, tuple] = {}          # embedding table name -> (B, scales, unpacked zero points, bits, block, K)
+    aliases: dict[str, str] = {}        # initializer -> the one whose bytes it shares on disk
     for n in targets:
         wt = numpy_helper.to_array(inits[n.input[1]])
         K, N = wt.shape
         bits = plan[n.name]
         block = block_size if bits == 4 else _wide_block(K, block_size)
-        packed, scales, zp, z = quantize_blocks(wt, bits, block, imps.get(n.name))
+        if n.name in hs:
+            packed, scales, zp, z = gptq_blocks(wt, bits, block, hs[n.name])
+        else:
+            packed, scales, zp, z = quantize_blocks(wt, bits, block, imps.get(n.name))
         base = n.input[1]
         names = (f"{base}_Q{bits}", f"{base}_scales", f"{base}_zero_points")
         g.initializer.extend([numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1]),
@@ -714,7 +815,18 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
     for n in gathers:
         tname = n.input[0]
         if tname in tied:
+            # The lm_head's own blocks, under names of their own that point at the same bytes of the data
+            # file (``_save_external``): one copy on disk, while onnxruntime still prepacks the lm_head's
+            # weight (it does not prepack an initializer that two nodes read: 0.87x decode).
             b_name, s_name, z, bits, block, K, N = tied[tname]
+            inits_now = {t.name: t for t in g.initializer}
+            for name in (b_name, s_name):
+                alias = onnx.TensorProto()
+                alias.CopyFrom(inits_now[name])
+                alias.name = f"{name}/embedding"
+                g.initializer.append(alias)
+                aliases[alias.name] = name
+            b_name, s_name = f"{b_name}/embedding", f"{s_name}/embedding"
         elif quantize_embeddings:
             table = tables[tname]
             bits, block = 4, block_size
@@ -745,6 +857,10 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
         if not n.name:
             n.name = p
         drop.add(tname)
+    if aliases:
+        meta = {p.key: p for p in model.metadata_props}
+        entry = meta.get(_ALIASES_KEY) or model.metadata_props.add(key=_ALIASES_KEY)
+        entry.value = json.dumps({**json.loads(entry.value or "{}"), **aliases})
     new_nodes = []
     for n in g.node:
         new_nodes.extend(replaced.get(n.name, [n]) if n.name else [n])
@@ -782,14 +898,41 @@ def _has_constant_gather(model) -> bool:
     return any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in model.graph.node)
 
 
+# metadata_props key: JSON {initializer: initializer} of tensors stored once in the data file and read
+# under two names (a tied embedding and the lm_head: see ``_quantize_int4``).
+_ALIASES_KEY = "edgevlm.tensor_aliases"
+
+
 def _save_external(model, path: Path) -> None:
     """``model`` to ``path`` with its weights in ``<name>_data`` beside it (see ``_EXTERNAL_THRESHOLD``);
-    the data file gets the graph's permissions (onnx creates it owner-only)."""
+    the data file gets the graph's permissions (onnx creates it owner-only). Initializers listed under
+    ``_ALIASES_KEY`` are written once: the alias's external-data entry points at its target's bytes."""
     import onnx
 
     data = path.with_name(path.name + "_data")
+    meta = {p.key: p.value for p in model.metadata_props}
+    aliases = json.loads(meta.get(_ALIASES_KEY) or "{}")
+    held = {}
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits)) if aliases else ()):
+        if inits[i].name in aliases:
+            held[inits[i].name] = onnx.TensorProto()
+            held[inits[i].name].CopyFrom(inits[i])
+            del inits[i]
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=_EXTERNAL_THRESHOLD)
+    if held:
+        targets = {t.name: t for t in model.graph.initializer}
+        for name, t in held.items():
+            target = targets.get(aliases[name])
+            if target is not None and target.data_location == onnx.TensorProto.EXTERNAL:
+                alias = onnx.TensorProto()
+                alias.CopyFrom(target)                   # dims, type and the same location/offset/length
+                alias.name = name
+                model.graph.initializer.append(alias)
+            else:                                        # small enough to stay inline: a copy
+                model.graph.initializer.append(t)
+        onnx.save_model(model, str(path))
     if data.exists():
         shutil.copymode(path, data)
 
@@ -816,13 +959,13 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
                   block_size: int = 32, on_progress: Optional[ProgressCallback] = None, *,
                   symmetric: bool = False, accuracy_level: int = 4, quantize_embeddings: bool = True,
                   recipe: str = "auto", importance: Optional[dict] = None,
-                  share_tied_embedding: bool = False) -> Path:
+                  share_tied_embedding: Optional[bool] = None) -> Path:
     """Quantize an fp32/fp16 ONNX decoder's weights.
 
     * ``int8``: ``MatMulNBitsQuantizer(bits=8, block_size, symmetric)`` for every MatMul with a constant
       weight (activations quantized per block at run time with ``accuracy_level=4``), and the token
       embedding as int8 through ``quantize_dynamic`` (Gather + DequantizeLinear).
-    * ``int4`` (``recipe="int4"``, the default): blockwise 4-bit ``MatMulNBits`` (``block_size``, asymmetric,
+    * ``int4`` (``recipe="int4"``): blockwise 4-bit ``MatMulNBits`` (``block_size``, asymmetric,
       ``accuracy_level=4``: the kernel computes in int8, the fast path on VNNI / dot-product CPUs) with
       each block's scale and zero point found by a weighted least-squares search, weighted by
       ``importance`` when given (Hugging Face tensor name -> mean squared input activation per input
@@ -830,11 +973,14 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
       embedding as 4-bit ``GatherBlockQuantized`` blocks found the same way. ``recipe="mixed"``: also
       the lm_head, the attention q/k/v projections and the first and last layers' MLP down projections
       as 8-bit ``MatMulNBits`` (the widest block up to 256 dividing K): better answers, bigger and slower
-      (figures in docs/quantize-output.md). ``share_tied_embedding``: a tied embedding is read by
-      ``GatherBlockQuantized`` from the lm_head's own quantized weight instead of a second copy (smaller
-      file, but onnxruntime then does not prepack that weight for the lm_head: ~10% slower decode).
-      ``recipe="rtn"``: the recipe before issue 20, ``MatMulNBitsQuantizer`` min/max rounding
-      (``symmetric`` applies to it only), kept to measure against.
+      (figures in docs/quantize-output.md). ``recipe="gptq"`` (what ``"auto"`` picks when ``importance``
+      is an ``ImportanceMatrix`` with second moments, i.e. ``--calibration``): every 4-bit MatMul
+      quantized with GPTQ's error compensation (``gptq_blocks``), the attention q/k/v projections at 8
+      bits. ``share_tied_embedding`` (default: on for "gptq"): a tied embedding is read by
+      ``GatherBlockQuantized`` from the lm_head's quantized blocks, stored once in the data file under two
+      initializer names (onnxruntime still prepacks the lm_head's). ``recipe="rtn"``: the recipe before
+      issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only), kept to
+      measure against; ``"auto"``: gptq / int4 / rtn by what ``importance`` holds (``int4_recipe``).
 
     ``out_file`` gets the sidecar files (config, tokenizer, chat template) copied next to it when it is
     written to another directory, so its directory is a complete artifact. Returns ``out_file``.
@@ -904,8 +1050,9 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
                                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
                     qmodel = onnx.load(str(tout), load_external_data=True)
         elif recipe != "rtn":
+            share = recipe == "gptq" if share_tied_embedding is None else share_tied_embedding
             qmodel = _quantize_int4(model, block_size, accuracy_level, recipe, importance, quantize_embeddings,
-                                    share_tied_embedding)
+                                    share)
             del model
         else:
             # Embedding lookups too (GatherBlockQuantized, halves a small model's file) when the graph is
@@ -931,5 +1078,6 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
 
 
 __all__ = ["export_decoder", "quantize_onnx", "keep_last_logits", "build_fused_decoder", "fused_unsupported_reason",
-           "int4_bits_plan", "importance_for", "quantize_blocks", "FUSED_ARCHITECTURES", "INT4_RECIPES",
+           "int4_bits_plan", "importance_for", "hessians_for", "quantize_blocks", "gptq_blocks", "int4_recipe",
+           "FUSED_ARCHITECTURES", "INT4_RECIPES",
            "SIDECAR_FILES", "VARIANT_NAMES"]

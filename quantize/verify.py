@@ -181,11 +181,41 @@ def _greedy(model, tok, prompt: str, n: int, eos: set[int]) -> str:
     return tok.decode(out, skip_special_tokens=True)
 
 
+class ImportanceMatrix(dict):
+    """An importance matrix (tensor name -> mean squared input activation per input channel, what GGUF
+    targets take) that also carries, in ``hessians``, each linear layer's full second moment of its input
+    (``mean(x x^T)``, K x K float32; layers fed by the same input share one array): what ONNX int4's
+    GPTQ-style error compensation needs. The diagonal of a layer's matrix is its importance vector."""
+
+    def __init__(self, *args, hessians: Optional[dict] = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.hessians = hessians or {}
+
+    def __reduce__(self):                 # pickles with its hessians (benchmarks cache the reference)
+        return (_rebuild_importance, (dict(self), self.hessians))
+
+
+def _rebuild_importance(d: dict, hessians: dict) -> "ImportanceMatrix":
+    return ImportanceMatrix(d, hessians=hessians)
+
+
+# Full second moments are kept for inputs up to this width, and while their sum stays under the budget
+# (bytes, float32): a 135M model needs ~400 MB, a 1.7B one would need ~8 GB, so larger models keep the
+# diagonal only for their widest inputs (their MLP down projections) and quantize those without GPTQ.
+HESSIAN_MAX_K = 8192
+HESSIAN_BUDGET = 3 * 1024 ** 3
+# GPTQ's second moments settle long before the importance vectors need the whole text: they are summed
+# over the first 8192 calibration tokens only (each token costs a K x K product for every layer).
+HESSIAN_TOKENS = 8192
+
+
 def collect_imatrix(model, tok, text: str, on_progress: Optional[ProgressCallback] = None,
-                    *, chunk: int = 512, max_tokens: int = 32768) -> dict:
+                    *, chunk: int = 512, max_tokens: int = 32768, hessians: bool = True) -> dict:
     """Importance matrix, as llama.cpp's ``llama-imatrix`` defines it: for every linear layer, the mean
     over calibration tokens of each input column's squared activation. Keys are the module's weight
-    name in the checkpoint (``model.layers.0.self_attn.q_proj.weight``); values float32 arrays."""
+    name in the checkpoint (``model.layers.0.self_attn.q_proj.weight``); values float32 arrays.
+    Returns an ``ImportanceMatrix``; with ``hessians`` it also holds each layer's ``mean(x x^T)`` (layers
+    reading the same input tensor share one), within ``HESSIAN_MAX_K`` / ``HESSIAN_BUDGET``."""
     import numpy as np
     import torch
 
@@ -197,14 +227,35 @@ def collect_imatrix(model, tok, text: str, on_progress: Optional[ProgressCallbac
                          hint="Give --calibration a text file of at least a few thousand words.")
     sums: dict[str, object] = {}
     counts: dict[str, int] = {}
+    full: dict[str, object] = {}          # name -> running sum of x^T x (float64), or an alias's name
+    alias: dict[str, str] = {}
+    last = {"input": None, "name": None}
+    used, seen = [0], [0]
+    hcount: dict[str, int] = {}
     hooks = []
 
     def hook(name):
         def fn(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            x0 = inputs[0]
+            x = x0.detach().reshape(-1, x0.shape[-1]).double()
             s = (x * x).sum(0)
             sums[name] = sums[name] + s if name in sums else s
             counts[name] = counts.get(name, 0) + x.shape[0]
+            if not hessians or seen[0] >= HESSIAN_TOKENS:
+                return
+            if last["input"] is x0 and last["name"] is not None:        # q/k/v, gate/up: the same input
+                alias[name] = alias.get(last["name"], last["name"])
+                return
+            k = x.shape[1]
+            if name not in full:
+                if k > HESSIAN_MAX_K or used[0] + 4 * k * k > HESSIAN_BUDGET:
+                    return
+                used[0] += 4 * k * k
+                full[name] = torch.zeros(k, k, dtype=torch.float64)
+            xf = x0.detach().reshape(-1, k).float()
+            full[name] += (xf.T @ xf).double()      # float32 products per chunk, float64 sums
+            hcount[name] = hcount.get(name, 0) + xf.shape[0]
+            last["input"], last["name"] = x0, name
         return fn
 
     for name, mod in model.named_modules():
@@ -215,12 +266,17 @@ def collect_imatrix(model, tok, text: str, on_progress: Optional[ProgressCallbac
         with torch.inference_mode():
             for i in range(n_chunks):
                 _progress(on_progress, "imatrix", i, n_chunks)
-                model(input_ids=torch.tensor([ids[i * chunk:(i + 1) * chunk]]))
+                last["input"] = last["name"] = None
+                part = ids[i * chunk:(i + 1) * chunk]
+                model(input_ids=torch.tensor([part]))
+                seen[0] += len(part)
         _progress(on_progress, "imatrix", n_chunks, n_chunks)
     finally:
         for h in hooks:
             h.remove()
-    return {k: (sums[k] / counts[k]).float().numpy().astype(np.float32) for k in sums}
+    hs = {k: (v / hcount[k]).float().numpy() for k, v in full.items() if hcount.get(k)}
+    hs.update({k: hs[a] for k, a in alias.items() if a in hs})
+    return ImportanceMatrix({k: (sums[k] / counts[k]).float().numpy().astype(np.float32) for k in sums}, hessians=hs)
 
 
 # ------------------------------------------------------------------------------------- metrics

@@ -105,7 +105,9 @@ def test_importance_matrix_matches_every_exporters_names():
     assert "/model.layers.3.mlp.down_proj/MatMul" not in got          # wrong length: not used
 
 
-def test_tied_embedding_is_read_from_the_lm_head_weight():
+def test_tied_embedding_is_read_from_the_lm_head_weight(tmp_path):
+    from edgevlm.quantize.onnx import _save
+
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
@@ -119,8 +121,9 @@ def test_tied_embedding_is_read_from_the_lm_head_weight():
                           [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
-    unshared = onnx.ModelProto()
+    unshared, pristine = onnx.ModelProto(), onnx.ModelProto()
     unshared.CopyFrom(m)
+    pristine.CopyFrom(m)
     u = _quantize_int4(unshared, 32, 0, "mixed", None, True)          # default: a copy of its own, 4-bit
     ug = next(n for n in u.graph.node if n.op_type == "GatherBlockQuantized")
     assert ug.input[0] != next(n for n in u.graph.node if n.op_type == "MatMulNBits").input[1]
@@ -133,13 +136,26 @@ def test_tied_embedding_is_read_from_the_lm_head_weight():
     assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
     gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
     mnb = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
-    assert gbq.input[0] == mnb.input[1]                           # one copy of the table
-    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert gbq.input[0] == mnb.input[1] + "/embedding"          # a name of its own (onnxruntime prepacks
+    weights = sess_weights(q)                                    # an initializer only one node reads)
+    path = tmp_path / "q.onnx"
+    _save(q, path)
+    saved = onnx.load(str(path), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
+    assert where[gbq.input[0]] == where[mnb.input[1]] and where[mnb.input[1]]    # the same bytes on disk
+    sizes = {}
+    for shared in (False, True):
+        other = onnx.ModelProto()
+        other.CopyFrom(pristine)
+        _save(_quantize_int4(other, 32, 0, "mixed", None, True, share_tied_embedding=shared), tmp_path / f"{shared}.onnx")
+        sizes[shared] = (tmp_path / f"{shared}.onnx_data").stat().st_size
+    assert sizes[True] <= sizes[False] - V * H // 2              # no 4-bit copy of the table beside it
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 5, 63]], dtype=np.int64)
     logits, h = sess.run(None, {"ids": ids})
     assert h.shape == (1, 3, H)
     np.testing.assert_allclose(h[0], emb[ids[0]], atol=0.02 * np.abs(emb).max())   # 8-bit lm_head: close
-    np.testing.assert_allclose(logits, h @ sess_weights(q).T, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(logits, h @ weights.T, rtol=1e-3, atol=1e-3)
 
 
 def sess_weights(q):
@@ -187,3 +203,68 @@ def test_vlm_info_counts_a_quantized_embedding_once_at_its_real_size(tmp_path, s
 def _saved(model, path, save):
     save(model, path)
     return path
+
+
+def test_gptq_lowers_the_output_error_and_keeps_matmulnbits_layout():
+    """GPTQ's compensation against the plain block search on inputs with correlated, uneven channels:
+    the layer's output error (what the model sees) drops, and onnxruntime computes what we packed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.quantize.onnx import gptq_blocks
+
+    rng = np.random.default_rng(5)
+    K, N, block = 128, 48, 32
+    mix = rng.standard_normal((K, K)) * 0.3 + np.eye(K)
+    x = (rng.standard_normal((2000, K)) @ mix).astype(np.float32)
+    x[:, 3] *= 6
+    h = x.T @ x / len(x)
+    wt = rng.standard_normal((K, N)).astype(np.float32)
+    g = gptq_blocks(wt, 4, block, h)
+    s = quantize_blocks(wt, 4, block, np.diag(h))
+    err = {k: np.mean((x @ (_dequant(r[0], r[1], r[3], 4, block, K) - wt)) ** 2) for k, r in (("gptq", g), ("search", s))}
+    assert err["gptq"] < 0.8 * err["search"], err
+    inits = [numpy_helper.from_array(g[0], "B"), numpy_helper.from_array(g[1], "S"), numpy_helper.from_array(g[2], "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=4, block_size=block, accuracy_level=0)
+    gr = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(gr, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[:4]})[0]
+    np.testing.assert_allclose(y, x[:4] @ _dequant(g[0], g[1], g[3], 4, block, K), rtol=1e-4, atol=1e-3)
+
+
+def test_calibration_collects_second_moments_shared_by_layers_reading_one_input():
+    """collect_imatrix's hessians: mean(x x^T) per linear layer (its diagonal is the importance vector),
+    one array for the layers that read the same tensor (q/k/v, gate/up), matched to MatMul nodes by name."""
+    torch = pytest.importorskip("torch")
+    from edgevlm.quantize.onnx import hessians_for
+    from edgevlm.quantize.verify import collect_imatrix
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.o_proj = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+
+        def forward(self, h):
+            return self.o_proj(self.q_proj(h) * self.k_proj(h))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+            self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"self_attn": Attn()})])
+
+        def forward(self, input_ids):
+            return self.layers[0]["self_attn"](self.embed(input_ids))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    imat = collect_imatrix(model, lambda text, **_: {"input_ids": [ord(c) % 50 for c in text]}, "calibration " * 40,
+                           chunk=64)
+    hs = imat.hessians
+    q, k, o = (f"layers.0.self_attn.{n}.weight" for n in ("q_proj", "k_proj", "o_proj"))
+    assert hs[q] is hs[k] and hs[o] is not hs[q]
+    np.testing.assert_allclose(np.diag(hs[q]), imat[q], rtol=1e-4)
+    np.testing.assert_allclose(np.diag(hs[o]), imat[o], rtol=1e-4)
+    got = hessians_for({"/model/layers.0/self_attn/k_proj/MatMul": 8, "/model/layers.0/self_attn/o_proj/MatMul": 8}, imat)
+    assert got["/model/layers.0/self_attn/k_proj/MatMul"].shape == (8, 8)

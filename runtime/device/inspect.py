@@ -75,6 +75,13 @@ _SUFFIX_QUANT = (("_q4f16", "int4 weights, fp16 activations"), ("_q4", "int4"), 
                  ("_uint8", "uint8"), ("_quantized", "int8"), ("_bnb4", "4-bit (bnb4)"), ("_fp16", "fp16"))
 
 
+def _region(t):
+    """Where an initializer's bytes lie in its external data file (None when inline): a tied embedding
+    can be stored once and read under two names."""
+    ext = {e.key: e.value for e in t.external_data}
+    return (ext.get("location"), ext.get("offset", "0"), ext.get("length")) if ext else None
+
+
 def _onnx_graph_facts(files: list[Path]) -> dict:
     """Parameters and quantization read from the graphs (weights stay on disk); {} without `onnx`."""
     try:
@@ -104,6 +111,7 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
                 gathers.append((n, attrs))
             elif n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"):
                 quant["int8 (dynamic, per tensor)"] = quant.get("int8 (dynamic, per tensor)", 0) + 1
+        regions = {_region(inits[x]) for x in packed if x in inits} - {None}
         for n, attrs in gathers:
             # A quantized embedding: its scales and zero points are not parameters (they may reach it
             # through a Reshape), and its data holds 8/bits values a byte when stored as uint8; a table
@@ -113,7 +121,7 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
                     name = made_by[name].input[0]
                 packed.add(name)
             data = inits.get(n.input[0])
-            if data is not None and n.input[0] not in packed:
+            if data is not None and n.input[0] not in packed and _region(data) not in regions:
                 size = 1
                 for dim in data.dims:
                     size *= int(dim)
