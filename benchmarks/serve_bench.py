@@ -9,9 +9,9 @@
    far plus one new question; the image is neither decoded into tiles nor encoded again) vs the first.
 3. decode: 1 client, tokens/s of a streamed answer as the HTTP client sees it (first to last token)
    vs generate() in-process on the same backend.
-4. throughput (only with --llama-server PATH): aggregate decode tok/s of N streaming clients (8 requests
-   of --gen-tokens, greedy) against our server and llama.cpp's llama-server on the same model and threads,
-   rounds interleaved.
+4. throughput (only with --llama-server PATH): aggregate decode tok/s of N streaming clients (--requests
+   of --gen-tokens, greedy) against `vlm serve --parallel N` and llama.cpp's llama-server `-np N`, both as
+   processes of their own, on the same model and threads, rounds interleaved.
 
     python benchmarks/serve_bench.py MODEL.gguf [--vision VISION.gguf (its mmproj beside it)]
         [--llama-server build/bin/llama-server] [--rounds 9] [--threads 2]
@@ -239,41 +239,58 @@ def bench_decode(model: str, args) -> dict:
             "ratio": round(med(http_tps) / med(local_tps), 3)}
 
 
-def bench_throughput(model: str, args) -> dict:
-    """Both servers with N slots for N clients (ours: --parallel N; llama-server: -np N, -c ctx*N so each
-    slot has the same context as ours)."""
-    port = free_port()
-    out = {"clients": {}}
-    for clients in (1, 4):
-        url, pool, server, th = start_server([model], args.threads, args.ctx, parallel=clients)
-        mid = out["model"] = pool.loaded()[0].id
-        proc = subprocess.Popen([args.llama_server, "-m", model, "-t", str(args.threads), "-c", str(args.ctx * clients),
-                                 "-np", str(clients), "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lurl = f"http://127.0.0.1:{port}"
-        import httpx
+def _wait_health(url: str, proc) -> None:
+    import httpx
 
-        while True:
-            try:
-                if httpx.get(lurl + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        ours, theirs = [], []
-        for i in range(args.tp_rounds):
-            for side in (("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")):
-                if side == "ours":
-                    ours.append(load_run(url, mid, clients, args.gen_tokens, 8))
-                else:
-                    theirs.append(load_run(lurl, "x", clients, args.gen_tokens, 8))
-        proc.terminate()
-        proc.wait(30)
-        server.should_exit = True
-        th.join(30)
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"{proc.args[0]} exited {proc.returncode}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def bench_throughput(model: str, args) -> dict:
+    """Both servers as processes of their own (the load generator runs here: in one process with our
+    server its SDK parsing would hold the GIL our decode loop needs), N slots for N clients: ours
+    `vlm serve --parallel N`, llama-server `-np N -c ctx*N` (so each slot has the same context)."""
+    out = {"model": Path(model).name, "threads": args.threads, "gen_tokens": args.gen_tokens,
+           "requests": args.requests, "clients": {}}
+    exe = str(Path(sys.executable).with_name("vlm"))
+    for clients in (1, 4):
+        port, lport = free_port(), free_port()
+        ours_p = subprocess.Popen([exe, "serve", model, "--port", str(port), "--threads", str(args.threads),
+                                   "--ctx", str(args.ctx), "--parallel", str(clients), "--queue", "64",
+                                   "--max-tokens", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        theirs_p = subprocess.Popen([args.llama_server, "-m", model, "-t", str(args.threads), "-c", str(args.ctx * clients),
+                                     "-np", str(clients), "--port", str(lport), "--host", "127.0.0.1", "--no-webui"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url, lurl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{lport}"
+        try:
+            _wait_health(url, ours_p)
+            _wait_health(lurl, theirs_p)
+            ours, theirs = [], []
+            for i in range(args.tp_rounds):
+                for side in (("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")):
+                    if side == "ours":
+                        ours.append(load_run(url, Path(model).name, clients, args.gen_tokens, args.requests))
+                    else:
+                        theirs.append(load_run(lurl, "x", clients, args.gen_tokens, args.requests))
+                    print(json.dumps({"clients": clients, "round": i,
+                                      side: round((ours if side == "ours" else theirs)[-1], 2)}), file=sys.stderr)
+        finally:
+            for p in (ours_p, theirs_p):
+                p.terminate()
+                p.wait(60)
         out["clients"][clients] = {"ours_tok_s": round(med(ours), 1), "llama_server_tok_s": round(med(theirs), 1),
                                    "ratio": round(med(ours) / med(theirs), 3)}
         print(json.dumps({clients: out["clients"][clients]}), file=sys.stderr)
+    for side in ("ours_tok_s", "llama_server_tok_s"):
+        one, four = out["clients"][1][side], out["clients"][4][side]
+        out[f"scaling_{side[:-6]}"] = round(four / one, 3) if one else None
     return out
 
 
@@ -285,6 +302,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tp-rounds", type=int, default=5)
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=8, help="throughput: requests per load run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--only", choices=["ttft", "decode", "image", "throughput"], help="run one part")
