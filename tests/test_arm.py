@@ -236,7 +236,7 @@ def test_gpu_layers_on_the_cli(smollm2_gguf, home):
     if gpu_backend(llama_system_info()) is None:            # a CPU-only build: auto is 0, a number is refused
         r = vlm("ask", "-m", str(smollm2_gguf), "--gpu-layers", "3", "hi", home=home)
         assert r.returncode == 2 and "no GPU offload" in r.stderr
-        r = vlm("ask", "-m", str(smollm2_gguf), "--gpu-layers", "auto", "--raw", "-n", "3",
+        r = vlm("ask", "-m", str(smollm2_gguf), "--gpu-layers", "auto", "--raw", "-t", "0", "-n", "3",
                 "The capital of France is", home=home, check=True)
         assert "Paris" in r.stdout
 
