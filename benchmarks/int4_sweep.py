@@ -55,7 +55,7 @@ def main() -> None:
     if ref_file.is_file():
         ref = pickle.loads(ref_file.read_bytes())
     else:
-        ref = V.source_reference(a.src, n_tokens=256, calibration_text=cal)
+        ref = V.source_reference(a.src, n_tokens=256, calibration_text=cal, hessians=True)
         ref_file.write_bytes(pickle.dumps(ref))
 
     rows, files = [], []

@@ -493,7 +493,7 @@ def build_fused_decoder(src: Path, out_dir: Path, cfg: dict, on_progress: Option
 #   initializer name whose external-data entry points at the same bytes of the data file. (Reading the
 #   lm_head's initializer itself cost 0.87x decode: onnxruntime does not prepack a weight two nodes read.)
 #   It frees ~1 bit/w on a small model with a big vocabulary, which the 8-bit tensors then spend.
-# * recipe "gptq" (issue 20, second round; the default with --calibration): GPTQ error compensation
+# * recipe "gptq" (issue 20, second round; asked for by name): GPTQ error compensation
 #   (``gptq_blocks``) with each layer input's second moments from the calibration text, the attention
 #   input projections at 8 bits, the tied embedding shared.
 # "int4": 4-bit everywhere, searched (meets the size and speed of the RTN recipe); "mixed" adds the
@@ -525,12 +525,13 @@ def _layer_index(path: str) -> Optional[int]:
 
 
 def int4_recipe(recipe: str, importance: Optional[dict]) -> str:
-    """``"auto"``: "gptq" when the calibration gave second moments (``ImportanceMatrix.hessians``), the
-    searched recipe ("int4") when it gave only an importance matrix, else min/max rounding ("rtn").
-    Without calibration the search was not measured better on every prompt (SmolLM2's " Paris" turned
-    into another token) and costs minutes of numpy per 100M weights, so it stays opt-in there."""
+    """``"auto"``: the searched recipe when an importance matrix (--calibration) weights the search, else
+    min/max rounding ("rtn"). Without calibration the search was not measured better on every prompt
+    (SmolLM2's " Paris" turned into another token) and costs minutes of numpy per 100M weights, so it
+    stays opt-in there. "gptq" is asked for by name: better answers than "int4" and a smaller file, but
+    its 8-bit q/k/v decode ~0.85-0.9x, below issue 20's 0.95x (docs/quantize-output.md)."""
     if recipe == "auto":
-        return ("gptq" if getattr(importance, "hessians", None) else "int4") if importance else "rtn"
+        return "int4" if importance else "rtn"
     if recipe not in INT4_RECIPES:
         raise UsageError(f"Unknown int4 recipe {recipe!r}.", hint=f"Use one of {', '.join(INT4_RECIPES)}, or auto.")
     return recipe
@@ -973,10 +974,10 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
       embedding as 4-bit ``GatherBlockQuantized`` blocks found the same way. ``recipe="mixed"``: also
       the lm_head, the attention q/k/v projections and the first and last layers' MLP down projections
       as 8-bit ``MatMulNBits`` (the widest block up to 256 dividing K): better answers, bigger and slower
-      (figures in docs/quantize-output.md). ``recipe="gptq"`` (what ``"auto"`` picks when ``importance``
-      is an ``ImportanceMatrix`` with second moments, i.e. ``--calibration``): every 4-bit MatMul
-      quantized with GPTQ's error compensation (``gptq_blocks``), the attention q/k/v projections at 8
-      bits. ``share_tied_embedding`` (default: on for "gptq"): a tied embedding is read by
+      (figures in docs/quantize-output.md). ``recipe="gptq"`` (``importance`` must be an
+      ``ImportanceMatrix`` with second moments: ``verify.source_reference(..., hessians=True)``; tensors
+      without one fall back to the search): every 4-bit MatMul quantized with GPTQ's error compensation
+      (``gptq_blocks``), the attention q/k/v projections at 8 bits. ``share_tied_embedding`` (default: on for "gptq"): a tied embedding is read by
       ``GatherBlockQuantized`` from the lm_head's quantized blocks, stored once in the data file under two
       initializer names (onnxruntime still prepacks the lm_head's). ``recipe="rtn"``: the recipe before
       issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only), kept to

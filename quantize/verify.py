@@ -132,9 +132,10 @@ def load_source(src_dir: Path, *, trust_remote_code: bool = False, allow_pickle:
 
 def source_reference(src_dir: Path, *, n_tokens: int = DEFAULT_TOKENS, trust_remote_code: bool = False,
                      allow_pickle: bool = False, calibration_text: Optional[str] = None,
-                     on_progress: Optional[ProgressCallback] = None) -> Reference:
+                     on_progress: Optional[ProgressCallback] = None, hessians: bool = False) -> Reference:
     """Run the source model once: paragraph log-probs, greedy completions, and (with ``calibration_text``)
-    the importance matrix of every linear layer's input. The model is freed before returning."""
+    the importance matrix of every linear layer's input (``hessians``: with the second moments ONNX int4's
+    "gptq" recipe needs; see ``collect_imatrix``). The model is freed before returning."""
     import numpy as np
     import torch
 
@@ -158,7 +159,7 @@ def source_reference(src_dir: Path, *, n_tokens: int = DEFAULT_TOKENS, trust_rem
             completions[prompt] = _greedy(model, tok, prompt, COMPLETION_TOKENS, eos)
             _progress(on_progress, "reference", 3 + i, len(PROMPTS) + 2)
         n_params = sum(p.numel() for p in model.parameters())
-        imatrix = collect_imatrix(model, tok, calibration_text, on_progress) if calibration_text else None
+        imatrix = collect_imatrix(model, tok, calibration_text, on_progress, hessians=hessians) if calibration_text else None
         return Reference(token_ids=list(ids), logprobs=logprobs, perplexity=ppl, completions=completions,
                          n_params=int(n_params), vocab_size=int(logprobs.shape[-1]), imatrix=imatrix)
     finally:
@@ -210,7 +211,7 @@ HESSIAN_TOKENS = 8192
 
 
 def collect_imatrix(model, tok, text: str, on_progress: Optional[ProgressCallback] = None,
-                    *, chunk: int = 512, max_tokens: int = 32768, hessians: bool = True) -> dict:
+                    *, chunk: int = 512, max_tokens: int = 32768, hessians: bool = False) -> dict:
     """Importance matrix, as llama.cpp's ``llama-imatrix`` defines it: for every linear layer, the mean
     over calibration tokens of each input column's squared activation. Keys are the module's weight
     name in the checkpoint (``model.layers.0.self_attn.q_proj.weight``); values float32 arrays.

@@ -260,7 +260,7 @@ def test_calibration_collects_second_moments_shared_by_layers_reading_one_input(
     torch.manual_seed(0)
     model = Tiny()
     imat = collect_imatrix(model, lambda text, **_: {"input_ids": [ord(c) % 50 for c in text]}, "calibration " * 40,
-                           chunk=64)
+                           chunk=64, hessians=True)
     hs = imat.hessians
     q, k, o = (f"layers.0.self_attn.{n}.weight" for n in ("q_proj", "k_proj", "o_proj"))
     assert hs[q] is hs[k] and hs[o] is not hs[q]
@@ -268,3 +268,18 @@ def test_calibration_collects_second_moments_shared_by_layers_reading_one_input(
     np.testing.assert_allclose(np.diag(hs[o]), imat[o], rtol=1e-4)
     got = hessians_for({"/model/layers.0/self_attn/k_proj/MatMul": 8, "/model/layers.0/self_attn/o_proj/MatMul": 8}, imat)
     assert got["/model/layers.0/self_attn/k_proj/MatMul"].shape == (8, 8)
+
+
+def test_auto_recipe_and_the_gptq_plan():
+    from edgevlm.quantize.onnx import int4_bits_plan, int4_recipe
+    from edgevlm.quantize.verify import ImportanceMatrix
+
+    vec = {"lm_head.weight": np.ones(4, np.float32)}
+    assert int4_recipe("auto", None) == "rtn"
+    assert int4_recipe("auto", vec) == "int4"
+    assert int4_recipe("auto", ImportanceMatrix(vec, hessians={"lm_head.weight": np.eye(4, dtype=np.float32)})) == "int4"
+    assert int4_recipe("gptq", None) == "gptq"
+    names = ["/model.layers.0.self_attn.qkv_proj/MatMul", "/model.layers.0.mlp.down_proj/MatMul", "/lm_head/MatMul",
+             "/model/layers.0/self_attn/k_proj/MatMul"]
+    plan = int4_bits_plan(names, "gptq")
+    assert plan == {names[0]: 8, names[1]: 4, names[2]: 4, names[3]: 8}
