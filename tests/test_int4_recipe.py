@@ -283,3 +283,33 @@ def test_auto_recipe_and_the_gptq_plan():
              "/model/layers.0/self_attn/k_proj/MatMul"]
     plan = int4_bits_plan(names, "gptq")
     assert plan == {names[0]: 8, names[1]: 4, names[2]: 4, names[3]: 8}
+
+
+def test_quantize_onnx_gptq_writes_a_runnable_file_with_the_embedding_stored_once(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgevlm.quantize.onnx import _save, quantize_onnx
+    from edgevlm.quantize.verify import ImportanceMatrix
+
+    rng = np.random.default_rng(6)
+    V, H = 64, 96
+    emb = rng.standard_normal((V, H)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="/model/embed_tokens/Gather", axis=0),
+             helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])],
+                          [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    _save(m, tmp_path / "model.onnx")
+    x = rng.standard_normal((500, H)).astype(np.float32)
+    imat = ImportanceMatrix({"lm_head.weight": (x * x).mean(0)}, hessians={"lm_head.weight": x.T @ x / len(x)})
+    out = quantize_onnx(tmp_path / "model.onnx", tmp_path / "q" / "model_q4.onnx", "int4", recipe="gptq", importance=imat)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 7, 42]], dtype=np.int64)
+    logits = sess.run(None, {"ids": ids})[0]
+    ref = emb[ids[0]] @ emb.T
+    assert np.corrcoef(logits[0].ravel(), ref.ravel())[0, 1] > 0.98
+    saved = onnx.load(str(out), load_external_data=False)
+    regions = [tuple((e.key, e.value) for e in t.external_data) for t in saved.graph.initializer if t.external_data]
+    assert len(regions) > len(set(regions))                     # two names, one set of bytes
