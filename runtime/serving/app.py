@@ -212,7 +212,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         spec = entry.resolved.model
         if (spec is not None and spec.completion_only) or not lease.backend.chat_template:
             chat.options.raw = True
-        stream = lease.stream(chat)
+        stream = lease.stream(chat, whole=not parsed.stream)
         try:
             first = await until_disconnect(request, stream.__anext__())
         except BaseException:
