@@ -44,6 +44,11 @@ def quantize(
     mmproj_type: Annotated[str, typer.Option(
         "--mmproj-type", metavar="TYPE", help="Vision projector type: f16, bf16, f32 or q8_0.")] = "f16",
     block_size: Annotated[int, typer.Option("--block-size", metavar="N", help="ONNX int8/int4 block size (weights per scale).")] = 32,
+    onnx_int4_recipe: Annotated[str, typer.Option(
+        "--onnx-int4-recipe", metavar="auto|gptq|mixed|int4|rtn",
+        help="ONNX int4: auto (searched blocks with --calibration, else min/max rounding), gptq (needs "
+             "--calibration; better answers, 8-bit q/k/v, ~0.9x decode), mixed (8-bit sensitive tensors), "
+             "int4, rtn. Measured: docs/quantize-output.md.")] = "auto",
     verify_tokens: Annotated[int, typer.Option(
         "--verify-tokens", metavar="N", help="Held-out tokens compared with the source for every artifact.")] = 256,
     revision: Annotated[Optional[str], typer.Option("--revision", metavar="REV", help="Hub revision (branch, tag or commit).")] = None,
@@ -81,6 +86,7 @@ def quantize(
 
     opts = QuantizeOptions(targets=list(to or []), out_dir=out, name=name, revision=revision, calibration=calibration,
                            mmproj_type=mmproj_type, block_size=block_size, verify_tokens=verify_tokens,
+                           onnx_int4_recipe=onnx_int4_recipe,
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force,
                            register=register, threads=threads)
     with console.progress("", unit="steps") as cb:

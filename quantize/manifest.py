@@ -41,6 +41,7 @@ def _manifest(opts: QuantizeOptions, src: Source, fingerprint: dict, ref, target
               artifacts: list[ArtifactResult], staging: Path, steps: dict, seconds: float,
               calibration_text: Optional[str]) -> dict:
     from . import verify as V
+    from .onnx import int4_recipe
 
     arts = []
     for a in artifacts:
@@ -68,7 +69,7 @@ def _manifest(opts: QuantizeOptions, src: Source, fingerprint: dict, ref, target
         "source": fingerprint,
         "options": {"targets": [t.label for t in targets], "mmproj_type": opts.mmproj_type.lower() if src.vision else None,
                     "onnx_int4_block_size": opts.block_size if any(t.quant == "int4" for t in targets) else None,
-                    "onnx_int4_recipe": ("int4" if ref.imatrix is not None else "rtn")
+                    "onnx_int4_recipe": int4_recipe(opts.onnx_int4_recipe, ref.imatrix)
                     if any(t.quant == "int4" and t.format == "onnx" for t in targets) else None,
                     "calibration": cal, "allow_pickle": opts.allow_pickle, "trust_remote_code": opts.trust_remote_code},
         "verification": {

@@ -112,6 +112,14 @@ def plan(src_ref: str, opts: QuantizeOptions) -> list[Target]:
         if name in registry and registry.get(name).origin == "shipped":
             raise UsageError(f"'{name}' is a model in edgevlm's own registry.",
                              hint="Choose another --name for your build.")
+    from .onnx import INT4_RECIPES
+
+    if opts.onnx_int4_recipe not in ("auto", *INT4_RECIPES):
+        raise UsageError(f"Unknown ONNX int4 recipe {opts.onnx_int4_recipe!r}.",
+                         hint=f"Use auto, {', '.join(INT4_RECIPES)}.")
+    if opts.onnx_int4_recipe == "gptq" and opts.calibration is None:
+        raise UsageError("The gptq int4 recipe needs --calibration (it fits each layer to its inputs).",
+                         hint="Pass --calibration FILE with text like your inputs, or another recipe.")
     return targets
 
 
@@ -143,7 +151,7 @@ def quantize(src_ref: str, opts: QuantizeOptions, on_progress: Optional[Progress
         fingerprint = source_fingerprint(src, on_progress)
         ref = V.source_reference(src.dir, n_tokens=opts.verify_tokens, trust_remote_code=opts.trust_remote_code,
                                  allow_pickle=opts.allow_pickle, calibration_text=calibration_text,
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, hessians=opts.onnx_int4_recipe == "gptq")
         work = staging / ".work"
         work.mkdir()
         artifacts: list[ArtifactResult] = []
@@ -267,6 +275,7 @@ def _build_onnx(src: Source, targets: list[Target], staging: Path, work: Path, o
             _copy_sidecars(fp32.parent, onnx_dir, overwrite=False)
         else:
             quantize_onnx(fp32, dst, t.quant, block_size=opts.block_size, importance=ref.imatrix,
+                          recipe=opts.onnx_int4_recipe,
                           on_progress=prefixed(on_progress, f"onnx {t.quant}"))
         weights = [p for p in onnx_dir.iterdir() if p.name == dst.name or p.name == dst.name + "_data"]
         sidecars = [onnx_dir / n for n in SIDECAR_FILES if (onnx_dir / n).is_file()]
@@ -307,6 +316,7 @@ def _build_onnx_vision(src: Source, targets: list[Target], staging: Path, work: 
                         shutil.copy2(p, work / p.name)
         else:
             written = quantize_vision(exp["dir"], t.quant, block_size=opts.block_size, importance=ref.imatrix,
+                                      recipe=opts.onnx_int4_recipe,
                                       on_progress=prefixed(on_progress, f"onnx {t.quant}"))
         weights = []
         for part in PARTS:

@@ -37,6 +37,7 @@ class QuantizeOptions:
     calibration: Optional[Path] = None
     mmproj_type: str = "f16"
     block_size: int = 32
+    onnx_int4_recipe: str = "auto"    # quantize.onnx.INT4_RECIPES or "auto" (see onnx.int4_recipe)
     verify_tokens: int = 256
     allow_pickle: bool = False
     trust_remote_code: bool = False

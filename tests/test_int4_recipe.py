@@ -313,3 +313,11 @@ def test_quantize_onnx_gptq_writes_a_runnable_file_with_the_embedding_stored_onc
     saved = onnx.load(str(out), load_external_data=False)
     regions = [tuple((e.key, e.value) for e in t.external_data) for t in saved.graph.initializer if t.external_data]
     assert len(regions) > len(set(regions))                     # two names, one set of bytes
+
+
+def test_cli_recipe_flag_is_checked_before_any_work(tmp_path):
+    from conftest import assert_clean_error, vlm
+
+    src = tmp_path / "ckpt"          # never read: the flags fail first
+    assert_clean_error(vlm("quantize", str(src), "--to", "onnx:int4", "--onnx-int4-recipe", "nope"), 2, "recipe")
+    assert_clean_error(vlm("quantize", str(src), "--to", "onnx:int4", "--onnx-int4-recipe", "gptq"), 2, "--calibration")
