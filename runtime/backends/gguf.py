@@ -185,8 +185,13 @@ class GGUFBackend:
         self.n_batch = max(32, min(opts.n_batch, n_ctx))
         cparams = llama_cpp.llama_context_default_params()
         self._n_seq = max(1, opts.n_seq)
-        cparams.n_ctx = n_ctx * self._n_seq       # one stream of n_ctx positions per sequence (not unified)
+        cparams.n_ctx = n_ctx * self._n_seq       # n_ctx positions for each sequence (gguf_slots enforces it)
         cparams.n_seq_max = self._n_seq
+        if self._n_seq > 1:
+            # One KV buffer for all sequences: llama.cpp then decodes a step of N sequences as one ubatch.
+            # Split per-sequence streams made it N ubatches: measured on SmolLM2-135M, 2 threads, 4 slots:
+            # 65 ms per 4-token step split, 42 ms unified, 13 ms for one token alone.
+            cparams.kv_unified = True
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_threads = self.n_threads
