@@ -8,7 +8,7 @@ import typer
 
 from . import console
 from .console import boundary
-from .options import Guard, GuardCategories, GuardModel, Threads
+from .options import GpuLayers, Guard, GuardCategories, GuardModel, Threads
 
 
 def _size(text: Optional[str], flag: str) -> Optional[int]:
@@ -69,6 +69,7 @@ def serve(
     guard: Guard = None,
     guard_model: GuardModel = None,
     guard_categories: GuardCategories = None,
+    gpu_layers: GpuLayers = None,
 ) -> None:
     """Serve models over HTTP: OpenAI's /v1/chat/completions and /v1/models, Ollama's /api/chat,
     /api/generate and /api/tags, /health and /metrics.
@@ -100,14 +101,21 @@ def serve(
         max_body_bytes=_size(max_body, "--max-body"), max_images=max_images, max_image_pixels=max_image_pixels,
         max_tokens=max_tokens, allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
         media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace)
+    from edgevlm.runtime.device.gpu import parse_gpu_layers
+
     from .guard import plan_guard
+
+    settings.gpu_layers = parse_gpu_layers(gpu_layers)      # a bad value fails before anything loads
 
     gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx, yes=False)
     if gplan is not None:     # the guard is one more pinned model of the pool (its ref: the resolved file)
         settings.guard_mode, settings.guard_policy = gplan.mode, gplan.policy
         settings.guard_model = str(gplan.resolved.artifact.path)
     pool = ModelPool(settings)
-    pool.prepare()                      # unknown / missing / too-large models fail here, before binding
+    from edgevlm.runtime.device.gpu import plan as gpu_plan
+
+    for resolved in pool.prepare():     # unknown / missing / too-large models and a --gpu-layers the build
+        gpu_plan(resolved, ctx, settings.gpu_layers)     # cannot honour fail here, before binding
     if not settings.loopback_only and not settings.api_key:
         console.warn(f"listening on {host} without an API key: anyone who can reach this address can use the "
                      "models. Pass --api-key or set VLM_API_KEY.")

@@ -484,10 +484,16 @@ def test_guard_blocks_questions_and_holds_answers(smollm2_gguf, guard_gguf, tmp_
         assert s.stop() == 0, (tmp_path / "server.log").read_text()
 
 
-def test_cli_checks_every_slot_and_refuses_unknown_models(tmp_path):
+def test_cli_checks_every_slot_and_refuses_unknown_models(smollm2_gguf, tmp_path):
     from conftest import assert_clean_error, vlm
 
     # each slot has its own KV cache: 64 slots of 32k tokens do not fit 1 GB
     assert_clean_error(vlm("serve", "--parallel", "64", "--ctx", "32768", "--memory-budget", "1G",
                            "--port", str(_free_port()), "smollm2-135m"), 7, "slots")
     assert_clean_error(vlm("serve", "--port", str(_free_port()), "no-such-model"), 3, "no-such-model")
+    # a CPU-only llama.cpp build cannot put layers on a GPU: said before the server binds
+    from edgevlm.runtime.device.gpu import offload_device
+
+    if offload_device()[0] is None:
+        assert_clean_error(vlm("serve", "--gpu-layers", "7", "--port", str(_free_port()), "smollm2-135m"), 2,
+                           "--gpu-layers")

@@ -395,7 +395,11 @@ class ModelPool:
         from ..loader import load_backend
 
         t0 = time.perf_counter()
+        from ..device.gpu import plan as gpu_plan
+
         opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots)
+        gpu = gpu_plan(entry.resolved, self.settings.ctx, self.settings.gpu_layers)   # 0 on a CPU-only build
+        opts.n_gpu_layers = gpu.layers if gpu is not None else 0
         backend = load_backend(entry.resolved.artifact, opts)
         entry.slots = backend.slots()
         entry.backend = backend
