@@ -55,16 +55,8 @@ def start_server(models: list[str], threads: int, ctx: int, parallel: int = 1):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    import httpx
-
     url = f"http://127.0.0.1:{settings.port}"
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    _wait_health(url)
     return url, pool, server, th
 
 
@@ -239,11 +231,11 @@ def bench_decode(model: str, args) -> dict:
             "ratio": round(med(http_tps) / med(local_tps), 3)}
 
 
-def _wait_health(url: str, proc) -> None:
+def _wait_health(url: str, proc=None) -> None:
     import httpx
 
     while True:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             sys.exit(f"{proc.args[0]} exited {proc.returncode}")
         try:
             if httpx.get(url + "/health").status_code == 200:

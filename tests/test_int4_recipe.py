@@ -105,22 +105,29 @@ def test_importance_matrix_matches_every_exporters_names():
     assert "/model.layers.3.mlp.down_proj/MatMul" not in got          # wrong length: not used
 
 
-def test_tied_embedding_is_read_from_the_lm_head_weight(tmp_path):
-    from edgevlm.quantize.onnx import _save
-
+def _tied_model(rng, V: int = 64, H: int = 96, *, hidden_output: bool = False):
+    """A tied embedding / lm_head pair as our exporters write it: Gather on ``embed``, MatMul on its
+    transpose ``head``. Returns (model, embedding)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(3)
-    V, H = 64, 96
     emb = rng.standard_normal((V, H)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="/model/embed_tokens/Gather", axis=0),
              helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")]
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V]),
-                           helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", H])],
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])]
+    if hidden_output:
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", H]))
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], outputs,
                           [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
+    return m, emb
+
+
+def test_tied_embedding_is_read_from_the_lm_head_weight(tmp_path):
+    from edgevlm.quantize.onnx import _save
+
+    m, emb = _tied_model(np.random.default_rng(3), hidden_output=True)
+    V, H = emb.shape
     unshared, pristine = onnx.ModelProto(), onnx.ModelProto()
     unshared.CopyFrom(m)
     pristine.CopyFrom(m)
@@ -286,21 +293,12 @@ def test_auto_recipe_and_the_gptq_plan():
 
 
 def test_quantize_onnx_gptq_writes_a_runnable_file_with_the_embedding_stored_once(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
-
     from edgevlm.quantize.onnx import _save, quantize_onnx
     from edgevlm.quantize.verify import ImportanceMatrix
 
     rng = np.random.default_rng(6)
-    V, H = 64, 96
-    emb = rng.standard_normal((V, H)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="/model/embed_tokens/Gather", axis=0),
-             helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")]
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])],
-                          [numpy_helper.from_array(emb, "embed"), numpy_helper.from_array(np.ascontiguousarray(emb.T), "head")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    m.ir_version = 10
+    m, emb = _tied_model(rng)
+    V, H = emb.shape
     _save(m, tmp_path / "model.onnx")
     x = rng.standard_normal((500, H)).astype(np.float32)
     imat = ImportanceMatrix({"lm_head.weight": (x * x).mean(0)}, hessians={"lm_head.weight": x.T @ x / len(x)})
