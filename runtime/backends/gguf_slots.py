@@ -2,8 +2,8 @@
 
 The context is made with ``n_seq_max = N`` (``LoadOptions.n_seq``) and N x ``n_ctx`` cells of KV
 cache in one unified buffer (so that a step of N sequences is one ubatch); each sequence may hold
-``n_ctx`` positions (``kv_used`` against ``n_ctx``, as for one conversation). Each slot is a Backend view bound to one sequence, driven by
-``generate`` on a thread of its own (the server's). What makes N conversations faster than N in turn is
+``n_ctx`` positions (``kv_used`` against ``n_ctx``, as for one conversation). Each slot is a Backend
+view bound to one sequence, driven by ``generate`` on a thread of its own (the server's). What makes N conversations faster than N in turn is
 the decode step: a slot's ``eval(token)`` does not decode at once but waits until every slot that is
 generating has handed in its next token, and the last one to arrive decodes them all in one
 ``llama_decode`` (one batch, one row of logits per sequence): the weights are read once for N tokens.
@@ -37,7 +37,7 @@ class _Step:
         self.pending: dict[int, int] = {}        # slot -> the token it handed in for the next step
         self.results: dict[int, object] = {}     # slot -> its logits row after the step, or the error
         self.batch = lc.llama_batch_init(n, 0, 1)
-        self.steps = 0                           # decode steps and the tokens they carried (describe())
+        self.steps = 0                           # decode steps and the tokens they carried (for benchmarks)
         self.step_tokens = 0
 
     def run_if_complete(self) -> None:
