@@ -106,22 +106,14 @@ class Lease:
         """The free slot whose last conversation shares the longest prefix with ``request``'s prompt."""
         e = self.entry
         best = e.free[0]
-        if request is not None and len(e.free) > 1:
+        if request is not None and len(e.free) > 1:        # only --parallel slots (gguf_slots) get here
+            import os.path
+
             try:
                 text = self.backend.render(request)
             except Exception:                  # noqa: BLE001 - the prefill reports a template error
                 text = ""
-
-            def shared(i: int) -> int:
-                last = getattr(e.slots[i], "last_text", "")
-                n = 0
-                for a, b in zip(last, text):
-                    if a != b:
-                        break
-                    n += 1
-                return n
-
-            best = max(e.free, key=shared)
+            best = max(e.free, key=lambda i: len(os.path.commonprefix([e.slots[i].last_text, text])))
         e.free.remove(best)
         self._slot = best
         return e.slots[best]
