@@ -7,15 +7,19 @@ agreement and mean KL over the held-out paragraph, every position in one run; bi
 bytes * 8 / source parameters). ``--speed`` then decodes with each artifact through the ONNX backend,
 alternating, and reports median tok/s and the median of paired ratios against the first recipe.
 
-    python benchmarks/int4_sweep.py HF_DIR [--calibration FILE] [--recipes rtn,int4,gptq] [--speed]
+    python benchmarks/int4_sweep.py HF_DIR [--calibration FILE] [--recipes rtn,int4,gptq,offset] [--speed]
         [--work DIR] [--threads 2] [--reuse]
 
 Recipes (``quantize.onnx.quantize_onnx``'s ``recipe``): ``rtn`` = the int4 before issue 20
 (onnxruntime's MatMulNBitsQuantizer, min/max rounding, asymmetric, block 32); ``int4`` = every MatMul
 4-bit with the weighted least-squares block search; ``mixed`` = that plus 8-bit lm_head, q/k/v and
 edge-layer down projections; ``gptq`` = GPTQ error compensation with the calibration's second moments
-(see ``quantize/onnx.py``). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes in fp32 instead of
-int8 (``accuracy_level=0``); ``+shared``: the tied embedding stored once with the lm_head's blocks.
+(see ``quantize/onnx_int4.py``); ``offset`` = every MatMul 4-bit with a float offset per block carried
+by extra input rows (the block sums of the input). ``offset@qkv_proj+gate_up_proj+lm_head``: the offset
+rows only for those roles (the others as ``int4``). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes
+in fp32 instead of int8 (``accuracy_level=0``); ``-nocal``: without the importance matrix (what ``vlm
+quantize`` does without ``--calibration``); ``+shared``: the tied embedding stored once with the lm_head's
+blocks.
 ``--reuse`` keeps artifacts an earlier run left in ``--work`` (the figures are then recomputed, the
 build time is not). Every quantized row is a separate file set under ``--work/<recipe>/``.
 """
@@ -61,17 +65,20 @@ def main() -> None:
     rows, files = [], []
     for name in a.recipes.split(","):
         base, shared = (name[:-len("+shared")], True) if name.endswith("+shared") else (name, None)
+        base, _, roles = base.partition("@")
         recipe, _, acc = base.partition("-acc")
+        recipe, _, nocal = recipe.partition("-nocal")
         out = a.work / name / "model_q4.onnx"
         t0 = time.perf_counter()
         build_s = None
         if not (a.reuse and out.is_file()):
             quantize_onnx(fp32, out, "int4", recipe=recipe, accuracy_level=int(acc or 4),
-                          importance=ref.imatrix if recipe != "rtn" else None, share_tied_embedding=shared)
+                          importance=ref.imatrix if recipe != "rtn" and not nocal else None,
+                          share_tied_embedding=shared, offset_roles=tuple(roles.split("+")) if roles else None)
             build_s = round(time.perf_counter() - t0, 1)
         r = V.compare(ref, V.onnx_logits(out, ref.token_ids, threads=a.threads))
         size = sum(p.stat().st_size for p in out.parent.iterdir() if p.name.startswith(out.name))
-        row = {"recipe": name, "calibration": bool(cal and recipe != "rtn"), "top1": r["top1_agreement"],
+        row = {"recipe": name, "calibration": bool(cal and recipe != "rtn" and not nocal), "top1": r["top1_agreement"],
                "kl": r["kl_mean"], "bits_per_weight": round(8 * size / ref.n_params, 2), "build_s": build_s}
         rows.append(row)
         files.append(out)
