@@ -16,7 +16,8 @@ Recipes (``quantize.onnx.quantize_onnx``'s ``recipe``): ``rtn`` = the int4 befor
 edge-layer down projections; ``gptq`` = GPTQ error compensation with the calibration's second moments
 (see ``quantize/onnx_int4.py``); ``offset`` = every MatMul 4-bit with a float offset per block carried
 by extra input rows (the block sums of the input). ``offset@qkv_proj+gate_up_proj+lm_head``: the offset
-rows only for those roles (the others as ``int4``). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes
+rows only for those roles (the others as ``int4``); ``offset~8:lm_head+qkv_proj``: those roles at 8 bits
+instead of the recipe's own (``~8:-`` for none). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes
 in fp32 instead of int8 (``accuracy_level=0``); ``-nocal``: without the importance matrix (what ``vlm
 quantize`` does without ``--calibration``); ``+shared``: the tied embedding stored once with the lm_head's
 blocks.
@@ -65,16 +66,18 @@ def main() -> None:
     rows, files = [], []
     for name in a.recipes.split(","):
         base, shared = (name[:-len("+shared")], True) if name.endswith("+shared") else (name, None)
+        base, _, eight = base.partition("~8:")
         base, _, roles = base.partition("@")
         recipe, _, acc = base.partition("-acc")
-        recipe, _, nocal = recipe.partition("-nocal")
+        recipe, nocal, _ = recipe.partition("-nocal")
         out = a.work / name / "model_q4.onnx"
         t0 = time.perf_counter()
         build_s = None
         if not (a.reuse and out.is_file()):
             quantize_onnx(fp32, out, "int4", recipe=recipe, accuracy_level=int(acc or 4),
                           importance=ref.imatrix if recipe != "rtn" and not nocal else None,
-                          share_tied_embedding=shared, offset_roles=tuple(roles.split("+")) if roles else None)
+                          share_tied_embedding=shared, offset_roles=tuple(roles.split("+")) if roles else None,
+                          eight_bit_roles=tuple(eight.split("+")) if eight else None)
             build_s = round(time.perf_counter() - t0, 1)
         r = V.compare(ref, V.onnx_logits(out, ref.token_ids, threads=a.threads))
         size = sum(p.stat().st_size for p in out.parent.iterdir() if p.name.startswith(out.name))

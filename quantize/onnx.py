@@ -553,7 +553,8 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
                   block_size: int = 32, on_progress: Optional[ProgressCallback] = None, *,
                   symmetric: bool = False, accuracy_level: int = 4, quantize_embeddings: bool = True,
                   recipe: str = "auto", importance: Optional[dict] = None,
-                  share_tied_embedding: Optional[bool] = None, offset_roles: Optional[tuple] = None) -> Path:
+                  share_tied_embedding: Optional[bool] = None, offset_roles: Optional[tuple] = None,
+                  eight_bit_roles: Optional[tuple] = None) -> Path:
     """Quantize an fp32/fp16 ONNX decoder's weights.
 
     * ``int8``: ``MatMulNBitsQuantizer(bits=8, block_size, symmetric)`` for every MatMul with a constant
@@ -646,7 +647,7 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
         elif recipe != "rtn":
             share = recipe in ("gptq", "offset") if share_tied_embedding is None else share_tied_embedding
             qmodel = _quantize_int4(model, block_size, accuracy_level, recipe, importance, quantize_embeddings,
-                                    share, offset_roles=offset_roles)
+                                    share, offset_roles=offset_roles, eight_bit_roles=eight_bit_roles)
             del model
         else:
             # Embedding lookups too (GatherBlockQuantized, halves a small model's file) when the graph is

@@ -30,7 +30,7 @@ def _dequant(packed, scales, z):
 def _run_offset_matmul(packed, scales, zp, x, K, N, accuracy_level):
     from onnx import TensorProto, helper, numpy_helper
 
-    Kp = K + offset_rows(K, 32)
+    Kp = K + offset_rows(K, 32)             # K + K/32: MatMulNBits pads the last block itself
     inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "Sc"), numpy_helper.from_array(zp, "Z"),
              numpy_helper.from_array(block_sum_matrix(K, 32), "S")]
     nodes = [helper.make_node("MatMul", ["x", "S"], ["xs"]), helper.make_node("Concat", ["x", "xs"], ["xa"], axis=-1),
@@ -48,11 +48,11 @@ def test_offset_rows_reproduce_a_q41_grid_that_integer_zero_points_cannot():
     w = _q41(rng, K, N)
     packed, scales, zp, z = offset_blocks(w, 4, 32)
     P = offset_rows(K, 32)
-    assert P == 32 and packed.shape == (N, (K + P) // 32, 16) and scales.shape == (N, (K + P) // 32)
+    assert P == K // 32 and packed.shape == (N, K // 32 + 1, 16) and scales.shape == (N, K // 32 + 1)
     x = rng.standard_normal((6, K)).astype(np.float32)
     ref = x @ w
     wq = _dequant(packed, scales, z)
-    effective = wq[:K] + block_sum_matrix(K, 32) @ wq[K:]          # what the Concat(x, x @ S) input sees
+    effective = wq[:K] + block_sum_matrix(K, 32) @ wq[K:K + P]      # what the Concat(x, x @ S) input sees
     for level in (0, 4):
         y = _run_offset_matmul(packed, scales, zp, x, K, N, level)
         np.testing.assert_allclose(y, x @ effective, rtol=2e-2 if level else 1e-4, atol=2e-2 if level else 1e-3)
@@ -69,7 +69,7 @@ def test_offset_rows_do_not_hurt_weights_that_never_saw_a_grid():
     w = rng.standard_normal((128, 64)).astype(np.float32)
     packed, scales, _, z = offset_blocks(w, 4, 32)
     wq = _dequant(packed, scales, z)
-    effective = wq[:128] + block_sum_matrix(128, 32) @ wq[128:]
+    effective = wq[:128] + block_sum_matrix(128, 32) @ wq[128:132]
     p2, s2, _, z2 = quantize_blocks(w, 4, 32)
     assert np.linalg.norm(effective - w) <= np.linalg.norm(_dequant(p2, s2, z2) - w)
 
@@ -126,29 +126,42 @@ def test_offset_recipe_on_a_fused_decoder_matches_the_float_graph(tmp_path, tied
         err[recipe] = np.linalg.norm(_logits(out, ids) - ref) / np.linalg.norm(ref)
     assert err["offset"] < 0.03 and err["offset"] < err["int4"] / 4, err
     g = onnx.load(str(tmp_path / "offset" / "model_q4.onnx"), load_external_data=False).graph
-    sums = [n for n in g.node if n.op_type == "MatMul"]
-    # one block-sum MatMul per distinct input: per layer the attention input, o_proj's, the MLP input,
-    # down_proj's; then the lm_head's; one 0/1 matrix per input width, shared
-    assert len(sums) == 4 * 2 + 1
-    assert len({n.input[1] for n in sums}) == 2
+    # one block sum per distinct input (per layer: the attention input, o_proj's, the MLP input,
+    # down_proj's), by ReduceSum over [batch, seq, K/32, 32]; the lm_head at 8 bits without them
+    assert sum(n.op_type == "ReduceSum" and n.name.startswith("/edgevlm/block_sums") for n in g.node) == 4 * 2
     nbits = {n.name: n for n in g.node if n.op_type == "MatMulNBits"}
-    assert len(nbits) == 4 * 2 + 1 and all(n.input[0].startswith("/edgevlm/block_sums") for n in nbits.values())
+    bits = {name: next(a.i for a in n.attribute if a.name == "bits") for name, n in nbits.items()}
+    head = next(n for n in nbits.values() if n.name.startswith("/lm_head"))
+    assert bits[head.name] == 8 and not head.input[0].startswith("/edgevlm/block_sums")
+    assert sum(n.input[0].startswith("/edgevlm/block_sums") for n in nbits.values()) == 4 * 2
     gbq = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
     assert len(gbq) == 1
-    head = next(n for n in nbits.values() if n.name.startswith("/lm_head"))
     assert (gbq[0].input[0] == head.input[1] + "/embedding") == tied
 
 
 @pytest.mark.slow
 def test_offset_roles_pick_the_inputs_that_get_block_sums(tmp_path):
+    """Only the roles asked for read the block sums; a 4-bit lm_head with offset rows, and the tied
+    embedding reading its blocks, offsets included."""
     from edgevlm.quantize.onnx import quantize_onnx
 
     fp32 = _tiny_checkpoint(tmp_path, True)
     out = quantize_onnx(fp32, tmp_path / "q" / "model_q4.onnx", "int4", recipe="offset",
-                        offset_roles=("qkv_proj", "lm_head"))
+                        offset_roles=("qkv_proj", "lm_head"), eight_bit_roles=())
     g = onnx.load(str(out), load_external_data=False).graph
     with_sums = sorted(n.name for n in g.node if n.op_type == "MatMulNBits" and n.input[0].startswith("/edgevlm/block_sums"))
     assert len(with_sums) == 3 and all("qkv_proj" in n or n.startswith("/lm_head") for n in with_sums)
     ids = [5, 17, 200, 3]
     ref = _logits(fp32, ids)
     assert np.linalg.norm(_logits(out, ids) - ref) / np.linalg.norm(ref) < 0.2
+    # the embedding the quantized graph computes: the lm_head's blocks plus their offsets, close to the table
+    table = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(fp32)).graph.initializer
+                                            if t.name.endswith("embed_tokens.weight")))
+    emb_out = next(n.output[0] for n in g.node if n.name.endswith("/Reshape") and "/edgevlm/embed/" in n.name)
+    m = onnx.load(str(out))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(emb_out, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 4), np.int64)}
+    feed.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")})
+    emb = sess.run([emb_out], feed)[0][0]
+    np.testing.assert_allclose(emb, table[ids], atol=0.01 * np.abs(table).max())
