@@ -455,7 +455,11 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
 
     @asynccontextmanager
     async def lifespan(app):
+        import anyio
+
         pool.start_reaper()
+        async with anyio.create_task_group():   # loads anyio's asyncio backend now, not in the first answer
+            pass                                # (Starlette streams through it: ~0.25 s on that answer)
 
         async def preload() -> None:
             try:
