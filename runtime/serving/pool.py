@@ -171,12 +171,15 @@ def _warm_up(slot: "Backend") -> None:
     """One token through a freshly loaded model before any request (llama-server warms up too): the
     first answer otherwise paid ~0.6 s more than the next (SmolLM2-135M: the chat template's compile,
     lazy imports, llama.cpp's first graph on the thread that computes). Leaves no trace: the KV cache
-    is cleared and the slot remembers no conversation."""
+    is cleared and the slot remembers no conversation. A model that cannot answer a chat message (no
+    template, say) still loads: its requests report their own errors."""
     from ..generation.core import complete
     from ..protocol import GenerationOptions, Message
 
     try:
         complete(slot, ChatRequest([Message("user", "Hi")], GenerationOptions(max_tokens=1, temperature=0)))
+    except Exception:                 # noqa: BLE001 - a warm-up only saves time
+        pass
     finally:
         slot.end_generation()
         slot.reset()
