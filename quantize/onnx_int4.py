@@ -88,7 +88,9 @@ def int4_recipe(recipe: str, importance: Optional[dict]) -> str:
     min/max rounding ("rtn"). Without calibration the search was not measured better on every prompt
     (SmolLM2's " Paris" turned into another token) and costs minutes of numpy per 100M weights, so it
     stays opt-in there. "gptq" is asked for by name: better answers than "int4" and a smaller file, but
-    its 8-bit q/k/v decode ~0.85-0.9x, below issue 20's 0.95x (docs/quantize-output.md)."""
+    its 8-bit q/k/v decode ~0.85-0.9x, below issue 20's 0.95x (docs/quantize-output.md). "offset" is
+    asked for by name too: the closest to the source (with or without calibration) but its extra small
+    ops per layer decode ~0.8-0.85x on a 135M model."""
     if recipe == "auto":
         return "int4" if importance else "rtn"
     if recipe not in INT4_RECIPES:
@@ -357,11 +359,11 @@ def offset_rows(k: int, block: int) -> int:
 
 
 def block_sum_matrix(k: int, block: int):
-    """S [K, K/block] float32: column b sums input block b (``x @ S``)."""
+    """S [K, K/block] float32: column b is input block b's mean (``x @ S``; 1/block is exact in fp32)."""
     import numpy as np
 
     S = np.zeros((k, offset_rows(k, block)), np.float32)
-    S[np.arange(k), np.arange(k) // block] = 1.0
+    S[np.arange(k), np.arange(k) // block] = 1.0 / block
     return S
 
 
@@ -426,10 +428,10 @@ def offset_blocks(wt, bits: int, block: int, importance=None, hessian=None, chun
     dimp_full = np.zeros(P, np.float32)
     dimp_full[:kb] = np.maximum(dimp, 0)
     rows = np.zeros((P, N), np.float32)
-    rows[:kb] = delta.T
+    rows[:kb] = delta.T * block               # the extra inputs are block means, not sums
     dp, ds, _, dz = quantize_blocks(rows, bits, block, dimp_full if np.any(dimp_full > 0) else None)
     lv = _unpack(dp, bits)
-    delta_q = ((lv - dz[..., None].astype(np.float32)) * ds[..., None]).reshape(N, P)[:, :kb]
+    delta_q = ((lv - dz[..., None].astype(np.float32)) * ds[..., None]).reshape(N, P)[:, :kb] / block
 
     for c0 in range(0, N, chunk):            # the levels and scale again, against the delta as stored
         x = np.asarray(wt[:, c0:c0 + chunk], dtype=np.float32).T.reshape(-1, block)
@@ -494,31 +496,26 @@ def offset_roles_for(recipe: str, offset_roles=None) -> tuple:
 
 
 def _block_sum_nodes(x: str, k: int, block: int, have: set, rank: Optional[int]):
-    """``Concat(x, block sums of x)`` for the "offset" MatMuls reading ``x``: (nodes, new initializers,
-    output name). The sums: ``ReduceSum(Reshape(x, [..., K/block, block]), -1)`` when x's rank is known
-    (decode ~10% quicker than a MatMul here), else ``x @ S`` (``block_sum_matrix``, one per K)."""
-    import numpy as np
+    """``Concat(x, block means of x)`` for the "offset" MatMuls reading ``x``: (nodes, new initializers,
+    output name). The means: one ``AveragePool`` over the last axis (kernel = stride = block) when x has a
+    known rank >= 3 (decode: two small ops per input; a fp32 MatMul against a 0/1 matrix cost ~3x more
+    here), else ``x @ S`` (``block_sum_matrix``, one per K)."""
     from onnx import helper, numpy_helper
 
     p = f"/edgevlm/block_sums{x if x.startswith('/') else '/' + x}"
     kb = offset_rows(k, block)
     extra = []
-    if rank:
-        shape, axis = f"/edgevlm/block_sums/shape_{rank}_{kb}x{block}", "/edgevlm/block_sums/last_axis"
-        for name, arr in ((shape, [0] * (rank - 1) + [kb, block]), (axis, [-1])):
-            if name not in have:
-                extra.append(numpy_helper.from_array(np.array(arr, np.int64), name))
-                have.add(name)
-        nodes = [helper.make_node("Reshape", [x, shape], [f"{p}/blocks"], name=f"{p}/Reshape"),
-                 helper.make_node("ReduceSum", [f"{p}/blocks", axis], [f"{p}/sums"], name=f"{p}/ReduceSum", keepdims=0)]
+    if rank and rank >= 3:
+        nodes = [helper.make_node("AveragePool", [x], [f"{p}/means"], name=f"{p}/AveragePool",
+                                  kernel_shape=[1] * (rank - 3) + [block], strides=[1] * (rank - 3) + [block])]
     else:
         s_name = f"/edgevlm/block_sums/S_{k}x{kb}"
         if s_name not in have:
             extra.append(numpy_helper.from_array(block_sum_matrix(k, block), s_name))
             have.add(s_name)
-        nodes = [helper.make_node("MatMul", [x, s_name], [f"{p}/sums"], name=f"{p}/MatMul")]
+        nodes = [helper.make_node("MatMul", [x, s_name], [f"{p}/means"], name=f"{p}/MatMul")]
     out = f"{p}/output_0"
-    nodes.append(helper.make_node("Concat", [x, f"{p}/sums"], [out], name=f"{p}/Concat", axis=-1))
+    nodes.append(helper.make_node("Concat", [x, f"{p}/means"], [out], name=f"{p}/Concat", axis=-1))
     return nodes, extra, out
 
 
@@ -568,6 +565,7 @@ def _embedding_nodes(p: str, b_name: str, s_name: str, z, ids: str, out: str, K:
         for name, arr in (("flat_shape", [-1, kbt, block]), ("rows_shape", [-1, (kbt - kb) * block]), ("zero", [0]),
                           ("kb", [kb]), ("kbt", [kbt]), ("axis1", [1]), ("offs_shape", [-1, kb, 1])):
             inits.append(numpy_helper.from_array(np.array(arr, np.int64), f"{p}/{name}"))
+        inits.append(numpy_helper.from_array(np.array(1.0 / block, np.float32), f"{p}/per_block"))  # rows: block * offset
         nodes += [
             helper.make_node("Reshape", [blocks, f"{p}/flat_shape"], [f"{p}/flat"], name=f"{p}/Reshape_flat"),
             helper.make_node("Slice", [f"{p}/flat", f"{p}/zero", f"{p}/kb", f"{p}/axis1"], [f"{p}/main"],
@@ -579,7 +577,8 @@ def _embedding_nodes(p: str, b_name: str, s_name: str, z, ids: str, out: str, K:
                              name=f"{p}/Slice_offsets"),
             helper.make_node("Reshape", [f"{p}/offsets", f"{p}/offs_shape"], [f"{p}/offsets3"],
                              name=f"{p}/Reshape_offsets"),
-            helper.make_node("Add", [f"{p}/main", f"{p}/offsets3"], [f"{p}/with_offsets"], name=f"{p}/Add"),
+            helper.make_node("Mul", [f"{p}/offsets3", f"{p}/per_block"], [f"{p}/offsets_each"], name=f"{p}/Mul"),
+            helper.make_node("Add", [f"{p}/main", f"{p}/offsets_each"], [f"{p}/with_offsets"], name=f"{p}/Add"),
         ]
         blocks = f"{p}/with_offsets"
     nodes += [helper.make_node("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/Shape"),

@@ -52,7 +52,7 @@ def test_offset_rows_reproduce_a_q41_grid_that_integer_zero_points_cannot():
     x = rng.standard_normal((6, K)).astype(np.float32)
     ref = x @ w
     wq = _dequant(packed, scales, z)
-    effective = wq[:K] + block_sum_matrix(K, 32) @ wq[K:K + P]      # what the Concat(x, x @ S) input sees
+    effective = wq[:K] + block_sum_matrix(K, 32) @ wq[K:K + P]      # what the Concat(x, block means) input sees
     for level in (0, 4):
         y = _run_offset_matmul(packed, scales, zp, x, K, N, level)
         np.testing.assert_allclose(y, x @ effective, rtol=2e-2 if level else 1e-4, atol=2e-2 if level else 1e-3)
@@ -127,8 +127,8 @@ def test_offset_recipe_on_a_fused_decoder_matches_the_float_graph(tmp_path, tied
     assert err["offset"] < 0.03 and err["offset"] < err["int4"] / 4, err
     g = onnx.load(str(tmp_path / "offset" / "model_q4.onnx"), load_external_data=False).graph
     # one block sum per distinct input (per layer: the attention input, o_proj's, the MLP input,
-    # down_proj's), by ReduceSum over [batch, seq, K/32, 32]; the lm_head at 8 bits without them
-    assert sum(n.op_type == "ReduceSum" and n.name.startswith("/edgevlm/block_sums") for n in g.node) == 4 * 2
+    # down_proj's), by AveragePool over [batch, seq, K]; the lm_head at 8 bits without them
+    assert sum(n.op_type == "AveragePool" and n.name.startswith("/edgevlm/block_sums") for n in g.node) == 4 * 2
     nbits = {n.name: n for n in g.node if n.op_type == "MatMulNBits"}
     bits = {name: next(a.i for a in n.attribute if a.name == "bits") for name, n in nbits.items()}
     head = next(n for n in nbits.values() if n.name.startswith("/lm_head"))
@@ -165,3 +165,12 @@ def test_offset_roles_pick_the_inputs_that_get_block_sums(tmp_path):
     feed.update({f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")})
     emb = sess.run([emb_out], feed)[0][0]
     np.testing.assert_allclose(emb, table[ids], atol=0.01 * np.abs(table).max())
+
+
+def test_offset_plan_keeps_the_lm_head_at_8_bits_unless_told():
+    from edgevlm.quantize.onnx import int4_bits_plan, int4_recipe
+
+    names = ["/model.layers.0.self_attn.qkv_proj/MatMul", "/model.layers.0.mlp.down_proj/MatMul", "/lm_head/MatMul"]
+    assert int4_bits_plan(names, "offset") == {names[0]: 4, names[1]: 4, names[2]: 8}
+    assert set(int4_bits_plan(names, "offset", eight_bit_roles=()).values()) == {4}
+    assert int4_recipe("offset", None) == "offset"           # no calibration needed
