@@ -17,7 +17,8 @@ edge-layer down projections; ``gptq`` = GPTQ error compensation with the calibra
 (see ``quantize/onnx_int4.py``); ``offset`` = every MatMul 4-bit with a float offset per block carried
 by extra input rows (the block sums of the input). ``offset@qkv_proj+gate_up_proj+lm_head``: the offset
 rows only for those roles (the others as ``int4``); ``offset~8:lm_head+qkv_proj``: those roles at 8 bits
-instead of the recipe's own (``~8:-`` for none). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes
+instead of the recipe's own (``~8:-`` for none); ``offset-gptq``: with GPTQ on top (the second moments
+``vlm quantize`` collects only for ``gptq``). ``rtn-acc0`` etc.: any recipe with ``-acc0`` computes
 in fp32 instead of int8 (``accuracy_level=0``); ``-nocal``: without the importance matrix (what ``vlm
 quantize`` does without ``--calibration``); ``+shared``: the tied embedding stored once with the lm_head's
 blocks.
@@ -70,12 +71,14 @@ def main() -> None:
         base, _, roles = base.partition("@")
         recipe, _, acc = base.partition("-acc")
         recipe, nocal, _ = recipe.partition("-nocal")
+        recipe, gq, _ = recipe.partition("-gptq")
         out = a.work / name / "model_q4.onnx"
         t0 = time.perf_counter()
         build_s = None
         if not (a.reuse and out.is_file()):
             quantize_onnx(fp32, out, "int4", recipe=recipe, accuracy_level=int(acc or 4),
-                          importance=ref.imatrix if recipe != "rtn" and not nocal else None,
+                          importance=(None if recipe == "rtn" or nocal else
+                                      dict(ref.imatrix) if recipe == "offset" and not gq else ref.imatrix),
                           share_tied_embedding=shared, offset_roles=tuple(roles.split("+")) if roles else None,
                           eight_bit_roles=tuple(eight.split("+")) if eight else None)
             build_s = round(time.perf_counter() - t0, 1)

@@ -574,7 +574,8 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
       (``gptq_blocks``), the attention q/k/v projections at 8 bits. ``recipe="offset"``: each 4-bit block
       with a float minimum, the part its integer zero point cannot hold carried by extra input rows (the
       input's block means, see ``quantize/onnx_int4.py``), for the MatMuls whose role is in ``offset_roles``
-      (default all), the lm_head at 8 bits (``eight_bit_roles`` replaces that). ``share_tied_embedding`` (default: on for "gptq" and "offset"): a tied embedding is read by
+      (default all), the lm_head at 8 bits (``eight_bit_roles`` replaces that); with GPTQ on top
+      (``gptq_offset_blocks``) when ``importance`` carries second moments. ``share_tied_embedding`` (default: on for "gptq" and "offset"): a tied embedding is read by
       ``GatherBlockQuantized`` from the lm_head's quantized blocks, stored once in the data file under two
       initializer names (onnxruntime still prepacks the lm_head's). ``recipe="rtn"``: the recipe before
       issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only), kept to

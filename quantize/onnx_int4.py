@@ -459,6 +459,71 @@ def offset_blocks(wt, bits: int, block: int, importance=None, hessian=None, chun
     return _pack(q_full, s_full, z_full, bits)
 
 
+def gptq_offset_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step: int = 128):
+    """``offset_blocks`` with GPTQ's error compensation (``gptq_blocks``): each block's scale, integer zero
+    point and float offset are fitted (``_fit_blocks_offset``) on the weights as updated when the block is
+    reached, its offset is rounded at once on the offset rows' grid (taken from a plain ``offset_blocks``
+    pass), and every weight's error -- level and offset rounding together -- is spread over the input
+    channels not yet quantized. Same outputs as ``offset_blocks``."""
+    import numpy as np
+
+    K, N = wt.shape
+    kb = K // block
+    maxq = (1 << bits) - 1
+    _, s0, _, z0 = offset_blocks(wt, bits, block, np.diag(hessian))
+    ds, dz = s0[:, kb:], z0[:, kb:].astype(np.float32)           # the offset rows' grid [N, P/block]
+    P = ds.shape[1] * block
+    W = np.array(wt, dtype=np.float32)
+    H = np.array(hessian, dtype=np.float64)
+    diag = np.diag(H).copy()
+    dead = diag <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(diag[~dead])) if np.any(~dead) else damp
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    except np.linalg.LinAlgError:
+        H[np.diag_indices(K)] += 0.1 * float(np.mean(np.diag(H)))
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    U = U.astype(np.float32)
+    imp = np.maximum(diag, 0).astype(np.float32)
+    Q = np.empty((K, N), np.uint8)
+    S = np.empty((kb, N), np.float32)
+    Z = np.empty((kb, N), np.float32)
+    D = dz.astype(np.uint8).repeat(block, 1)               # offset-row levels [N, P]; padding rows: zero
+    step = max(block, step - step % block)
+    for i1 in range(0, K, step):
+        i2 = min(i1 + step, K)
+        W1 = W[i1:i2]
+        E1 = np.empty((i2 - i1, N), np.float32)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                b = col // block
+                x = np.ascontiguousarray(W1[i:i + block].T)
+                _, s, m = _fit_blocks_offset(x, np.broadcast_to(imp[col:col + block] + 1e-12, x.shape), maxq)
+                s, m = s[:, 0], m[:, 0]
+                z = np.clip(np.rint(-m / s), 0, maxq)
+                g, gz = ds[:, b // block], dz[:, b // block]
+                lv = np.clip(np.rint((m + s * z) * block / g + gz), 0, maxq)
+                D[:, b] = lv
+                dq = (lv - gz) * g / block
+                S[b], Z[b] = s, z
+            w = W1[i]
+            q = np.clip(np.rint((w - dq) / s + z), 0, maxq)
+            Q[col] = q
+            err = (w - ((q - z) * s + dq)) / U[col, col]
+            E1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1:] -= np.outer(U[col, col + 1:i2], err)
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].T @ E1
+    q_full = np.concatenate([np.ascontiguousarray(Q.T).reshape(N, kb, block), D.reshape(N, P // block, block)], 1)
+    s_full = np.concatenate([np.ascontiguousarray(S.T), ds], 1)
+    z_full = np.concatenate([np.ascontiguousarray(Z.T).astype(np.uint8), dz.astype(np.uint8)], 1)
+    return _pack(q_full, s_full, z_full, bits)
+
+
 def _pack(q_all, s_all, z_all, bits: int):
     """[N, K/block, block] levels, [N, K/block] scales and integer zero points -> MatMulNBits' inputs."""
     import numpy as np
@@ -614,7 +679,7 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
     offset = {n.name for n in targets if plan[n.name] == 4 and ks[n.name] % block_size == 0
               and ("*" in roles or _offset_role(n.name) in roles)}
     imps = importance_for(ks, importance)
-    hs = hessians_for(ks, importance) if recipe in _GPTQ_RECIPES else {}
+    hs = hessians_for(ks, importance) if recipe in _GPTQ_RECIPES or offset else {}
     gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
                and inits[n.input[0]].data_type == onnx_float()]
     tables = {n.input[0]: numpy_helper.to_array(inits[n.input[0]]) for n in gathers}
@@ -633,7 +698,10 @@ def _quantize_int4(model, block_size: int, accuracy_level: int, recipe: str, imp
         block = block_size if bits == 4 else _wide_block(K, block_size)
         before, x, k_in = [], n.input[0], K
         if n.name in offset:
-            packed, scales, zp, z = offset_blocks(wt, bits, block, imps.get(n.name))
+            if n.name in hs:         # second moments given (an ImportanceMatrix with hessians): GPTQ on top
+                packed, scales, zp, z = gptq_offset_blocks(wt, bits, block, hs[n.name])
+            else:
+                packed, scales, zp, z = offset_blocks(wt, bits, block, imps.get(n.name))
             if x not in summed:
                 before, extra, summed[x] = _block_sum_nodes(x, K, block, sums_made, ranks.get(x, ranks.get("*")))
                 g.initializer.extend(extra)
