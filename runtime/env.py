@@ -16,6 +16,8 @@ ENV: dict[str, str] = {
     "VLM_PYPI_INDEX": "package index for `pypi` sources (else PIP_INDEX_URL)",
     "VLM_LLAMA_EXTRA_BUFTS": "`0`/`1`: force llama.cpp's extra buffer types (AMX, repacked weights) off/on",
     "VLM_ORT_SPIN": "`0`: onnxruntime's worker threads do not spin between operators (shared cores)",
+    "GOMP_SPINCOUNT": "read by libgomp, not by us: `1000` makes llama.cpp's OpenMP threads (pip builds) sleep sooner "
+                      "when they wait (cores shared with other work; slower on idle cores)",
     "VLM_ONNX_KV": "`concat`: the ONNX backend never shares past/present buffers (for comparisons)",
     "VLM_API_KEY": "`vlm serve`: the API key clients must send (`Authorization: Bearer KEY`); same as --api-key",
     "NO_COLOR": "no colours on stderr",
