@@ -169,8 +169,8 @@ class Lease:
 
 def _warm_up(slot: "Backend") -> None:
     """One token through a freshly loaded model before any request (llama-server warms up too): the
-    first answer otherwise paid ~0.6 s more than the next (SmolLM2-135M: the chat template's compile,
-    lazy imports, llama.cpp's first graph on the thread that computes). Leaves no trace: the KV cache
+    first answer otherwise paid for the chat template's compile, lazy imports and llama.cpp's first
+    graph on the thread that computes (SmolLM2-135M: ~0.15 s). Leaves no trace: the KV cache
     is cleared and the slot remembers no conversation. A model that cannot answer a chat message (no
     template, say) still loads: its requests report their own errors."""
     from ..generation.core import complete
