@@ -46,8 +46,8 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", metavar="N", help="ONNX int8/int4 block size (weights per scale).")] = 32,
     onnx_int4_recipe: Annotated[str, typer.Option(
         "--onnx-int4-recipe", metavar="auto|offset|gptq|mixed|int4|rtn",
-        help="ONNX int4: auto (searched blocks with --calibration, else min/max rounding), offset (a float "
-             "minimum per block, 8-bit lm_head: closest to the source, ~0.8-0.85x decode), gptq (needs "
+        help="ONNX int4: auto (= offset), offset (a float minimum per block, 8-bit lm_head: closest to the "
+             "source, ~0.82-0.89x the decode speed of rtn), gptq (needs "
              "--calibration; 8-bit q/k/v, ~0.9x decode), mixed (8-bit sensitive tensors), int4, rtn. "
              "Measured: docs/quantize-output.md.")] = "auto",
     verify_tokens: Annotated[int, typer.Option(

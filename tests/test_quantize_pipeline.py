@@ -86,9 +86,11 @@ def test_agreement_numbers_are_sane(built):
         assert a["decode_tps"] and a["decode_tps"] > 0, key
     assert arts["q8_0"]["metrics"]["top1_agreement"] >= 0.90
     assert arts["onnx-int8"]["metrics"]["top1_agreement"] >= 0.85      # blockwise int8, measured ~0.93
-    # more bits, closer to the source, in both formats
+    # more bits, closer to the source (GGUF). ONNX int4's "offset" blocks reproduce this Q4_1-sourced model
+    # as closely as blockwise int8 does (measured: KL 0.0042 vs 0.0052): both must stay near the source.
     assert arts["q8_0"]["metrics"]["kl_mean"] < arts["q4_k_m"]["metrics"]["kl_mean"]
-    assert arts["onnx-int8"]["metrics"]["kl_mean"] < arts["onnx-int4"]["metrics"]["kl_mean"]
+    assert arts["onnx-int8"]["metrics"]["kl_mean"] < 0.02 and arts["onnx-int4"]["metrics"]["kl_mean"] < 0.06
+    assert arts["onnx-int4"]["metrics"]["top1_agreement"] >= 0.85      # Q4_K_M's level (issue 20); measured ~0.95
 
 
 @pytest.mark.slow
@@ -120,7 +122,9 @@ def test_registered_model_is_listed_and_described(built):
     assert info.returncode == 0, info.stderr
     doc = json.loads(info.stdout)
     assert doc["format"] == "onnx" and doc["architecture"] == "LlamaForCausalLM"
-    assert doc["quantization"] == "int4 (MatMulNBits, block 32)" and doc["chat_template"] == "yes"
+    # the default int4 recipe ("offset") keeps the lm_head at 8 bits
+    assert doc["quantization"] == "int4 (MatMulNBits, block 32), int8 (MatMulNBits, block 64)"
+    assert doc["chat_template"] == "yes"
     assert doc["context_length"] == 8192 and doc["vision_projector"] is None
     man = {f["name"].split("/")[-1]: f["sha256"] for a in built["manifest"]["artifacts"] if a["key"] == "onnx-int4"
            for f in a["files"]}
