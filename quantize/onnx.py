@@ -579,7 +579,7 @@ def quantize_onnx(model_dir_or_file: str | Path, out_file: str | Path, kind: Lit
       ``GatherBlockQuantized`` from the lm_head's quantized blocks, stored once in the data file under two
       initializer names (onnxruntime still prepacks the lm_head's). ``recipe="rtn"``: the recipe before
       issue 20, ``MatMulNBitsQuantizer`` min/max rounding (``symmetric`` applies to it only), kept to
-      measure against; ``"auto"``: gptq / int4 / rtn by what ``importance`` holds (``int4_recipe``).
+      measure against; ``"auto"``: "offset", with or without ``importance`` (``int4_recipe``).
 
     ``out_file`` gets the sidecar files (config, tokenizer, chat template) copied next to it when it is
     written to another directory, so its directory is a complete artifact. Returns ``out_file``.
