@@ -246,6 +246,28 @@ def hessians_for(names_k: dict[str, int], importance: Optional[dict]) -> dict:
     return {n: v.reshape(names_k[n], names_k[n]) for n, v in got.items()}
 
 
+def _gptq_setup(wt, hessian, damp: float):
+    """GPTQ's starting point for a weight [K, N] and its input's second moment [K, K]: the weights as a
+    float32 copy (inputs that never fire zeroed), the upper Cholesky factor of the damped inverse
+    Hessian, and the Hessian's diagonal (each input's importance for the block fits)."""
+    import numpy as np
+
+    K = wt.shape[0]
+    W = np.array(wt, dtype=np.float32)                         # [K, N]: GPTQ's columns are our rows
+    H = np.array(hessian, dtype=np.float64)
+    diag = np.diag(H).copy()
+    dead = diag <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(diag[~dead])) if np.any(~dead) else damp
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T             # upper factor of H^-1
+    except np.linalg.LinAlgError:
+        H[np.diag_indices(K)] += 0.1 * float(np.mean(np.diag(H)))
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    return W, U.astype(np.float32), np.maximum(diag, 0).astype(np.float32)
+
+
 def gptq_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step: int = 128):
     """``quantize_blocks`` with GPTQ's error compensation (Frantar et al. 2022): input channels are
     quantized one at a time in order, and each one's rounding error, divided by its diagonal of the
@@ -260,20 +282,7 @@ def gptq_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step:
     if K % block:
         return quantize_blocks(wt, bits, block, np.diag(hessian))
     maxq = (1 << bits) - 1
-    W = np.array(wt, dtype=np.float32)                         # [K, N]: GPTQ's columns are our rows
-    H = np.array(hessian, dtype=np.float64)
-    diag = np.diag(H).copy()
-    dead = diag <= 0
-    H[dead, dead] = 1.0
-    W[dead] = 0.0
-    H[np.diag_indices(K)] += damp * float(np.mean(diag[~dead])) if np.any(~dead) else damp
-    try:
-        U = np.linalg.cholesky(np.linalg.inv(H)).T             # upper factor of H^-1
-    except np.linalg.LinAlgError:
-        H[np.diag_indices(K)] += 0.1 * float(np.mean(np.diag(H)))
-        U = np.linalg.cholesky(np.linalg.inv(H)).T
-    U = U.astype(np.float32)
-    imp = np.maximum(diag, 0).astype(np.float32)
+    W, U, imp = _gptq_setup(wt, hessian, damp)
     Q = np.empty((K, N), np.uint8)
     kb = K // block
     S = np.empty((kb, N), np.float32)
@@ -471,20 +480,7 @@ def gptq_offset_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01
     _, s0, _, z0 = offset_blocks(wt, bits, block, np.diag(hessian))
     ds, dz = s0[:, kb:], z0[:, kb:].astype(np.float32)           # the offset rows' grid [N, P/block]
     P = ds.shape[1] * block
-    W = np.array(wt, dtype=np.float32)
-    H = np.array(hessian, dtype=np.float64)
-    diag = np.diag(H).copy()
-    dead = diag <= 0
-    H[dead, dead] = 1.0
-    W[dead] = 0.0
-    H[np.diag_indices(K)] += damp * float(np.mean(diag[~dead])) if np.any(~dead) else damp
-    try:
-        U = np.linalg.cholesky(np.linalg.inv(H)).T
-    except np.linalg.LinAlgError:
-        H[np.diag_indices(K)] += 0.1 * float(np.mean(np.diag(H)))
-        U = np.linalg.cholesky(np.linalg.inv(H)).T
-    U = U.astype(np.float32)
-    imp = np.maximum(diag, 0).astype(np.float32)
+    W, U, imp = _gptq_setup(wt, hessian, damp)
     Q = np.empty((K, N), np.uint8)
     S = np.empty((kb, N), np.float32)
     Z = np.empty((kb, N), np.float32)
