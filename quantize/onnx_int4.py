@@ -196,6 +196,17 @@ def _fit_blocks(x, wgt, maxq: int):
     return best[1], best[2], best[3]
 
 
+def _block_weights(x, imp, n: int, kb: int, block: int):
+    """How much each weight of ``x`` [n*kb, block] (n columns of kb blocks) counts in its block's fit: its
+    input channel's importance ``imp`` [kb*block] (the imatrix: the error a weight causes ~ its input's mean
+    square), else llama.cpp's weighting without an imatrix, which favours the large weights."""
+    import numpy as np
+
+    if imp is not None:
+        return np.array(np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block))
+    return np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
+
+
 def quantize_blocks(wt, bits: int, block: int, importance=None, chunk: int = 4096):
     """A MatMul weight [K, N] -> MatMulNBits inputs: B uint8 [N, K/block, block*bits/8] (two 4-bit values a
     byte, low nibble first), scales float32 [N, K/block], packed zero points uint8 [N * ceil(K/block * bits/8)].
@@ -220,10 +231,7 @@ def quantize_blocks(wt, bits: int, block: int, importance=None, chunk: int = 409
         if kb * block != K:
             cols = np.pad(cols, ((0, 0), (0, kb * block - K)))
         x = cols.reshape(n * kb, block)
-        if imp is not None:        # the error a weight causes ~ its input's mean square (the imatrix)
-            w = np.array(np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block))
-        else:                      # llama.cpp's weighting without an imatrix: favours the large weights
-            w = np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
+        w = _block_weights(x, imp, n, kb, block)
         if kb * block != K:                                          # padding must not pull the fit
             pad = np.zeros((kb * block,), np.float32)
             pad[:K] = 1
@@ -268,6 +276,33 @@ def _gptq_setup(wt, hessian, damp: float):
     return W, U.astype(np.float32), np.maximum(diag, 0).astype(np.float32)
 
 
+def _gptq_sweep(W, U, block: int, step: int, fit, quantize) -> None:
+    """GPTQ's pass over the input channels (the rows of ``W`` [K, N], updated in place): at each block's
+    first row ``fit(b, rows)`` fits block b's grid on its rows as updated so far ([N, block]); each row is
+    then ``quantize(row, w)``-d (the value it will hold), and its error, divided by its diagonal of ``U``
+    (``_gptq_setup``), is spread over the rows not yet quantized: within ``step`` rows at once, beyond
+    them once per step (the lazy batch update)."""
+    import numpy as np
+
+    K, N = W.shape
+    step = max(block, step - step % block)
+    for i1 in range(0, K, step):
+        i2 = min(i1 + step, K)
+        W1 = W[i1:i2]                                          # a view: updated in place
+        E1 = np.empty((i2 - i1, N), np.float32)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                fit(col // block, np.ascontiguousarray(W1[i:i + block].T))
+            w = W1[i]
+            err = (w - quantize(col, w)) / U[col, col]
+            E1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1:] -= np.outer(U[col, col + 1:i2], err)
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].T @ E1
+
+
 def gptq_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step: int = 128):
     """``quantize_blocks`` with GPTQ's error compensation (Frantar et al. 2022): input channels are
     quantized one at a time in order, and each one's rounding error, divided by its diagonal of the
@@ -287,28 +322,20 @@ def gptq_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01, step:
     kb = K // block
     S = np.empty((kb, N), np.float32)
     Z = np.empty((kb, N), np.float32)
-    step = max(block, step - step % block)
-    for i1 in range(0, K, step):
-        i2 = min(i1 + step, K)
-        W1 = W[i1:i2]                                          # a view: updated in place
-        E1 = np.empty((i2 - i1, N), np.float32)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:
-                x = np.ascontiguousarray(W1[i:i + block].T)       # [N, block]
-                w8 = np.broadcast_to(imp[col:col + block] + 1e-12, x.shape)
-                _, s, z = _fit_blocks(x, w8, maxq)
-                s, z = s[:, 0], z[:, 0]
-                S[col // block], Z[col // block] = s, z
-            w = W1[i]
-            q = np.clip(np.rint(w / s + z), 0, maxq)
-            Q[col] = q
-            err = (w - (q - z) * s) / U[col, col]
-            E1[i] = err
-            if i + 1 < i2 - i1:
-                W1[i + 1:] -= np.outer(U[col, col + 1:i2], err)
-        if i2 < K:
-            W[i2:] -= U[i1:i2, i2:].T @ E1
+    grid: list = []
+
+    def fit(b: int, x):                                        # x: block b's rows as updated so far [N, block]
+        _, s, z = _fit_blocks(x, np.broadcast_to(imp[b * block:(b + 1) * block] + 1e-12, x.shape), maxq)
+        grid[:] = s[:, 0], z[:, 0]
+        S[b], Z[b] = grid
+
+    def quantize(col: int, w):
+        s, z = grid
+        q = np.clip(np.rint(w / s + z), 0, maxq)
+        Q[col] = q
+        return (q - z) * s
+
+    _gptq_sweep(W, U, block, step, fit, quantize)
     q_all = np.ascontiguousarray(Q.T).reshape(N, kb, block)
     s_all, z_all = np.ascontiguousarray(S.T), np.ascontiguousarray(Z.T).astype(np.uint8)
     return _pack(q_all, s_all, z_all, bits)
@@ -406,11 +433,6 @@ def offset_blocks(wt, bits: int, block: int, importance=None, hessian=None, chun
         if not np.any(imp > 0):
             imp = None
 
-    def weights(x, n):
-        if imp is not None:
-            return np.array(np.broadcast_to(imp.reshape(1, kb, block), (n, kb, block)).reshape(n * kb, block))
-        return np.sqrt((x * x).mean(-1, keepdims=True) + x * x)
-
     q_all = np.empty((N, kb, block), np.uint8)
     s_all = np.empty((N, kb), np.float32)
     z_all = np.empty((N, kb), np.float32)
@@ -418,7 +440,7 @@ def offset_blocks(wt, bits: int, block: int, importance=None, hessian=None, chun
     for c0 in range(0, N, chunk):
         x = np.asarray(wt[:, c0:c0 + chunk], dtype=np.float32).T.reshape(-1, block)     # [n*kb, block]
         n = x.shape[0] // kb
-        q, s, m = _fit_blocks_offset(x, weights(x, n), maxq)
+        q, s, m = _fit_blocks_offset(x, _block_weights(x, imp, n, kb, block), maxq)
         z = np.clip(np.rint(-m / s), 0, maxq)
         q_all[c0:c0 + n] = q.reshape(n, kb, block)
         s_all[c0:c0 + n] = s.reshape(n, kb)
@@ -443,7 +465,7 @@ def offset_blocks(wt, bits: int, block: int, importance=None, hessian=None, chun
     for c0 in range(0, N, chunk):            # the levels and scale again, against the delta as stored
         x = np.asarray(wt[:, c0:c0 + chunk], dtype=np.float32).T.reshape(-1, block)
         n = x.shape[0] // kb
-        w = weights(x, n)
+        w = _block_weights(x, imp, n, kb, block)
         s = s_all[c0:c0 + n].reshape(-1, 1)
         z = z_all[c0:c0 + n].reshape(-1, 1)
         dl = delta_q[c0:c0 + n].reshape(-1, 1)
@@ -485,33 +507,25 @@ def gptq_offset_blocks(wt, bits: int, block: int, hessian, *, damp: float = 0.01
     S = np.empty((kb, N), np.float32)
     Z = np.empty((kb, N), np.float32)
     D = dz.astype(np.uint8).repeat(block, 1)               # offset-row levels [N, P]; padding rows: zero
-    step = max(block, step - step % block)
-    for i1 in range(0, K, step):
-        i2 = min(i1 + step, K)
-        W1 = W[i1:i2]
-        E1 = np.empty((i2 - i1, N), np.float32)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:
-                b = col // block
-                x = np.ascontiguousarray(W1[i:i + block].T)
-                _, s, m = _fit_blocks_offset(x, np.broadcast_to(imp[col:col + block] + 1e-12, x.shape), maxq)
-                s, m = s[:, 0], m[:, 0]
-                z = np.clip(np.rint(-m / s), 0, maxq)
-                g, gz = ds[:, b // block], dz[:, b // block]
-                lv = np.clip(np.rint((m + s * z) * block / g + gz), 0, maxq)
-                D[:, b] = lv
-                dq = (lv - gz) * g / block
-                S[b], Z[b] = s, z
-            w = W1[i]
-            q = np.clip(np.rint((w - dq) / s + z), 0, maxq)
-            Q[col] = q
-            err = (w - ((q - z) * s + dq)) / U[col, col]
-            E1[i] = err
-            if i + 1 < i2 - i1:
-                W1[i + 1:] -= np.outer(U[col, col + 1:i2], err)
-        if i2 < K:
-            W[i2:] -= U[i1:i2, i2:].T @ E1
+    grid: list = []
+
+    def fit(b: int, x):
+        _, s, m = _fit_blocks_offset(x, np.broadcast_to(imp[b * block:(b + 1) * block] + 1e-12, x.shape), maxq)
+        s, m = s[:, 0], m[:, 0]
+        z = np.clip(np.rint(-m / s), 0, maxq)
+        g, gz = ds[:, b // block], dz[:, b // block]
+        lv = np.clip(np.rint((m + s * z) * block / g + gz), 0, maxq)
+        D[:, b] = lv
+        grid[:] = s, z, (lv - gz) * g / block
+        S[b], Z[b] = s, z
+
+    def quantize(col: int, w):
+        s, z, dq = grid
+        q = np.clip(np.rint((w - dq) / s + z), 0, maxq)
+        Q[col] = q
+        return (q - z) * s + dq
+
+    _gptq_sweep(W, U, block, step, fit, quantize)
     q_full = np.concatenate([np.ascontiguousarray(Q.T).reshape(N, kb, block), D.reshape(N, P // block, block)], 1)
     s_full = np.concatenate([np.ascontiguousarray(S.T), ds], 1)
     z_full = np.concatenate([np.ascontiguousarray(Z.T).astype(np.uint8), dz.astype(np.uint8)], 1)
