@@ -32,8 +32,8 @@ from .pool import ChunkStream, Lease, ModelPool
 from .guarding import record as guard_record
 from .settings import ServeSettings
 from .translate import (Parsed, build_request, dumps, finish, now_iso, ollama_final, ollama_piece, openai_chunk,
-                        openai_completion, openai_usage_chunk, parse_ollama_chat, parse_ollama_generate, parse_openai,
-                        timings)
+                        openai_completion, openai_content_frames, openai_usage_chunk, parse_ollama_chat,
+                        parse_ollama_generate, parse_openai, timings)
 
 log = logging.getLogger("edgevlm.serve")
 
@@ -268,7 +268,9 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
             return JSONResponse({**openai_completion(rid, model, created, text, last), **extra()})
         hold = guard is not None and guard.checks_output
 
-        async def events() -> AsyncIterator[str]:
+        content_frame = openai_content_frames(rid, model, created)
+
+        async def events() -> AsyncIterator[str | bytes]:
             chunk = first
             yield f"data: {dumps(openai_chunk(rid, model, created, {'role': 'assistant', 'content': ''}))}\n\n"
             held: list[str] = []
@@ -277,7 +279,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                     if chunk.text and hold:
                         held.append(chunk.text)
                     elif chunk.text:
-                        yield f"data: {dumps(openai_chunk(rid, model, created, {'content': chunk.text}))}\n\n"
+                        yield content_frame(chunk.text)
                     if chunk.finish_reason is not None:
                         break
                     chunk = await stream.__anext__()
