@@ -125,6 +125,14 @@ def test_offset_recipe_on_a_fused_decoder_matches_the_float_graph(tmp_path, tied
         out = quantize_onnx(fp32, tmp_path / recipe / "model_q4.onnx", "int4", recipe=recipe)
         err[recipe] = np.linalg.norm(_logits(out, ids) - ref) / np.linalg.norm(ref)
     assert err["offset"] < 0.03 and err["offset"] < err["int4"] / 4, err
+    # `vlm info` counts the model's weights, not the offset rows (K' = K + K/block inputs)
+    from edgevlm.runtime.device.inspect import _onnx_graph_facts
+
+    table = next(t for t in onnx.load(str(fp32), load_external_data=False).graph.initializer
+                 if t.name.endswith("embed_tokens.weight"))
+    tied_copy = int(table.dims[0]) * int(table.dims[1]) if tied else 0     # stored once, with the lm_head's blocks
+    assert _onnx_graph_facts([tmp_path / "offset" / "model_q4.onnx"])["parameters"] == (
+        _onnx_graph_facts([fp32])["parameters"] - tied_copy)
     g = onnx.load(str(tmp_path / "offset" / "model_q4.onnx"), load_external_data=False).graph
     # one block sum per distinct input (per layer: the attention input, o_proj's, the MLP input,
     # down_proj's), by AveragePool over [batch, seq, K]; the lm_head at 8 bits without them

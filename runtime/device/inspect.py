@@ -103,7 +103,11 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
         for n in g.node:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             if n.op_type == "MatMulNBits":
-                n_params += int(attrs.get("K", 0)) * int(attrs.get("N", 0))
+                k, block = int(attrs.get("K", 0)), int(attrs.get("block_size", 0) or 1)
+                src = made_by.get(n.input[0])
+                if src is not None and src.op_type == "Concat" and src.name.startswith("/edgevlm/block_sums/"):
+                    k = k * block // (block + 1)  # int4 "offset": K weights + one row per block for the block means
+                n_params += k * int(attrs.get("N", 0))
                 packed.update(n.input[1:])
                 key = f"int{attrs.get('bits', 4)} (MatMulNBits, block {attrs.get('block_size', '?')})"
                 quant[key] = quant.get(key, 0) + 1
@@ -126,11 +130,16 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
                 for dim in data.dims:
                     size *= int(dim)
                 per_byte = 8 // int(attrs.get("bits", 4)) if data.data_type == onnx.TensorProto.UINT8 else 1
+                # an int4 "offset" table (quantize/onnx_int4.py) holds a row per block after its blocks
+                p = n.name.rpartition("/GatherBlockQuantized")[0]
+                kb, kbt = inits.get(f"{p}/kb"), inits.get(f"{p}/kbt")
+                if p.startswith("/edgevlm/embed/") and kb is not None and kbt is not None:
+                    size = size * int(onnx.numpy_helper.to_array(kb)[0]) // int(onnx.numpy_helper.to_array(kbt)[0])
                 n_params += size * per_byte
             packed.add(n.input[0])
         for t in g.initializer:
-            if t.name in packed or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                continue                          # shapes, axes, indices: not weights
+            if t.name in packed or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or not t.dims:
+                continue                          # shapes, axes, indices, scalar constants: not weights
             size = 1
             for d in t.dims:
                 size *= int(d)
