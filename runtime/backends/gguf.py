@@ -188,10 +188,13 @@ class GGUFBackend:
         cparams.n_ctx = n_ctx * self._n_seq       # n_ctx positions for each sequence (gguf_slots enforces it)
         cparams.n_seq_max = self._n_seq
         if self._n_seq > 1:
-            # One KV buffer for all sequences: llama.cpp then decodes a step of N sequences as one ubatch.
-            # Split per-sequence streams made it N ubatches: measured on SmolLM2-135M, 2 threads, 4 slots:
-            # 65 ms per 4-token step split, 42 ms unified, 13 ms for one token alone.
-            cparams.kv_unified = True
+            # One KV stream per sequence (llama-server's default for -np N): a token attends to its own
+            # sequence's cells only, where one unified buffer makes each attend over all N sequences'
+            # (masked). SmolLM2-135M, 2 threads, `vlm serve --parallel 4`, 4 streaming clients: 115-134
+            # tok/s split vs 100-111 unified in the same 4 rounds (llama-server 113-126). A step whose
+            # sequence ids are not consecutive is split into one ubatch per run of them ([1, 3]: 16.3
+            # vs 14.4 ms unified), so the server hands out the lowest free slot when nothing else decides.
+            cparams.kv_unified = False
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_threads = self.n_threads

@@ -1,8 +1,9 @@
 """Several conversations on one llama.cpp context (``vlm serve --parallel N``), as llama-server's slots.
 
 The context is made with ``n_seq_max = N`` (``LoadOptions.n_seq``) and N x ``n_ctx`` cells of KV
-cache in one unified buffer (so that a step of N sequences is one ubatch); each sequence may hold
-``n_ctx`` positions (``kv_used`` against ``n_ctx``, as for one conversation). Each slot is a Backend
+cache, one stream of ``n_ctx`` cells per sequence (as llama-server's slots: a token attends to its own
+sequence only); each sequence may hold ``n_ctx`` positions (``kv_used`` against ``n_ctx``, as for one
+conversation). Each slot is a Backend
 view bound to one sequence, driven by ``generate`` on a thread of its own (the server's). What makes N conversations faster than N in turn is
 the decode step: a slot's ``eval(token)`` does not decode at once but waits until every slot that is
 generating has handed in its next token, and the last one to arrive decodes them all in one

@@ -96,7 +96,8 @@ class Lease:
         self.pool._changed(e)
 
     def _take_slot(self, request: Optional[ChatRequest]) -> "Backend":
-        """The free slot whose last conversation shares the longest prefix with ``request``'s prompt."""
+        """The free slot whose last conversation shares the longest prefix with ``request``'s prompt; on a
+        tie the lowest (llama.cpp splits a step whose sequence ids are not consecutive into ubatches)."""
         e = self.entry
         best = e.free[0]
         if request is not None and len(e.free) > 1:        # only --parallel slots (gguf_slots) get here
@@ -106,7 +107,9 @@ class Lease:
                 text = self.backend.render(request)
             except Exception:                  # noqa: BLE001 - the prefill reports a template error
                 text = ""
-            best = max(e.free, key=lambda i: len(os.path.commonprefix([e.slots[i].last_text, text])))
+            best = max(e.free, key=lambda i: (len(os.path.commonprefix([e.slots[i].last_text, text])), -i))
+        elif len(e.free) > 1:
+            best = min(e.free)
         e.free.remove(best)
         self._slot = best
         return e.slots[best]
