@@ -99,7 +99,7 @@ class Lease:
         """The free slot whose last conversation shares the longest prefix with ``request``'s prompt; on a
         tie the lowest (llama.cpp splits a step whose sequence ids are not consecutive into ubatches)."""
         e = self.entry
-        best = e.free[0]
+        best = min(e.free)
         if request is not None and len(e.free) > 1:        # only --parallel slots (gguf_slots) get here
             import os.path
 
@@ -108,8 +108,6 @@ class Lease:
             except Exception:                  # noqa: BLE001 - the prefill reports a template error
                 text = ""
             best = max(e.free, key=lambda i: (len(os.path.commonprefix([e.slots[i].last_text, text])), -i))
-        elif len(e.free) > 1:
-            best = min(e.free)
         e.free.remove(best)
         self._slot = best
         return e.slots[best]
