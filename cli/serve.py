@@ -51,6 +51,9 @@ def serve(
                                                "decoded together; each its own --ctx of KV cache). ONNX: 1.")] = 1,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget",
                                                          help="Memory all loaded models may use (e.g. 3G; default: what is available at start).")] = None,
+    prompt_cache: Annotated[str, typer.Option("--prompt-cache",
+                                              help="RAM per GGUF model for conversations set aside when their slot "
+                                                   "serves another one, restored when they continue (0: off).")] = "256M",
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model loaded on demand after this long idle (5m, 1h; -1: never).")] = "5m",
     max_models: Annotated[int, typer.Option("--max-models", min=0, help="Most models loaded at once (0: the memory budget decides).")] = 0,
     queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait per model; beyond: 503 + Retry-After.")] = 8,
@@ -97,7 +100,7 @@ def serve(
     settings = ServeSettings(
         models=list(models or []), host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
         ctx=ctx, threads=threads, parallel=parallel, memory_budget=_size(memory_budget, "--memory-budget"),
-        keep_alive_s=_duration(keep_alive), max_models=max_models, queue_size=queue, ignore_memory=ignore_memory,
+        keep_alive_s=_duration(keep_alive), prompt_cache_bytes=_size(prompt_cache, "--prompt-cache"), max_models=max_models, queue_size=queue, ignore_memory=ignore_memory,
         max_body_bytes=_size(max_body, "--max-body"), max_images=max_images, max_image_pixels=max_image_pixels,
         max_tokens=max_tokens, allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
         media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace)

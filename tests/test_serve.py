@@ -190,6 +190,23 @@ def test_image_data_uri_and_second_turn_reuses_it(server, vision_gguf):
     assert t2["prompt_n"] == r2.usage.prompt_tokens - cached          # only the new turn was evaluated
 
 
+def test_conversation_set_aside_for_another_comes_back_from_ram(server, vision_gguf):
+    """One slot, two conversations in turn: the photo conversation's KV cache (its image included) is
+    saved when the other one needs the slot, and restored for its next turn (--prompt-cache)."""
+    client, model = server.client(), _vision_id(server, vision_gguf)
+    turn1 = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                          {"type": "image_url", "image_url": {"url": png_data_uri(), "detail": "low"}}]}]
+    r1 = client.chat.completions.create(model=model, messages=turn1, temperature=0, max_tokens=6)
+    other = client.chat.completions.create(model=model, temperature=0, max_tokens=6,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
+    assert other.usage.prompt_tokens_details.cached_tokens < r1.usage.prompt_tokens // 2   # the slot was reused
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "And what shape is it?"}]
+    r2 = client.chat.completions.create(model=model, messages=turn2, temperature=0, max_tokens=6)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 8
+    assert r2.model_extra["timings"]["image_encode_ms"] == 0
+
+
 def test_concurrent_clients_all_complete(server):
     results, errors = {}, []
 
@@ -491,6 +508,8 @@ def test_cli_checks_every_slot_and_refuses_unknown_models(smollm2_gguf, tmp_path
     assert_clean_error(vlm("serve", "--parallel", "64", "--ctx", "32768", "--memory-budget", "1G",
                            "--port", str(_free_port()), "smollm2-135m"), 7, "slots")
     assert_clean_error(vlm("serve", "--port", str(_free_port()), "no-such-model"), 3, "no-such-model")
+    assert_clean_error(vlm("serve", "--prompt-cache", "lots", "--port", str(_free_port()), "smollm2-135m"), 2,
+                       "--prompt-cache")
     # a CPU-only llama.cpp build cannot put layers on a GPU: said before the server binds
     from edgevlm.runtime.device.gpu import offload_device
 

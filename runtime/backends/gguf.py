@@ -116,6 +116,8 @@ class GGUFBackend:
         self._n_seq = 1
         self._slots: Optional[list] = None
         self._slot_step = None
+        self._prompt_cache = None      # gguf_cache.PromptCache: sequences saved in RAM (vlm serve --prompt-cache)
+        self._n_swa = 0
         self._eog: Optional[set[int]] = None
         self._mtmd_cap: Optional[int] = None    # image_max_tokens the libmtmd context was made with (None: model's)
         self._mm_info: Optional[GGUFInfo] = None
@@ -216,6 +218,11 @@ class GGUFBackend:
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx) // self._n_seq
+        self._n_swa = llama_cpp.llama_model_n_swa(model)
+        if opts.prompt_cache_bytes > 0:
+            from .gguf_cache import PromptCache
+
+            self._prompt_cache = PromptCache(opts.prompt_cache_bytes, self._n_swa)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_one = (llama_cpp.llama_token * 1)()
@@ -784,6 +791,10 @@ class GGUFBackend:
         for item in plan:
             if item[0] == "i" and item[1] < n < item[1] + item[2]:
                 n = item[1]
+        # a state restored from the prompt cache holds only the last n_swa positions of a sliding-window
+        # layer (llama.cpp writes no masked cells): a prefix that ends earlier cannot be continued
+        if n > 0 and self._llama_cpp.llama_memory_seq_pos_min(self._mem, self._seq) > max(0, n - self._n_swa):
+            n = 0
         if n < len(self._keys):
             ok = self._llama_cpp.llama_memory_seq_rm(self._mem, self._seq, n, -1)
             if not ok:
@@ -838,6 +849,8 @@ class GGUFBackend:
                     f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
                     hint="Shorten the input, or raise --ctx (up to the model's trained context).",
                 )
+            if self._prompt_cache is not None and not any(item[0] == "i" and item[3] is None for item in plan):
+                self._prompt_cache.prepare(self, keys)      # (not for a follow-up: its images are in this sequence)
             reused = self._reuse_prefix(keys, plan)
             image_s = 0.0
             for item in plan:
@@ -998,6 +1011,7 @@ class GGUFBackend:
         if self._mtmd is not None:
             self._mtmd_cpp.mtmd_free(self._mtmd)
             self._mtmd = None
+        self._prompt_cache = None
         if self._slot_step is not None:
             self._slot_step.close()
             self._slot_step = self._slots = None

@@ -42,6 +42,7 @@ class Entry:
     keep_alive_s: Optional[float]
     executor: ThreadPoolExecutor
     n_slots: int = 1                           # conversations at once (--parallel for GGUF, else 1)
+    prompt_cache_bytes: int = 0                # RAM for saved conversations (GGUF; counted in estimate)
     backend: Optional["Backend"] = None
     slots: list = field(default_factory=list)  # backend.slots(), once loaded
     free: list = field(default_factory=list)   # indexes of slots no request holds
@@ -301,9 +302,11 @@ class ModelPool:
             return entry
         est = self.estimate(resolved)
         self._make_room(est, resolved)
+        cache = self.prompt_cache_bytes(resolved, est)
         pinned = any(self._resolved.get(r) is resolved for r in self.pinned_refs())
         n = self.n_slots(resolved)
-        entry = Entry(key=key, id=self.model_id(resolved), resolved=resolved, estimate=est, pinned=pinned,
+        entry = Entry(key=key, id=self.model_id(resolved), resolved=resolved, estimate=est + cache, pinned=pinned,
+                      prompt_cache_bytes=cache,
                       keep_alive_s=None if pinned else self.settings.keep_alive_s, n_slots=n,
                       executor=ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"vlm-{resolved.name}"[:24]))
         self.entries[key] = entry
@@ -321,6 +324,18 @@ class ModelPool:
 
         est = estimate_memory(resolved, self.settings.ctx)
         return est.total + est.kv_cache * (self.n_slots(resolved) - 1)
+
+    def prompt_cache_bytes(self, resolved: "ResolvedModel", need: int) -> int:
+        """RAM for this model's saved conversations (GGUF): --prompt-cache, or what the memory budget has
+        left beside the loaded models and this one if that is less; the model's estimate includes it."""
+        if resolved.artifact.format != "gguf" or (
+                self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved):
+            return 0                          # (the guard: one-off checks whose shared head stays in its slot)
+        want = self.settings.prompt_cache_bytes
+        if self.settings.ignore_memory:
+            return want
+        used = sum(e.estimate for e in self.entries.values())
+        return max(0, min(want, self.budget() - used - need))
 
     def budget(self) -> int:
         if self._budget is None:
@@ -365,7 +380,8 @@ class ModelPool:
         t0 = time.perf_counter()
         from ..device.gpu import plan as gpu_plan
 
-        opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots)
+        opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots,
+                           prompt_cache_bytes=entry.prompt_cache_bytes)
         gpu = gpu_plan(entry.resolved, self.settings.ctx, self.settings.gpu_layers)   # 0 on a CPU-only build
         opts.n_gpu_layers = gpu.layers if gpu is not None else 0
         backend = load_backend(entry.resolved.artifact, opts)

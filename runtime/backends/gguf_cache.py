@@ -1,0 +1,116 @@
+"""Conversations kept in RAM when their sequence is needed for another one (llama-server's ``--cache-ram``).
+
+A llama.cpp sequence holds one conversation's KV cache. When a request shares little with what its
+sequence holds (another conversation on a one-slot server, a client alternating between chats), that
+KV would be overwritten and, when the first conversation comes back, its whole prompt evaluated again:
+its images too, seconds on a CPU. Instead the sequence's state is copied out first
+(``llama_state_seq_get_data_ext``, ~4 MiB and a few ms for 170 tokens of SmolLM2-135M) and copied back in
+(``..._set_data_ext``, under 1 ms) when a later request continues it, as llama-server does.
+
+The sequence's state is saved whenever a request would drop any of it. (llama-server saves only when a
+request keeps less than half: short conversations, whose shared template head is half of them, were
+then lost, and a save costs a few ms.) A saved state replaces the sequence's when it keeps at least a
+quarter of itself and matches more of the request, as a share of both, than the sequence does: that
+is llama-server's rule (server-context.cpp, ``server_prompt_cache::load``). A state moves back into the
+sequence (it is not kept twice); states contained in a newer one are dropped; the oldest go first when
+the byte limit is reached. The limit is the server's (``vlm serve --prompt-cache``); the memory check
+counts it.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+GGUFBackend = Any      # gguf.GGUFBackend: a helper module does not import its backend (test_architecture)
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _State:
+    keys: list               # what the positions held (GGUFBackend._keys)
+    data: Any                # ctypes byte array: llama.cpp's serialized sequence
+    size: int
+
+
+class PromptCache:
+    """Saved sequence states of one llama.cpp context, at most ``limit`` bytes in all, oldest first."""
+
+    def __init__(self, limit: int, n_swa: int = 0) -> None:
+        self.limit = limit
+        self.n_swa = n_swa                    # the model's sliding window (0: none)
+        self.states: list[_State] = []
+        self.saved = self.restored = 0        # counts, for benchmarks and tests
+
+    @property
+    def used(self) -> int:
+        return sum(s.size for s in self.states)
+
+    def prepare(self, b: GGUFBackend, keys: list) -> None:
+        """Before ``b`` evaluates a prompt of ``keys`` on its current sequence: keep what the sequence
+        holds if the prompt would overwrite any of it, and bring back a saved conversation that the
+        prompt continues better."""
+        cur = b._keys
+        if not keys:
+            return
+        lcp = common_prefix(cur, keys)
+        f_keep = lcp / len(cur) if cur else -1.0
+        f_sim = lcp / len(keys)
+        best = None
+        for s in self.states:
+            n = common_prefix(s.keys, keys)
+            fk, fs = n / len(s.keys), n / len(keys)
+            if fk >= 0.25 and fk > f_keep and fs > f_sim and self._usable(s, min(n, len(keys) - 1)):
+                best, f_keep, f_sim = s, fk, fs
+        if lcp < len(cur):
+            self._save(b)
+        if best is not None:
+            self._load(b, best)
+
+    def _usable(self, state: _State, n: int) -> bool:
+        """Whether the first ``n`` positions of ``state`` can be continued: a sliding-window layer's cells
+        before the last ``n_swa`` positions are not saved, so a longer state serves only its continuation."""
+        return not self.n_swa or max(0, len(state.keys) - self.n_swa) <= max(0, n - self.n_swa)
+
+    def _save(self, b: GGUFBackend) -> None:
+        cur = b._keys
+        if any(common_prefix(s.keys, cur) == len(cur) for s in self.states):
+            return                                           # already here (a state that continues it)
+        lc = b._llama_cpp
+        size = lc.llama_state_seq_get_size_ext(b._ctx, b._seq, 0)
+        if size <= 0 or size > self.limit:
+            return
+        self.states = [s for s in self.states if common_prefix(s.keys, cur) < len(s.keys)]
+        while self.states and self.used + size > self.limit:
+            self.states.pop(0)
+        try:
+            data = (ctypes.c_uint8 * size)()
+        except MemoryError:
+            return
+        if lc.llama_state_seq_get_data_ext(b._ctx, data, size, b._seq, 0) != size:
+            return
+        self.states.append(_State(list(cur), data, size))
+        self.saved += 1
+
+    def _load(self, b: GGUFBackend, state: _State) -> None:
+        self.states.remove(state)
+        lc = b._llama_cpp
+        if lc.llama_state_seq_set_data_ext(b._ctx, state.data, state.size, b._seq, 0) != state.size:
+            b._forget_seq()                                  # what a failed restore left is unknown
+            b._keys = []
+            return
+        b._keys = state.keys
+        self.restored += 1
+
+    def clear(self) -> None:
+        self.states = []
+
+
+__all__ = ["PromptCache", "common_prefix"]
