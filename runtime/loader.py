@@ -44,7 +44,11 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _find_mmproj(model_path: Path) -> Optional[Path]:
+    """The projector beside a model file: the only one there, or, of several (an F16 and a Q8_0, say),
+    the one named after the model (`mmproj-<model file>`, as `vlm quantize` and many GGUF repos write)."""
     cands = [p for p in model_path.parent.glob("*.gguf") if "mmproj" in p.name.lower() and p != model_path]
+    if len(cands) > 1:
+        cands = [p for p in cands if p.name.lower() == f"mmproj-{model_path.name.lower()}"]
     return cands[0] if len(cands) == 1 else None
 
 

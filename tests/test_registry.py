@@ -239,3 +239,19 @@ def test_estimate_before_pull_with_unknown_sizes_counts_parameters(tmp_path, mon
     assert q4.weights >= 1.5e9 and q4.kv_cache > 0
     assert q4.total > q4.weights + q4.kv_cache + gguf.overhead       # onnxruntime costs more than llama.cpp
     assert gguf.weights == sum(f.size for f in g.artifact_spec.files)  # known sizes are used as they are
+
+
+def test_projector_beside_a_model_file(tmp_path):
+    """One mmproj beside a .gguf is its projector; of several, the one named after the model file."""
+    from edgevlm.runtime.loader import artifact_from_path
+
+    model = tmp_path / "smolvlm-Q8_0.gguf"
+    for p in (model, tmp_path / "mmproj-smolvlm-F16.gguf"):
+        p.write_bytes(b"GGUF")
+    assert artifact_from_path(model, None, True).mmproj == tmp_path / "mmproj-smolvlm-F16.gguf"
+    assert artifact_from_path(model, None, False).mmproj is None
+    (tmp_path / "mmproj-smolvlm-Q8_0.gguf").write_bytes(b"GGUF")
+    assert artifact_from_path(model, None, True).mmproj == tmp_path / "mmproj-smolvlm-Q8_0.gguf"
+    (tmp_path / "mmproj-smolvlm-Q8_0.gguf").unlink()
+    (tmp_path / "mmproj-other-Q8_0.gguf").write_bytes(b"GGUF")
+    assert artifact_from_path(model, None, True).mmproj is None          # two, neither named after it: ambiguous
