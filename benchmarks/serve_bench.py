@@ -6,7 +6,9 @@
    request, client-side TTFT minus the server's own generate() TTFT (its `timings.ttft_ms`): the
    HTTP + queue + thread hand-off cost alone, paired within one request (robust on a busy machine).
 2. image: a chat about one image (a vision GGUF + mmproj): TTFT of the second turn (the conversation so
-   far plus one new question; the image is neither decoded into tiles nor encoded again) vs the first.
+   far plus one new question; the image is neither decoded into tiles nor encoded again) vs the first;
+   and of a third turn after another conversation took the slot (its KV cache comes back from
+   --prompt-cache; `--prompt-cache 0` to see it without).
 3. decode: 1 client, tokens/s of a streamed answer as the HTTP client sees it (first to last token)
    vs generate() in-process on the same backend.
 4. throughput (only with --llama-server PATH): aggregate decode tok/s of N streaming clients (--requests
@@ -31,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 
 def free_port() -> int:
@@ -39,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: list[str], threads: int, ctx: int, parallel: int = 1):
+def start_server(models: list[str], threads: int, ctx: int, parallel: int = 1, prompt_cache: Optional[int] = None):
     """Our app in this process (uvicorn on a thread), so the in-process side can use its backend."""
     import uvicorn
 
@@ -49,6 +52,8 @@ def start_server(models: list[str], threads: int, ctx: int, parallel: int = 1):
 
     settings = ServeSettings(models=models, threads=threads, ctx=ctx, port=free_port(), max_tokens=4096, queue_size=64,
                              parallel=parallel)
+    if prompt_cache is not None:
+        settings.prompt_cache_bytes = prompt_cache
     pool = ModelPool(settings)
     pool.prepare()
     app = create_app(settings, pool)
@@ -142,9 +147,9 @@ def image_uri(seed: int, size=(640, 480)) -> str:
 def bench_image(vision: str, args) -> dict:
     import httpx
 
-    url, pool, server, th = start_server([vision], args.threads, args.ctx)
+    url, pool, server, th = start_server([vision], args.threads, args.ctx, prompt_cache=args.prompt_cache)
     mid = pool.loaded()[0].id
-    first, second, enc1, enc2 = [], [], [], []
+    first, second, enc1, enc2, third = [], [], [], [], []
     with httpx.Client(timeout=300) as client:
         for i in range(args.rounds + 1):
             img = image_uri(i)                     # a new image every round: the first turn encodes it
@@ -154,16 +159,24 @@ def bench_image(vision: str, args) -> dict:
             turn2 = turn1 + [{"role": "assistant", "content": "A picture."},
                              {"role": "user", "content": "What colour is it mostly?"}]
             t2, tim2 = sse_ttft(client, url, {"model": mid, "messages": turn2, "max_tokens": 8, "temperature": 0})
+            # another conversation takes the slot; then the photo conversation goes on (--prompt-cache)
+            sse_ttft(client, url, {"model": mid, "max_tokens": 8, "temperature": 0,
+                                   "messages": [{"role": "user", "content": f"Name {i + 2} colours."}]})
+            turn3 = turn2 + [{"role": "assistant", "content": "Grey."}, {"role": "user", "content": "Anything else?"}]
+            t3, _ = sse_ttft(client, url, {"model": mid, "messages": turn3, "max_tokens": 8, "temperature": 0})
             if i == 0:
                 continue                           # warm-up
             first.append(t1)
             second.append(t2)
+            third.append(t3)
             enc1.append(tim1.get("image_encode_ms", 0))
             enc2.append(tim2.get("image_encode_ms", 0))
     server.should_exit = True
     th.join(30)
     return {"model": mid, "rounds": args.rounds, "turn1_ttft_ms": round(med(first) * 1000, 2),
             "turn2_ttft_ms": round(med(second) * 1000, 2), "ratio": round(med(second) / med(first), 3),
+            "turn3_after_other_conversation_ttft_ms": round(med(third) * 1000, 2),
+            "turn3_ratio": round(med(third) / med(first), 3), "prompt_cache_bytes": pool.settings.prompt_cache_bytes,
             "turn1_image_encode_ms": round(med(enc1), 2), "turn2_image_encode_ms": round(med(enc2), 2)}
 
 
@@ -298,7 +311,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--only", choices=["ttft", "decode", "image", "throughput"], help="run one part")
+    ap.add_argument("--prompt-cache", help="image part: vlm serve's --prompt-cache (e.g. 0 to compare without it)")
     args = ap.parse_args()
+    if args.prompt_cache is not None:
+        from edgevlm.runtime.device.hardware import parse_size
+
+        args.prompt_cache = parse_size(args.prompt_cache)
     report: dict = {}
     for part, fn in (("ttft", bench_ttft), ("decode", bench_decode)):
         if args.only in (None, part):
