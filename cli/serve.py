@@ -95,6 +95,8 @@ def serve(
 
     if allow_private_urls and not allow_image_urls:
         raise UsageError("--allow-private-urls needs --allow-image-urls.")
+    if (_size(prompt_cache, "--prompt-cache") or 0) < 0:
+        raise UsageError(f"--prompt-cache {prompt_cache!r} is negative.", hint="Give a size (e.g. 512M), or 0 to turn it off.")
     if media_dir is not None and not media_dir.expanduser().is_dir():
         raise UsageError(f"--media-dir {media_dir} is not a folder.")
     settings = ServeSettings(

@@ -508,8 +508,9 @@ def test_cli_checks_every_slot_and_refuses_unknown_models(smollm2_gguf, tmp_path
     assert_clean_error(vlm("serve", "--parallel", "64", "--ctx", "32768", "--memory-budget", "1G",
                            "--port", str(_free_port()), "smollm2-135m"), 7, "slots")
     assert_clean_error(vlm("serve", "--port", str(_free_port()), "no-such-model"), 3, "no-such-model")
-    assert_clean_error(vlm("serve", "--prompt-cache", "lots", "--port", str(_free_port()), "smollm2-135m"), 2,
-                       "--prompt-cache")
+    for bad in ("lots", "-1"):
+        assert_clean_error(vlm("serve", "--prompt-cache", bad, "--port", str(_free_port()), "smollm2-135m"), 2,
+                           "--prompt-cache")
     # a CPU-only llama.cpp build cannot put layers on a GPU: said before the server binds
     from edgevlm.runtime.device.gpu import offload_device
 
