@@ -55,7 +55,10 @@ def test_conversation_set_aside_comes_back_evaluating_only_its_new_turn(smollm2_
         assert a2.prompt_eval_tokens < a2.prompt_tokens - a1.prompt_tokens
         assert plain[2][1].prompt_eval_tokens > a2.prompt_eval_tokens + a1.prompt_tokens // 2
         assert b1_again.prompt_eval_tokens == 1                            # the same prompt: one token for its logits
-        assert pc.restored == 2 and 0 < pc.used <= 64 * MiB
+        assert pc.restored == 2 and pc.saved == 3 and 0 < pc.used <= 64 * MiB
+        # asking B's question again drops only the few tokens of its answer: nothing is saved for that
+        _ask(b, [Message("user", "Write a haiku about rain on a tin roof.")], max_tokens=4)
+        assert pc.saved == 3
     finally:
         b.close()
 

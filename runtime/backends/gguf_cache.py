@@ -7,9 +7,11 @@ its images too, seconds on a CPU. Instead the sequence's state is copied out fir
 (``llama_state_seq_get_data_ext``, ~4 MiB and a few ms for 170 tokens of SmolLM2-135M) and copied back in
 (``..._set_data_ext``, under 1 ms) when a later request continues it, as llama-server does.
 
-The sequence's state is saved whenever a request would drop any of it. (llama-server saves only when a
-request keeps less than half: short conversations, whose shared template head is half of them, were
-then lost, and a save costs a few ms.) A saved state replaces the sequence's when it keeps at least a
+The sequence's state is saved when a request would drop a quarter of it or more, or when a saved state
+fits the request better. (llama-server saves when less than half is kept: short conversations, whose
+shared template head is half of them, were then lost; a next turn whose template re-renders the last
+answer a little differently (Gemma trims it), or a regenerated answer, drops less and saves nothing.) A
+saved state replaces the sequence's when it keeps at least a
 quarter of itself and matches more of the request, as a share of both, than the sequence does: that
 is llama-server's rule (server-context.cpp, ``server_prompt_cache::load``). A state moves back into the
 sequence (it is not kept twice); states contained in a newer one are dropped; the oldest go first when
@@ -55,7 +57,7 @@ class PromptCache:
 
     def prepare(self, b: GGUFBackend, keys: list) -> None:
         """Before ``b`` evaluates a prompt of ``keys`` on its current sequence: keep what the sequence
-        holds if the prompt would overwrite any of it, and bring back a saved conversation that the
+        holds if the prompt would overwrite much of it, and bring back a saved conversation that the
         prompt continues better."""
         cur = b._keys
         if not keys:
@@ -69,7 +71,7 @@ class PromptCache:
             fk, fs = n / len(s.keys), n / len(keys)
             if fk >= 0.25 and fk > f_keep and fs > f_sim and self._usable(s, min(n, len(keys) - 1)):
                 best, f_keep, f_sim = s, fk, fs
-        if lcp < len(cur):
+        if cur and (best is not None or 4 * lcp < 3 * len(cur)):
             self._save(b)
         if best is not None:
             self._load(b, best)
