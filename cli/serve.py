@@ -52,7 +52,7 @@ def serve(
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget",
                                                          help="Memory all loaded models may use (e.g. 3G; default: what is available at start).")] = None,
     prompt_cache: Annotated[str, typer.Option("--prompt-cache",
-                                              help="RAM per GGUF model for conversations set aside when their slot "
+                                              help="RAM per model for conversations set aside when their slot "
                                                    "serves another one, restored when they continue (0: off).")] = "256M",
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="Unload a model loaded on demand after this long idle (5m, 1h; -1: never).")] = "5m",
     max_models: Annotated[int, typer.Option("--max-models", min=0, help="Most models loaded at once (0: the memory budget decides).")] = 0,

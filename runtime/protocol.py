@@ -128,8 +128,8 @@ class LoadOptions:
     # Conversations one context serves at once (GGUF: llama.cpp sequences, each with its own n_ctx
     # positions of KV cache; see Backend.slots). 1 everywhere but `vlm serve --parallel N`.
     n_seq: int = 1
-    # GGUF: bytes of RAM for conversations saved when their sequence is needed for another one and
-    # restored when they continue (backends/gguf_cache.py; `vlm serve --prompt-cache`). 0: none.
+    # Bytes of RAM for conversations saved when their KV cache is needed for another one and restored
+    # when they continue (backends/prompt_cache.py; `vlm serve --prompt-cache`). 0: none.
     prompt_cache_bytes: int = 0
     # llama.cpp RPC (GGUF): workers' HOST:PORT, the layers kept on this host, the others' shares per worker
     rpc: list[str] = field(default_factory=list)

@@ -116,7 +116,7 @@ class GGUFBackend:
         self._n_seq = 1
         self._slots: Optional[list] = None
         self._slot_step = None
-        self._prompt_cache = None      # gguf_cache.PromptCache: sequences saved in RAM (vlm serve --prompt-cache)
+        self._prompt_cache = None      # prompt_cache.PromptCache: sequences saved in RAM (vlm serve --prompt-cache)
         self._n_swa = 0
         self._eog: Optional[set[int]] = None
         self._mtmd_cap: Optional[int] = None    # image_max_tokens the libmtmd context was made with (None: model's)
@@ -220,7 +220,7 @@ class GGUFBackend:
         self.n_ctx = llama_cpp.llama_n_ctx(ctx) // self._n_seq
         self._n_swa = llama_cpp.llama_model_n_swa(model)
         if opts.prompt_cache_bytes > 0:
-            from .gguf_cache import PromptCache
+            from .prompt_cache import PromptCache
 
             self._prompt_cache = PromptCache(opts.prompt_cache_bytes, self._n_swa)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -802,6 +802,17 @@ class GGUFBackend:
                 n = 0
             del self._keys[n:]
         return n
+
+    # the prompt cache's view of this sequence (prompt_cache.py)
+    def _state_size(self) -> int:
+        return self._llama_cpp.llama_state_seq_get_size_ext(self._ctx, self._seq, 0)
+
+    def _state_get(self, size: int):
+        data = (ctypes.c_uint8 * size)()
+        return data if self._llama_cpp.llama_state_seq_get_data_ext(self._ctx, data, size, self._seq, 0) == size else None
+
+    def _state_set(self, data, size: int) -> bool:
+        return self._llama_cpp.llama_state_seq_set_data_ext(self._ctx, data, size, self._seq, 0) == size
 
     def _forget_seq(self) -> None:
         if self._n_seq == 1:

@@ -184,6 +184,7 @@ class ONNXBackend:
         self._keys: list[int] = []     # token id held by each KV position
         self._shared = False           # past and present share one buffer per layer (see "KV cache")
         self._capacity = 0             # shared mode: positions the buffers hold
+        self._prompt_cache = None      # prompt_cache.PromptCache: past states saved in RAM (vlm serve --prompt-cache)
         self.artifact: Optional[Artifact] = None
         self.model_file: Optional[Path] = None
         self.chat_template: Optional[str] = None
@@ -268,6 +269,10 @@ class ONNXBackend:
         self._capacity = 0
         self._past_keep = []
         self.reset()
+        if opts.prompt_cache_bytes > 0:
+            from .prompt_cache import PromptCache
+
+            self._prompt_cache = PromptCache(opts.prompt_cache_bytes)
         self.artifact = artifact
         self.load_s = time.perf_counter() - t0
         if on_progress is not None:
@@ -841,6 +846,31 @@ class ONNXBackend:
             del self._keys[n:]
         return n
 
+    # the prompt cache's view of the past (prompt_cache.py): copies of the first len(_keys) positions
+    def _state_size(self) -> int:
+        return (len(self._past_names) * self.kv_heads * len(self._keys) * self.head_dim
+                * self._np.dtype(self._kv_dtype).itemsize) if self._sess is not None else 0
+
+    def _state_get(self, size: int):
+        n = len(self._keys)
+        if self._shared:
+            return [b[:, :, :n].copy() for b in self._past_keep]
+        return [v.numpy()[:, :, :n, :].copy() for v in self._past]
+
+    def _state_set(self, data, size: int) -> bool:
+        n = data[0].shape[2] if data else 0
+        if len(data) != len(self._past_names) or n > self.n_ctx:
+            return False
+        if self._shared:
+            self._keys = []                  # nothing of the old state is worth copying into bigger buffers
+            self._ensure_capacity(n)
+            for b, a in zip(self._past_keep, data):
+                b[:, :, :n] = a
+        else:
+            self._past_keep = list(data)     # moved in: the cache no longer holds them
+            self._past = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in data]
+        return True
+
     def _ensure_capacity(self, total: int) -> None:
         """Shared mode: make the per-layer buffers hold ``total`` positions (bound as past and present)."""
         if total <= self._capacity:
@@ -942,6 +972,8 @@ class ONNXBackend:
                 f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
                 hint="Shorten the input, or raise --ctx (up to the model's trained context).",
             )
+        if self._prompt_cache is not None:
+            self._prompt_cache.prepare(self, keys)
         reused = self._reuse_prefix(keys)
         embeds, image_s = None, 0.0
         self._report, self._cache_warning = [], None
@@ -1001,6 +1033,7 @@ class ONNXBackend:
         self._features.clear()
         self._past, self._past_keep, self._keys = [], [], []
         self._capacity = 0
+        self._prompt_cache = None
 
     def slots(self) -> list["ONNXBackend"]:
         return [self]          # one conversation at a time: LoadOptions.n_seq is a GGUF feature

@@ -42,7 +42,7 @@ class Entry:
     keep_alive_s: Optional[float]
     executor: ThreadPoolExecutor
     n_slots: int = 1                           # conversations at once (--parallel for GGUF, else 1)
-    prompt_cache_bytes: int = 0                # RAM for saved conversations (GGUF; counted in estimate)
+    prompt_cache_bytes: int = 0                # RAM for saved conversations (counted in estimate)
     backend: Optional["Backend"] = None
     slots: list = field(default_factory=list)  # backend.slots(), once loaded
     free: list = field(default_factory=list)   # indexes of slots no request holds
@@ -326,10 +326,9 @@ class ModelPool:
         return est.total + est.kv_cache * (self.n_slots(resolved) - 1)
 
     def prompt_cache_bytes(self, resolved: "ResolvedModel", need: int) -> int:
-        """RAM for this model's saved conversations (GGUF): --prompt-cache, or what the memory budget has
-        left beside the loaded models and this one if that is less; the model's estimate includes it."""
-        if resolved.artifact.format != "gguf" or (
-                self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved):
+        """RAM for this model's saved conversations: --prompt-cache, or what the memory budget has left
+        beside the loaded models and this one if that is less; the model's estimate includes it."""
+        if self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved:
             return 0                          # (the guard: one-off checks whose shared head stays in its slot)
         want = self.settings.prompt_cache_bytes
         if self.settings.ignore_memory:

@@ -28,7 +28,7 @@ class ServeSettings:
     max_models: int = 0                                  # 0: the memory budget alone decides
     queue_size: int = 8                                  # waiting requests per model beyond the one running
     ignore_memory: bool = False
-    # conversations saved in RAM when their slot is needed for another, per GGUF model (gguf_cache.py)
+    # conversations saved in RAM when their slot is needed for another, per model (backends/prompt_cache.py)
     prompt_cache_bytes: int = 256 * MiB
     home: Optional[Path] = None
     # inputs

@@ -1,30 +1,33 @@
-"""Conversations kept in RAM when their sequence is needed for another one (llama-server's ``--cache-ram``).
+"""Conversations kept in RAM when their KV cache is needed for another one (llama-server's ``--cache-ram``).
 
-A llama.cpp sequence holds one conversation's KV cache. When a request shares little with what its
-sequence holds (another conversation on a one-slot server, a client alternating between chats), that
-KV would be overwritten and, when the first conversation comes back, its whole prompt evaluated again:
-its images too, seconds on a CPU. Instead the sequence's state is copied out first
-(``llama_state_seq_get_data_ext``, ~4 MiB and a few ms for 170 tokens of SmolLM2-135M) and copied back in
-(``..._set_data_ext``, under 1 ms) when a later request continues it, as llama-server does.
+A backend's KV cache (a llama.cpp sequence, or the ONNX backend's past key/values) holds one
+conversation. When a request shares little with what it holds (another conversation on a one-slot
+server, a client alternating between chats), that KV would be overwritten and, when the first
+conversation comes back, its whole prompt evaluated again: its images too, seconds on a CPU. Instead
+the state is copied out first and copied back in when a later request continues it, as llama-server
+does (GGUF: ``llama_state_seq_get_data_ext``, ~4 MiB and a few ms for 170 tokens of SmolLM2-135M; back
+in under 1 ms. ONNX: a copy of the past arrays).
 
-The sequence's state is saved when a request would drop a quarter of it or more, or when a saved state
-fits the request better. (llama-server saves when less than half is kept: short conversations, whose
-shared template head is half of them, were then lost; a next turn whose template re-renders the last
-answer a little differently (Gemma trims it), or a regenerated answer, drops less and saves nothing.) A
-saved state replaces the sequence's when it keeps at least a
-quarter of itself and matches more of the request, as a share of both, than the sequence does: that
-is llama-server's rule (server-context.cpp, ``server_prompt_cache::load``). A state moves back into the
-sequence (it is not kept twice); states contained in a newer one are dropped; the oldest go first when
-the byte limit is reached. The limit is the server's (``vlm serve --prompt-cache``); the memory check
-counts it.
+The state is saved when a request would drop a quarter of it or more, or when a saved state fits the
+request better. (llama-server saves when less than half is kept: short conversations, whose shared
+template head is half of them, were then lost; a next turn whose template re-renders the last answer a
+little differently (Gemma trims it), or a regenerated answer, drops less and saves nothing.) A saved
+state replaces the current one when it keeps at least a quarter of itself and matches more of the
+request, as a share of both, than the current one does: that is llama-server's rule (server-context.cpp,
+``server_prompt_cache::load``). A state moves back in (it is not kept twice); states contained in a newer
+one are dropped; the oldest go first when the byte limit is reached. The limit is the server's (``vlm
+serve --prompt-cache``); the memory check counts it.
+
+What a backend provides (private, used only here): ``_keys`` (what each KV position holds),
+``_state_size()``, ``_state_get(size)`` (an opaque copy, or None), ``_state_set(data, size)`` (True when
+restored; the caller then sets ``_keys``), and ``reset()``.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import Any
 
-GGUFBackend = Any      # gguf.GGUFBackend: a helper module does not import its backend (test_architecture)
+Backend = Any          # a GGUF or ONNX backend: a helper module does not import one (test_architecture)
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -37,13 +40,13 @@ def common_prefix(a: list, b: list) -> int:
 
 @dataclass
 class _State:
-    keys: list               # what the positions held (GGUFBackend._keys)
-    data: Any                # ctypes byte array: llama.cpp's serialized sequence
+    keys: list               # what the positions held (Backend._keys)
+    data: Any                # the backend's copy (GGUF: llama.cpp's serialized sequence; ONNX: past arrays)
     size: int
 
 
 class PromptCache:
-    """Saved sequence states of one llama.cpp context, at most ``limit`` bytes in all, oldest first."""
+    """Saved KV states of one backend (all slots of a llama.cpp context), at most ``limit`` bytes, oldest first."""
 
     def __init__(self, limit: int, n_swa: int = 0) -> None:
         self.limit = limit
@@ -55,7 +58,7 @@ class PromptCache:
     def used(self) -> int:
         return sum(s.size for s in self.states)
 
-    def prepare(self, b: GGUFBackend, keys: list) -> None:
+    def prepare(self, b: Backend, keys: list) -> None:
         """Before ``b`` evaluates a prompt of ``keys`` on its current sequence: keep what the sequence
         holds if the prompt would overwrite much of it, and bring back a saved conversation that the
         prompt continues better."""
@@ -81,32 +84,29 @@ class PromptCache:
         before the last ``n_swa`` positions are not saved, so a longer state serves only its continuation."""
         return not self.n_swa or max(0, len(state.keys) - self.n_swa) <= max(0, n - self.n_swa)
 
-    def _save(self, b: GGUFBackend) -> None:
+    def _save(self, b: Backend) -> None:
         cur = b._keys
         if any(common_prefix(s.keys, cur) == len(cur) for s in self.states):
             return                                           # already here (a state that continues it)
-        lc = b._llama_cpp
-        size = lc.llama_state_seq_get_size_ext(b._ctx, b._seq, 0)
+        size = b._state_size()
         if size <= 0 or size > self.limit:
             return
         self.states = [s for s in self.states if common_prefix(s.keys, cur) < len(s.keys)]
         while self.states and self.used + size > self.limit:
             self.states.pop(0)
         try:
-            data = (ctypes.c_uint8 * size)()
+            data = b._state_get(size)
         except MemoryError:
             return
-        if lc.llama_state_seq_get_data_ext(b._ctx, data, size, b._seq, 0) != size:
+        if data is None:
             return
         self.states.append(_State(list(cur), data, size))
         self.saved += 1
 
-    def _load(self, b: GGUFBackend, state: _State) -> None:
+    def _load(self, b: Backend, state: _State) -> None:
         self.states.remove(state)
-        lc = b._llama_cpp
-        if lc.llama_state_seq_set_data_ext(b._ctx, state.data, state.size, b._seq, 0) != state.size:
-            b._forget_seq()                                  # what a failed restore left is unknown
-            b._keys = []
+        if not b._state_set(state.data, state.size):
+            b.reset()                                        # what a failed restore left is unknown
             return
         b._keys = state.keys
         self.restored += 1
