@@ -19,6 +19,7 @@ from ..errors import BackendError, BadMedia, BadModelFile, ContextOverflow, Usag
 from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
 from ..device.hardware import avoid_amx_buffers, default_threads
 from .llamacpp import import_llama as _import_llama
+from .prompt_cache import common_prefix
 from ..generation.prompt import render_chat
 from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
@@ -783,10 +784,7 @@ class GGUFBackend:
 
     # ------------------------------------------------------------------ KV cache
     def _reuse_prefix(self, keys: list, plan) -> int:
-        n = 0
-        limit = min(len(self._keys), len(keys) - 1)   # always evaluate at least one token for logits
-        while n < limit and self._keys[n] == keys[n]:
-            n += 1
+        n = max(0, min(common_prefix(self._keys, keys), len(keys) - 1))   # evaluate at least one token for logits
         # never split an image: back off to its first position
         for item in plan:
             if item[0] == "i" and item[1] < n < item[1] + item[2]:

@@ -69,6 +69,7 @@ from ..generation.prompt import _compile, render_chat
 from ..formats.model_json import read_json_object
 from ..formats.onnx_files import pick_model_file, vision_parts
 from ..protocol import DEFAULT_CTX, Artifact, ChatRequest, ImageInput, LoadOptions, Prefill, ProgressCallback
+from .prompt_cache import common_prefix
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -831,10 +832,7 @@ class ONNXBackend:
         self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
 
     def _reuse_prefix(self, keys: list[int]) -> int:
-        n = 0
-        limit = min(len(self._keys), len(keys) - 1)   # always evaluate at least one token for logits
-        while n < limit and self._keys[n] == keys[n]:
-            n += 1
+        n = max(0, min(common_prefix(self._keys, keys), len(keys) - 1))   # evaluate at least one token for logits
         if n == 0:
             self.reset()
         elif n < len(self._keys):
