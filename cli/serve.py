@@ -95,14 +95,15 @@ def serve(
 
     if allow_private_urls and not allow_image_urls:
         raise UsageError("--allow-private-urls needs --allow-image-urls.")
-    if (_size(prompt_cache, "--prompt-cache") or 0) < 0:
+    prompt_cache_bytes = _size(prompt_cache, "--prompt-cache") or 0
+    if prompt_cache_bytes < 0:
         raise UsageError(f"--prompt-cache {prompt_cache!r} is negative.", hint="Give a size (e.g. 512M), or 0 to turn it off.")
     if media_dir is not None and not media_dir.expanduser().is_dir():
         raise UsageError(f"--media-dir {media_dir} is not a folder.")
     settings = ServeSettings(
         models=list(models or []), host=host, port=port, api_key=api_key or None, cors_origins=list(cors_origin or []),
         ctx=ctx, threads=threads, parallel=parallel, memory_budget=_size(memory_budget, "--memory-budget"),
-        keep_alive_s=_duration(keep_alive), prompt_cache_bytes=_size(prompt_cache, "--prompt-cache"), max_models=max_models, queue_size=queue, ignore_memory=ignore_memory,
+        keep_alive_s=_duration(keep_alive), prompt_cache_bytes=prompt_cache_bytes, max_models=max_models, queue_size=queue, ignore_memory=ignore_memory,
         max_body_bytes=_size(max_body, "--max-body"), max_images=max_images, max_image_pixels=max_image_pixels,
         max_tokens=max_tokens, allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
         media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace)

@@ -312,9 +312,12 @@ class ModelPool:
         self.entries[key] = entry
         return entry
 
+    def _is_guard(self, resolved: "ResolvedModel") -> bool:
+        return bool(self.settings.guard_model) and self._resolved.get(self.settings.guard_model) is resolved
+
     def n_slots(self, resolved: "ResolvedModel") -> int:
         """Conversations this model serves at once: --parallel on GGUF (llama.cpp sequences), else 1."""
-        if self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved:
+        if self._is_guard(resolved):
             return 1                          # the guard: one check at a time, each a prefill
         return max(1, self.settings.parallel) if resolved.artifact.format == "gguf" else 1
 
@@ -328,7 +331,7 @@ class ModelPool:
     def prompt_cache_bytes(self, resolved: "ResolvedModel", need: int) -> int:
         """RAM for this model's saved conversations: --prompt-cache, or what the memory budget has left
         beside the loaded models and this one if that is less; the model's estimate includes it."""
-        if self.settings.guard_model and self._resolved.get(self.settings.guard_model) is resolved:
+        if self._is_guard(resolved):
             return 0                          # (the guard: one-off checks whose shared head stays in its slot)
         want = self.settings.prompt_cache_bytes
         if self.settings.ignore_memory:
