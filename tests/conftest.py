@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("VLM_TEST_CACHE", Path.home() / ".cache" / "edgevlm-tests"))
 MODELS_HOME = CACHE / "home"
 
+# Fixtures that torch builds (a Hugging Face checkpoint, a quantize run): a test that uses one, directly or
+# through another fixture, is marked slow by itself, so `-m "not slow"` never builds one.
+TORCH_FIXTURES = {"smollm2_hf", "vision_model", "guard_gguf", "tokenizer_json", "smollm2_onnx",
+                  "smollm2_onnx_optimum"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def _pull(alias: str) -> Path:
     """Install a registry model into the shared test store with our own `vlm pull` code path."""

@@ -7,10 +7,8 @@ the tests below. Correctness is checked against transformers on the same weights
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,34 +37,21 @@ SIDECARS = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 
 # ---------------------------------------------------------------------------------------------- fixtures
 def _cached_build(name: str, smollm2_hf: Path, method: str, variants: tuple[str, ...]) -> Path:
-    """Export + quantize once per machine; built in a temp dir and renamed, under a file lock."""
-    from filelock import FileLock
-
-    import edgevlm.quantize.onnx as builder
+    """Export + quantize once per machine (``fixtures.cache``: bump ONNX_RECIPE when the builder's output
+    changes)."""
     from edgevlm.quantize.onnx import export_decoder, quantize_onnx
+    from fixtures.cache import cached_build, recipe_key
 
-    h = hashlib.sha256(f"{ONNX_RECIPE}:{method}:{variants}:{smollm2_hf.name}".encode())
-    h.update(Path(builder.__file__).read_bytes())     # a change to the builder rebuilds the fixture
-    h.update(Path(builder.__file__).with_name("onnx_int4.py").read_bytes())     # and one to the int4 recipes
-    key = h.hexdigest()[:16]
-    root = CACHE / "fixtures"
-    final = root / f"{name}-{key}"
+    key = recipe_key(f"{ONNX_RECIPE}:{method}:{variants}:{smollm2_hf.name}", ("optimum-onnx", "onnxruntime", "onnx",
+                                                                              "torch", "transformers"))
     files = {"fp32": "model.onnx", "int8": "model_int8.onnx", "int4": "model_q4.onnx"}
-    with FileLock(str(final) + ".lock"):
-        if all((final / files[v]).is_file() for v in ("fp32", *variants)):
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=root))
-        try:
-            out = tmp / "m"
-            export_decoder(smollm2_hf, out, method=method)
-            for v in variants:
-                quantize_onnx(out, out / files[v], kind=v, block_size=32)
-            if final.exists():
-                shutil.rmtree(final)
-            out.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    def build(staging: Path) -> None:
+        export_decoder(smollm2_hf, staging, method=method)
+        for v in variants:
+            quantize_onnx(staging, staging / files[v], kind=v, block_size=32)
+    return cached_build(CACHE / "fixtures", f"{name}-{key}", build,
+                        lambda d: all((d / files[v]).is_file() for v in ("fp32", *variants)))
 
 
 @pytest.fixture(scope="session")
