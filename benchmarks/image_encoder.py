@@ -48,35 +48,42 @@ def _child(spec: dict) -> dict:
     if kind == "gguf":
         b = load_backend(artifact_from_path(Path(spec["model"]), Path(spec["mmproj"]), True),
                          LoadOptions(n_ctx=1024, n_threads=spec["threads"]))
-        geo = b._vision_geometry()
-        t = geo["tile"]
+        from edgevlm.runtime.inputs.detail import Option
+        from edgevlm.runtime.inputs.planner import ImagePlanner
+        from edgevlm.runtime.protocol import ImageDetail
+
+        images = b._images
+        t, seq = images.geo["tile"], images.geo["seq"]
         img = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="x", sha256="")
-        unit = b._image_unit(img, geo["seq"], True, None, None)
-        b._encode_unit(unit)                        # sizes the graph
+        planner = ImagePlanner(images, ImageDetail(cache=False))
+        unit = images.unit(planner.fixed(img, Option("mtmd:overview", 1, seq)), planner)
+        images.encode(unit)                         # sizes the graph
         secs = []
         for _ in range(spec["tiles"]):
             unit.embd = None
-            secs.append(b._encode_unit(unit))
-        b._free_unit(unit)
+            secs.append(images.encode(unit))
+        images.free(unit)
         b.close()
         s = statistics.median(secs)
     else:
-        from edgevlm.runtime.backends import onnx as onnx_backend   # benchmarks may name a backend
+        from edgevlm.runtime.backends import onnx_images   # benchmarks may name a backend's modules
+        from edgevlm.runtime.inputs.detail import Option
+        from edgevlm.runtime.inputs.planner import ImagePlanner
+        from edgevlm.runtime.protocol import ImageDetail
 
-        onnx_backend.TILE_BATCH = spec["batch"]
+        onnx_images.TILE_BATCH = spec["batch"]
         b = load_backend(artifact_from_path(Path(spec["model"]), None, True), LoadOptions(n_ctx=1024, n_threads=spec["threads"]))
-        proc = b._processor
+        images = b._images
+        proc = images.processor
         w, h = 4000, 3000
         img = ImageInput(rgb=bytes([128]) * (w * h * 3), width=w, height=h, source="x", sha256="bench")
         plan = proc.plan(w, h)
-        from edgevlm.runtime.protocol import ImageDetail
-
-        off = ImageDetail(level="high", cache=False)
-        b._detail = {}
-        b._image_features(img, plan, off)           # warm: first runs plan memory
-        b._features.clear()
+        images.planner = ImagePlanner(images, ImageDetail(level="high", cache=False))
+        p = images.planner.fixed(img, Option(proc.settings(), plan.tiles, plan.tiles * proc.image_seq_len))
+        images.features_of(p, None, plan)           # warm: first runs plan memory
+        images.features.clear()
         t0 = time.perf_counter()
-        b._image_features(img, plan, off)
+        images.features_of(p, None, plan)
         s = (time.perf_counter() - t0) / plan.tiles
         b.close()
     return {"s_per_tile": s, "gflops": TILE_GFLOP / s, "peak_rss_mib": peak_rss() / 2 ** 20}

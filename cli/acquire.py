@@ -30,10 +30,11 @@ def ensure_installed(resolved, *, yes: bool) -> None:
             )
         if not typer.confirm(f"This needs {what}, which is not installed. Download it now?", default=True, err=True):
             raise typer.Exit(1)
+    store = Store()
     with console.progress("Downloading") as cb:
-        Store().pull(resolved.model, resolved.artifact_spec, on_progress=cb)
+        store.pull(resolved.model, resolved.artifact_spec, on_progress=cb)
     console.info(f"[green]Installed[/] {resolved.alias_ref}")
-    resolved.artifact = Store().artifact(resolved.model, resolved.artifact_spec)
+    resolved.artifact = store.artifact(resolved.model, resolved.artifact_spec)
 
 
 def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
@@ -42,6 +43,7 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
                gpu_layers: Optional[str] = None) -> tuple[Backend, object]:
     """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
+    from edgevlm.runtime.backends import capabilities
     from edgevlm.runtime.device.gpu import parse_gpu_layers, plan as gpu_plan
 
     requested_gpu = parse_gpu_layers(gpu_layers)         # a bad --gpu-layers fails before anything loads
@@ -51,7 +53,7 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     if not ignore_memory and not endpoints:
         loader.check_memory(resolved, n_ctx, with_model=with_model)     # before downloading: refuse early
     ensure_installed(resolved, yes=yes)
-    if endpoints and rpc is None and resolved.artifact.format != "gguf":
+    if endpoints and rpc is None and not capabilities(resolved.artifact.format).rpc:
         endpoints = []                  # the config's standing cluster serves GGUF models; others run here
     opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
     if endpoints:                                   # the memory check plans across this host and the workers

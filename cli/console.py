@@ -49,7 +49,7 @@ def interactive() -> bool:
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
-    raise Cancelled("Terminated.", hint="")
+    raise Cancelled("Terminated.", hint="", terminated=True)
 
 
 def install_signal_handlers() -> None:
@@ -94,7 +94,7 @@ def boundary(fn: Callable) -> Callable:
                 traceback.print_exc()
             if isinstance(e, Cancelled):
                 err.print("[dim]Stopped.[/]")
-                raise typer.Exit(EXIT_TERMINATED if e.message.startswith("Terminated") else EXIT_INTERRUPTED)
+                raise typer.Exit(EXIT_TERMINATED if e.terminated else EXIT_INTERRUPTED)
             raise fail(e)
         except KeyboardInterrupt:
             err.print("[dim]Interrupted.[/]")

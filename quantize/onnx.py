@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-from ..runtime.errors import BackendError, BadModelFile, ModelNotFound, UsageError, missing_extra
+from ..runtime.errors import BackendError, BadModelFile, ModelNotFound, UsageError, first_line, missing_extra
 from ..runtime.protocol import ProgressCallback
 from .onnx_int4 import (_ALIASES_KEY, INT4_RECIPES, _fit_blocks, _quantize_int4, gptq_blocks,  # noqa: F401
                         hessians_for, importance_for, int4_bits_plan, int4_recipe, onnx_float, quantize_blocks)
@@ -190,7 +190,7 @@ def _export_optimum(src: Path, tmp: Path, opset: Optional[int], last_logits_only
             main_export(str(src), str(tmp), task="text-generation-with-past", opset=opset,
                         do_validation=False, local_files_only=True, device="cpu")
     except (KeyError, ValueError, NotImplementedError) as e:
-        raise BadModelFile(f"optimum could not export {src.name} to ONNX: {str(e).splitlines()[0][:300]}",
+        raise BadModelFile(f"optimum could not export {src.name} to ONNX: {first_line(e)[:300]}",
                            hint="Only decoder architectures optimum supports can be exported "
                                 "(`optimum-cli export onnx --help`); VLM_DEBUG=1 shows the log.") from e
     model = tmp / "model.onnx"

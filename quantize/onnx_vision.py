@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..runtime.errors import BackendError, BadModelFile, EdgeVLMError, ModelNotFound, UsageError, missing_extra
+from ..runtime.errors import BackendError, BadModelFile, EdgeVLMError, ModelNotFound, UsageError, first_line, missing_extra
 from ..runtime.protocol import ProgressCallback
 from .onnx import _check_checkpoint, _progress, _quiet, _save, keep_last_logits, quantize_onnx
 
@@ -267,7 +267,7 @@ def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optiona
             model = cls.from_pretrained(str(src), dtype=torch.float32, attn_implementation="eager",
                                         local_files_only=True).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise BadModelFile(f"transformers could not load {src.name}: {str(e).strip().splitlines()[0][:300]}",
+        raise BadModelFile(f"transformers could not load {src.name}: {first_line(e)[:300]}",
                            hint="Check that the checkpoint is complete; VLM_DEBUG=1 shows the full log.") from e
     tcfg, vcfg = model.config.text_config, model.config.vision_config
     n_layers = int(tcfg.num_hidden_layers)
@@ -329,7 +329,7 @@ def export_vision(src_dir: str | Path, out_dir: str | Path, on_progress: Optiona
     except EdgeVLMError:
         raise
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BackendError(f"torch.onnx.export failed on {src.name}: {first[:300]}",
                            hint="Run with VLM_DEBUG=1 to see the exporter's log.") from e
     finally:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..runtime.errors import BackendError, BadModelFile, missing_extra
+from ..runtime.errors import BackendError, BadModelFile, first_line, missing_extra
 from ..runtime.protocol import DEFAULT_CTX, ProgressCallback
 
 # A paragraph written for this purpose (not from any corpus a model was calibrated on). Long enough
@@ -125,7 +125,7 @@ def load_source(src_dir: Path, *, trust_remote_code: bool = False, allow_pickle:
         tok = transformers.AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=trust_remote_code,
                                                          local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise BadModelFile(f"transformers could not load {Path(src_dir).name}: {str(e).splitlines()[0][:300]}",
+        raise BadModelFile(f"transformers could not load {Path(src_dir).name}: {first_line(e)[:300]}",
                            hint="Check that the checkpoint is complete; VLM_DEBUG=1 shows the traceback.") from e
     return model, tok
 

@@ -77,8 +77,14 @@ class Blocked(EdgeVLMError):
 
 
 class Cancelled(EdgeVLMError):
-    """Raised to stop long work cleanly (Ctrl-C, SIGTERM)."""
+    """Raised to stop long work cleanly: Ctrl-C (exit 130), or SIGTERM with ``terminated`` (exit 143)."""
     exit_code = 130
+
+    def __init__(self, message: str, hint: str | None = None, *, terminated: bool = False):
+        super().__init__(message, hint)
+        self.terminated = terminated
+        if terminated:
+            self.exit_code = 143
 
 
 def missing_extra(module: str, extra: str | None = None, package: str | None = None) -> MissingExtra:
@@ -89,3 +95,12 @@ def missing_extra(module: str, extra: str | None = None, package: str | None = N
     else:
         hint = f"pip install {package or module}"
     return MissingExtra(f"{module} is not installed.", hint=hint)
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (or of a text), or the exception's type name: what
+    goes after "...:" in a one-line error. ``str(e).splitlines()[0]`` raises IndexError on an empty message."""
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return type(e).__name__ if isinstance(e, BaseException) else "unknown error"

@@ -177,8 +177,10 @@ def plan_cluster(resolved: ResolvedModel, n_ctx: int, endpoints: list[str], spli
     from .device.memory import plan_split
     from .errors import UsageError
 
+    from .backends import capabilities
+
     art = resolved.artifact
-    if art is None or art.format != "gguf":
+    if art is None or not capabilities(art.format).rpc:
         raise UsageError("--rpc works with GGUF models (llama.cpp's RPC backend).", hint="Use a GGUF artifact.")
     ggml_rpc.require()
     ggml_rpc.check_reachable(endpoints)

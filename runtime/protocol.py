@@ -148,6 +148,16 @@ class Artifact:
     context_length: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, known without loading it: the backend table answers
+    (``backends.capabilities(format)``), so nothing outside the backends asks "is this GGUF?"."""
+
+    parallel_slots: bool = False     # LoadOptions.n_seq > 1: one context serving N conversations (vlm serve --parallel)
+    rpc: bool = False                # LoadOptions.rpc: layers spread over `vlm worker` hosts
+    gpu_offload: bool = False        # LoadOptions.n_gpu_layers on a CUDA / Metal build
+
+
 class TextStream(Protocol):
     """Generated token ids -> text, correct across multi-byte characters split between tokens."""
 

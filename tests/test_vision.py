@@ -73,10 +73,10 @@ def test_follow_up_about_same_image_reuses_cache(vision_model, images, monkeypat
         assert second.final.prompt_eval_tokens < first.final.image_tokens
         assert preprocessed == []                                        # ...nor preprocessed again
         # and the tokens are exactly those of a full tokenization of the whole conversation
-        text, _, keys, _, _ = b._last_prompt
-        full_keys, _, _, n_image = b._tokenize_units(text, [img], s.options.image_detail, b._vision_geometry())
-        for u in b._units:
-            b._free_unit(u)
+        last = b._last_prompt
+        text, keys = last.text, last.keys
+        full_keys, _, _, n_image = b._images.tokenize_units(text, [img], s.options.image_detail)
+        b._images.free_all()
         assert keys == full_keys and n_image == first.final.image_tokens and len(preprocessed) == 1
         b.reset()                                                        # a new conversation re-encodes
         third = s.ask("And now?")

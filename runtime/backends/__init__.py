@@ -4,13 +4,24 @@ from __future__ import annotations
 import importlib
 
 from ..errors import UsageError
-from ..protocol import Backend
+from ..protocol import Backend, Capabilities
 
 # format -> "module:Class"; imported only when used, so `vlm --help` never loads llama.cpp.
 BACKENDS: dict[str, str] = {
     "gguf": "edgevlm.runtime.backends.gguf:GGUFBackend",
     "onnx": "edgevlm.runtime.backends.onnx:ONNXBackend",
 }
+
+# format -> what its backend can do (answered without importing it)
+CAPABILITIES: dict[str, Capabilities] = {
+    "gguf": Capabilities(parallel_slots=True, rpc=True, gpu_offload=True),
+    "onnx": Capabilities(),
+}
+
+
+def capabilities(fmt: str) -> Capabilities:
+    """What the backend of ``fmt`` can do; an unknown format can do nothing beyond generating."""
+    return CAPABILITIES.get(fmt, Capabilities())
 
 
 def backend_for(fmt: str) -> Backend:

@@ -190,6 +190,30 @@ def install_abort_handler(what: str = "A worker") -> None:
     setter(ctypes.cast(_abort_cb, ctypes.c_void_p))
 
 
+
+def spread_over_workers(llama_cpp, mparams, opts, info) -> tuple:
+    """llama.cpp's RPC backend in a model's load parameters: the workers' devices take all but
+    ``opts.host_layers`` of the layers (and their KV cache), in ``opts.worker_shares``; the output layer and
+    the projector stay here. Returns the ctypes arrays ``mparams`` points into (keep them alive while the
+    model loads)."""
+    from .llamacpp import field_type
+
+    install_abort_handler()
+    devs = devices(opts.rpc)
+    dev_array = device_array(devs)
+    mparams.devices = ctypes.cast(dev_array, field_type(mparams, "devices"))
+    n_layers = info.kv_shape[0] if info.kv_shape else 0
+    host = opts.host_layers if opts.host_layers is not None else 0
+    mparams.n_gpu_layers = max(0, n_layers - host) if n_layers else 999
+    shares = list(opts.worker_shares or [1.0] * len(devs))
+    split = None
+    if len(shares) == len(devs) and sum(shares) > 0:
+        n_max = llama_cpp.llama_max_devices()
+        split = (ctypes.c_float * n_max)(*(shares + [0.0] * (n_max - len(shares)))[:n_max])
+        mparams.tensor_split = ctypes.cast(split, field_type(mparams, "tensor_split"))
+    return dev_array, split
+
+
 def serve(host: str, port: int, threads: int, cache_dir: Optional[Path]) -> None:
     """Serve this device's CPU to other hosts until the process ends (blocks in ggml)."""
     require()

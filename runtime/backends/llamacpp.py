@@ -1,7 +1,12 @@
 """Importing llama-cpp-python's ctypes bindings without its heavy package __init__."""
 from __future__ import annotations
 
-from ..errors import missing_extra
+import ctypes
+import logging
+
+from ..env import debug
+from ..errors import BackendError, missing_extra
+from ..generation.text import Utf8Stream
 
 
 def _defer_llama_cpp_init() -> None:
@@ -43,3 +48,80 @@ def import_llama():
     except ImportError as e:  # pragma: no cover - depends on the install
         raise missing_extra("llama-cpp-python", package="llama-cpp-python") from e
     return llama_cpp, mtmd_cpp
+
+
+# Kept alive for the life of the process: llama.cpp holds the pointers.
+_LOG_CALLBACKS: list = []
+
+
+def silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
+    """llama.cpp and libmtmd log to stderr by default; scripts want stderr clean unless VLM_DEBUG."""
+    if debug():
+        return
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+    if not _LOG_CALLBACKS:
+        _LOG_CALLBACKS.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
+    cb = _LOG_CALLBACKS[0]
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    if mtmd_cpp is not None:
+        mtmd_cpp.mtmd_log_set(cb, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+
+
+
+
+def field_type(struct, name: str):
+    """The ctypes type a structure declares for ``name`` (reading a pointer field gives a plain int)."""
+    return next(t for n, t, *_ in struct._fields_ if n == name)
+
+
+class PieceStream:
+    """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
+
+    def __init__(self, llama_cpp, vocab, buf) -> None:
+        self._lc, self._vocab, self._buf = llama_cpp, vocab, buf
+        self._utf8 = Utf8Stream()
+
+    def feed(self, token: int) -> str:
+        n = self._lc.llama_token_to_piece(self._vocab, token, self._buf, 256, 0, False)
+        return self._utf8.feed(self._buf.raw[: max(n, 0)])
+
+    def flush(self) -> str:
+        return self._utf8.flush()
+
+
+def score_batch(lc, model, token_ids: list[int], n_threads: int, n_vocab: int):
+    """Logits [n, n_vocab] after each token, from one llama_decode with every position's logits, in a context
+    of its own sized to the text (a generating context reserves one logits row)."""
+    import numpy as np
+
+    n = len(token_ids)
+    out = np.empty((n, n_vocab), dtype=np.float32)
+    cp = lc.llama_context_default_params()
+    cp.n_ctx = max(n, 64)
+    cp.n_batch = cp.n_ubatch = max(n, 64)
+    cp.n_threads = cp.n_threads_batch = n_threads
+    cp.no_perf = True
+    ctx = lc.llama_init_from_model(model, cp)
+    if not ctx:
+        raise BackendError(f"llama.cpp could not create a {n}-token context to score the text.",
+                           hint="There may not be enough memory.")
+    batch = lc.llama_batch_init(n, 0, 1)
+    try:
+        batch.n_tokens = n
+        for i, t in enumerate(token_ids):
+            batch.token[i] = t
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to evaluate the text (llama_decode returned {rc}).",
+                               hint="VLM_DEBUG=1 shows llama.cpp's log.")
+        for i in range(n):
+            out[i] = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+    return out

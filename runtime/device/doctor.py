@@ -31,7 +31,7 @@ def _gpus() -> list[str]:
             pass
     tegra = Path("/etc/nv_tegra_release")
     if tegra.exists():
-        out.append("Jetson: " + tegra.read_text(errors="replace").splitlines()[0][:80])
+        out.append("Jetson: " + first_line(tegra.read_text(errors="replace"))[:80])
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         out.append("Metal: Apple Silicon GPU (unified memory)")
     return out

@@ -53,10 +53,12 @@ def offload_device(system_info: Optional[str] = None) -> tuple[Optional[str], Op
 
 
 def plan(resolved, n_ctx: int, requested: Optional[int]) -> Optional[GpuPlan]:
-    """The layers a GGUF model puts on the GPU (None for other formats): ``requested`` layers, or with
+    """The layers a model puts on the GPU (None for a backend without offload): ``requested`` layers, or with
     None as many as fit in the device's free memory (all of them on unified memory)."""
+    from ..backends import capabilities
+
     art = resolved.artifact
-    if art is None or art.format != "gguf":
+    if art is None or not capabilities(art.format).gpu_offload:
         return None
     device, free, unified = offload_device()
     if device is None and not requested:            # a CPU-only build: nothing to plan (the common case)

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..digest import sha256_file
-from ..errors import BadModelFile
+from ..errors import BadModelFile, first_line
 from ..formats.gguf_file import read_gguf
 
 
@@ -94,7 +94,7 @@ def _onnx_graph_facts(files: list[Path]) -> dict:
         try:
             g = onnx.load(str(f), load_external_data=False).graph
         except Exception as e:                    # a corrupt file: the backend says so at load
-            raise BadModelFile(f"{f.name} is not a readable ONNX model: {str(e).splitlines()[0][:200]}",
+            raise BadModelFile(f"{f.name} is not a readable ONNX model: {first_line(e)[:200]}",
                                hint="Download or export the model again.") from e
         packed = set()
         inits = {t.name: t for t in g.initializer}
