@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import socket
 import socketserver
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_serve import Server, _err, png_data_uri
+from test_serve import Server, png_data_uri
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 
@@ -385,3 +384,65 @@ def test_grace_expiry_ends_the_stream_with_an_error_event(smollm2_gguf, tmp_path
     assert last["error"]["code"] == "shutting_down", events[-3:]
     assert "data: [DONE]" not in events and 0.5 < took < 10, took
     assert len(events) > 3                                # tokens flowed until the grace period ran out
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces on their own (no server)
+# --------------------------------------------------------------------------------------------
+
+def test_host_policy_per_bind():
+    from edgevlm.runtime.serving.access import HostPolicy
+    from edgevlm.runtime.serving.settings import ServeSettings
+
+    loop = HostPolicy(ServeSettings(host="127.0.0.1"))
+    assert all(loop.allows(h) for h in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:8080", "a.localhost",
+                                        "127.0.0.2"))
+    assert not any(loop.allows(h) for h in ("evil.example", "10.0.0.1", "localhost.evil.example", "", "[::1"))
+    lan = HostPolicy(ServeSettings(host="192.168.1.5", allowed_hosts=["pi.example"]))
+    assert lan.allows("192.168.1.5:8080") and lan.allows("pi.example") and lan.allows("PI.EXAMPLE.:80")
+    assert not lan.allows("localhost") and not lan.allows("192.168.1.6") and not lan.allows("evil.example")
+    anywhere = HostPolicy(ServeSettings(host="0.0.0.0"))
+    assert anywhere.allows("10.1.2.3:8080") and anywhere.allows("[fe80::1]") and anywhere.allows("localhost")
+    assert not anywhere.allows("evil.example")
+    assert HostPolicy(ServeSettings(host="0.0.0.0", allowed_hosts=["*"])).allows("evil.example")
+
+
+def test_bodies_bounds():
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.bodies import MAX_DEPTH, parse_json
+
+    assert parse_json(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
+    for bad in (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), b'{"a": "\\ud800"}', b'{"\\udc00": 1}', b'"\\ud800"',
+                b"[NaN]", b"[1e400]", b"[-Infinity]", b"\xff\xfe\x00", b"{"):
+        with pytest.raises(APIError) as e:
+            parse_json(bad)
+        assert e.value.status == 400 and e.value.message.encode("utf-8")
+    assert parse_json('{"a": "\\ud83d\\ude00 é"}'.encode()) == {"a": "😀 é"}      # a proper pair is fine
+
+
+def test_pixel_budget_is_first_come_first_served():
+    import asyncio
+
+    from edgevlm.runtime.serving.workers import PixelBudget
+
+    async def main():
+        b, order = PixelBudget(10), []
+
+        async def take(name, n, hold):
+            got = await b.acquire(n)
+            order.append(name)
+            await asyncio.sleep(hold)
+            b.release(got)
+
+        first = asyncio.ensure_future(take("a", 8, 0.05))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(take("b", 5, 0)), asyncio.ensure_future(take("c", 1, 0))]
+        cancelled = asyncio.ensure_future(take("x", 9, 0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(first, *rest)
+        assert order == ["a", "b", "c"] and b.used == 0   # c (small) did not jump ahead of b
+        assert await b.acquire(50) == 10                   # more than the whole: the whole, alone
+        b.release(10)
+
+    asyncio.run(main())

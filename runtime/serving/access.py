@@ -67,6 +67,8 @@ class HostPolicy:
         if self.any:
             return True
         name = host_name(host)
+        if name.startswith("["):             # an unclosed IPv6 literal
+            return False
         if name.rstrip(".") in self.names or name == self.listen:
             return True
         if self.loopback and (name in _LOCAL_NAMES or name.endswith(".localhost")):
