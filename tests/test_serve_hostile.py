@@ -177,6 +177,8 @@ def test_huge_schema_does_not_hold_the_event_loop(hs):
     for r in rs:
         _no_500(r, 400, "invalid_schema")
     assert not busy.errors, busy.errors
+    print(f"/health: slowest {max(busy.times) * 1000:.0f} ms during three 2.7 MB schemas "
+          f"({max(quiet.times) * 1000:.0f} ms when idle)")
     # the bar is 1 s (it took 7.7 s); on a loaded 2-core machine allow the quiet baseline's noise
     assert max(busy.times) < max(1.0, 3 * max(quiet.times)), (max(busy.times), max(quiet.times))
     # a schema within the limits still works
@@ -246,6 +248,8 @@ def test_slow_image_peers_delay_only_their_own_requests(hs):
         for t in threads:
             t.join()
         assert r.status_code == 200, r.text
+        print(f"data: URI answered in {data_uri_s:.2f} s beside 8 trickling fetches; those ended after "
+              f"{max(t for _, t in results.values()):.1f} s at most")
         assert data_uri_s < 8.0, data_uri_s               # it waited ~26 s behind them before
         for r, took in results.values():
             _no_500(r, 400, "invalid_image_url")
@@ -383,7 +387,7 @@ def test_grace_expiry_ends_the_stream_with_an_error_event(smollm2_gguf, tmp_path
     last = json.loads(events[-1][6:])
     assert last["error"]["code"] == "shutting_down", events[-3:]
     assert "data: [DONE]" not in events and 0.5 < took < 10, took
-    assert len(events) > 3                                # tokens flowed until the grace period ran out
+    assert len(events) >= 3              # the role, the first token (sent before the headers are), the error
 
 
 # --------------------------------------------------------------------------------------------
