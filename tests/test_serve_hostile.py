@@ -450,3 +450,32 @@ def test_pixel_budget_is_first_come_first_served():
         b.release(10)
 
     asyncio.run(main())
+
+
+def test_images_to_a_text_model_are_refused_before_decoding(hs):
+    bomb = "data:image/png;base64," + base64.b64encode(_png(14000, 14000)).decode()
+    t0 = time.monotonic()
+    r = _raw(hs, "/v1/chat/completions", json.dumps(_image_chat("smollm2-135m", bomb)).encode())
+    _no_500(r, 422, "unprocessable")
+    assert "no vision projector" in r.json()["error"]["message"] and time.monotonic() - t0 < 10
+
+
+def test_memory_check_counts_the_image_decoding_bound(vision_gguf, smollm2_gguf):
+    from edgevlm.runtime.errors import InsufficientMemory
+    from edgevlm.runtime.serving.pool import ModelPool
+    from edgevlm.runtime.serving.settings import ServeSettings
+    from edgevlm.runtime.serving.workers import decode_reserve
+
+    from conftest import MODELS_HOME
+
+    def pool(models, budget):
+        return ModelPool(ServeSettings(models=models, memory_budget=budget, home=MODELS_HOME))
+
+    need = pool([vision_gguf], 1 << 40).estimate(pool([vision_gguf], 1 << 40).prepare()[0])
+    reserve = decode_reserve(ServeSettings())
+    assert reserve == 72_000_000 * 6
+    with pytest.raises(InsufficientMemory, match="image decoding"):
+        pool([vision_gguf], need + reserve - 1).prepare()
+    pool([vision_gguf], need + reserve).prepare()
+    text = pool(["smollm2-135m"], 1 << 40)
+    assert pool(["smollm2-135m"], text.estimate(text.prepare()[0])).prepare()   # a text model: no reserve
