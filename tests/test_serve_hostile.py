@@ -402,7 +402,8 @@ def test_host_policy_per_bind():
     assert all(loop.allows(h) for h in ("127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:8080", "a.localhost",
                                         "127.0.0.2"))
     assert not any(loop.allows(h) for h in ("evil.example", "10.0.0.1", "localhost.evil.example", "", "[::1"))
-    lan = HostPolicy(ServeSettings(host="192.168.1.5", allowed_hosts=["pi.example"]))
+    lan = HostPolicy(ServeSettings(host="192.168.1.5", allowed_hosts=["pi.example", "Proxy.Example:443"]))
+    assert lan.allows("proxy.example")
     assert lan.allows("192.168.1.5:8080") and lan.allows("pi.example") and lan.allows("PI.EXAMPLE.:80")
     assert not lan.allows("localhost") and not lan.allows("192.168.1.6") and not lan.allows("evil.example")
     anywhere = HostPolicy(ServeSettings(host="0.0.0.0"))

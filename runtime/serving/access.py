@@ -54,7 +54,7 @@ class HostPolicy:
         self.listen_ip = _ip(self.listen)
         self.wildcard = self.listen_ip is not None and self.listen_ip.is_unspecified
         self.loopback = is_loopback_host(self.listen) or self.wildcard
-        self.names = {h.lower().rstrip(".") for h in settings.allowed_hosts}
+        self.names = {host_name(h).rstrip(".") for h in settings.allowed_hosts}      # (a port given is ignored)
         self.any = "*" in self.names
         if self.wildcard:           # this machine's own names: how LAN clients (Open WebUI, ...) reach it
             import socket
