@@ -239,6 +239,7 @@ def test_slow_image_peers_delay_only_their_own_requests(hs):
             results[i] = (r, time.monotonic() - t0)
 
         threads = [threading.Thread(target=slow, args=(i,)) for i in range(8)]
+        probe = _Probe(hs.url).__enter__()
         for t in threads:
             t.start()
         time.sleep(1.0)                                    # all eight are trickling now
@@ -247,6 +248,9 @@ def test_slow_image_peers_delay_only_their_own_requests(hs):
         data_uri_s = time.monotonic() - t0
         for t in threads:
             t.join()
+        probe.__exit__()
+        print(f"/health at most {max(probe.times) * 1000:.0f} ms beside the trickling fetches")
+        assert not probe.errors and max(probe.times) < 2.0, (probe.errors, max(probe.times))
         assert r.status_code == 200, r.text
         print(f"data: URI answered in {data_uri_s:.2f} s beside 8 trickling fetches; those ended after "
               f"{max(t for _, t in results.values()):.1f} s at most")
@@ -286,11 +290,13 @@ def test_near_limit_images_are_bounded_and_memory_comes_back(hs):
     bodies = [_image_chat(hs.vision, near)] * 6 + [_image_chat(hs.vision, bomb)] * 3 + [_image_chat(hs.vision, near, near)]
     ts = [threading.Thread(target=lambda b=b: rs.append(_raw(hs, "/v1/chat/completions", json.dumps(b).encode(),
                                                              timeout=300))) for b in bodies]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    with _Probe(hs.url) as probe:                        # decoding happens off the loop: /health keeps answering
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
     stop.set()
+    assert not probe.errors and max(probe.times) < 2.0, (probe.errors, max(probe.times))
     sampler.join()
     time.sleep(0.5)
     after = proc.memory_info().rss
@@ -301,7 +307,7 @@ def test_near_limit_images_are_bounded_and_memory_comes_back(hs):
             assert r.json()["error"]["code"] == "image_too_large"
     budget = 2 * DECODE_MP * 6                               # all decodes together, at 6 bytes a pixel
     print(f"RSS before {before / 1e6:.0f} MB, peak {max(peak) / 1e6:.0f} MB, after {after / 1e6:.0f} MB "
-          f"(decode budget {budget / 1e6:.0f} MB)")
+          f"(decode budget {budget / 1e6:.0f} MB); /health at most {max(probe.times) * 1000:.0f} ms meanwhile")
     assert max(peak) - before < budget + 150e6, (before, max(peak))
     assert after - before < 200e6, (before, after)
 
