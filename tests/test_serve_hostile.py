@@ -486,3 +486,34 @@ def test_memory_check_counts_the_image_decoding_bound(vision_gguf, smollm2_gguf)
     pool([vision_gguf], need + reserve).prepare()
     text = pool(["smollm2-135m"], 1 << 40)
     assert pool(["smollm2-135m"], text.estimate(text.prepare()[0])).prepare()   # a text model: no reserve
+
+
+def test_large_bodies_at_once_are_bounded_and_a_client_leaving_mid_body_is_no_error(hs):
+    """--max-body bounds one body (32 MiB here); all bodies held at once are bounded too (4 x 32 MiB):
+    a fifth client sending 29 MiB while four others hold theirs gets 503 + Retry-After, not more memory.
+    The four then leave mid-body: no 500, no traceback."""
+    body = b"x" * (29 << 20)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (30 << 20))
+    rss0 = psutil.Process(hs.proc.pid).memory_info().rss
+    held = []
+    try:
+        for _ in range(4):
+            c = socket.create_connection(("127.0.0.1", hs.port), timeout=60)
+            c.sendall(head + body)
+            held.append(c)
+        time.sleep(1.0)                                   # the server has read all four
+        with socket.create_connection(("127.0.0.1", hs.port), timeout=60) as c:
+            try:
+                c.sendall(head + body)
+            except OSError:
+                pass                                       # it answered and closed before reading it all
+            reply = c.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower(), reply[:300]
+        assert b"server_busy" in reply
+        assert psutil.Process(hs.proc.pid).memory_info().rss - rss0 < 300 << 20
+    finally:
+        for c in held:
+            c.close()
+    time.sleep(0.5)
+    assert httpx.get(hs.url + "/health").status_code == 200

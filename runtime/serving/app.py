@@ -20,12 +20,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .apierror import APIError, from_error
-from .bodies import parse_json, read_body
+from .bodies import BodyBudget, parse_json
 from .access import APIKeyMiddleware, BrowserGuardMiddleware
 from .metrics import Metrics
 from .pool import ChunkStream, Lease, ModelPool
@@ -131,6 +131,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
 
     metrics = Metrics()
     workers = Workers(settings)
+    bodies = BodyBudget(max(4 * settings.max_body_bytes, 64 << 20))     # bodies held at once, all requests
     pool = pool or ModelPool(settings)
     pool.metrics = metrics
     max_pixels = settings.max_image_pixels or load_config(settings.home).max_image_pixels or DEFAULT_MAX_PIXELS
@@ -149,7 +150,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                 try:
                     resp = await fn(request)
                     model = request.scope.get("vlm.model", "-")
-                except ClientGone:
+                except (ClientGone, ClientDisconnect):    # (ClientDisconnect: gone while sending its body)
                     resp = Response(status_code=499)
                 except _Blocked as b:
                     model = request.scope["vlm.model"] = b.model
@@ -170,10 +171,10 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     async def body(request: Request, parse: Callable[[Any, ServeSettings], Parsed]) -> Parsed:
         """The request, parsed and checked: on the loop when small and schema-free, else in the checks pool
         (a big body or a JSON schema can take a second of pure Python)."""
-        data = await read_body(request, settings.max_body_bytes)
-        if len(data) <= _INLINE_BODY and not any(k in data for k in _SCHEMA_KEYS):
-            return parse(parse_json(data), settings)
-        return await workers.check(lambda: parse(parse_json(data), settings))
+        async with bodies.hold(request, settings.max_body_bytes) as data:
+            if len(data) <= _INLINE_BODY and not any(k in data for k in _SCHEMA_KEYS):
+                return parse(parse_json(data), settings)
+            return await workers.check(lambda: parse(parse_json(data), settings))
 
     async def start(request: Request, parsed: Parsed, verdicts: dict) -> tuple[Lease, ChunkStream, Any, float, Any]:
         t0 = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Request bodies as data the rest of the server can trust: read with a size cap, parsed as JSON with a
-depth limit, no lone UTF-16 surrogates in any string, no non-finite numbers.
+"""Request bodies as data the rest of the server can trust: read with a size cap (each, and all at once),
+parsed as JSON with a depth limit, no lone UTF-16 surrogates in any string, no non-finite numbers.
 
 Python's ``json`` accepts what JSON text allows but our code cannot use: ``"\\ud800"`` (a lone surrogate,
 which no UTF-8 encoder takes: it used to fail as a 500 wherever the string was written out, the error
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from .apierror import APIError
 
@@ -82,21 +83,39 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")[:300]
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The body's bytes, at most ``limit`` (413 from Content-Length or while reading)."""
-    def too_large() -> APIError:
-        return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                        code="request_too_large")
+class BodyBudget:
+    """Bytes of request bodies held at once, all requests together (``--max-body`` bounds one): from the
+    first byte read until the body is parsed. Past it a request is 503 with ``Retry-After`` rather than
+    one more buffer: a hundred clients sending 32 MiB each must not take 3 GiB."""
 
-    cl = request.headers.get("content-length")
-    if cl is not None and cl.isdigit() and int(cl) > limit:
-        raise too_large()
-    buf = bytearray()
-    async for piece in request.stream():
-        buf += piece
-        if len(buf) > limit:
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+
+    @asynccontextmanager
+    async def hold(self, request, limit: int) -> AsyncIterator[bytearray]:
+        """The body's bytes (at most ``limit``: 413 from Content-Length or while reading), counted until
+        the block ends."""
+        def too_large() -> APIError:
+            return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                            code="request_too_large")
+
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
             raise too_large()
-    return bytes(buf)
+        buf, taken = bytearray(), 0
+        try:
+            async for piece in request.stream():
+                if len(buf) + len(piece) > limit:
+                    raise too_large()
+                if self.used + len(piece) > self.total:
+                    raise APIError(503, "The server is receiving too many large requests at once; retry.",
+                                   type="server_error", code="server_busy", headers={"Retry-After": "1"})
+                self.used += len(piece)
+                taken += len(piece)
+                buf += piece
+            yield buf
+        finally:
+            self.used -= taken
 
 
-__all__ = ["MAX_DEPTH", "check_tree", "parse_json", "read_body"]
+__all__ = ["MAX_DEPTH", "BodyBudget", "check_tree", "parse_json"]
