@@ -66,6 +66,8 @@ def serve(
     allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="... also from loopback, private and link-local addresses.")] = False,
     media_dir: Annotated[Optional[Path], typer.Option("--media-dir", help="Allow image paths / file:// URLs under this folder.")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser requests from this origin (repeatable; * for any).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="Also answer requests whose Host header is this name (repeatable; * for any). Default: the --host address, and localhost names on loopback.")] = None,
+    max_decode_pixels: Annotated[int, typer.Option("--max-decode-pixels", min=1_000_000, help="Pixels one request's images may take to decode (JPEGs count at their reduced decode size); all requests together: twice this.")] = 36_000_000,
     grace: Annotated[float, typer.Option("--grace", min=0, help="Seconds in-flight requests get to finish after SIGTERM.")] = 10.0,
     ignore_memory: Annotated[bool, typer.Option("--ignore-memory", help="Load even if the memory estimate says it will not fit.")] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
@@ -106,7 +108,9 @@ def serve(
         keep_alive_s=_duration(keep_alive), prompt_cache_bytes=prompt_cache_bytes, max_models=max_models, queue_size=queue, ignore_memory=ignore_memory,
         max_body_bytes=_size(max_body, "--max-body"), max_images=max_images, max_image_pixels=max_image_pixels,
         max_tokens=max_tokens, allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
-        media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace)
+        media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace,
+        allowed_hosts=list(allowed_host or []), max_decode_pixels=max_decode_pixels,
+        decode_pixels_total=2 * max_decode_pixels)
     from edgevlm.runtime.device.gpu import parse_gpu_layers
 
     from .guard import plan_guard
@@ -132,9 +136,22 @@ def serve(
     log = logging.getLogger("edgevlm.serve")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    from edgevlm.runtime.serving.access import http_protocol
+
+    # the HTTP parser caps the request line and headers while they arrive (431), httptools or h11 alike
+    protocol = http_protocol(settings.max_header_bytes) or "h11"
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=grace, server_header=False)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=grace, server_header=False, http=protocol,
+                            h11_max_incomplete_event_size=settings.max_header_bytes)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            drain = getattr(app.state, "drain", None)
+            if not self.should_exit and drain is not None:
+                drain()         # answers still streaming when --grace runs out end with an error event
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     app.state.stop = lambda: setattr(server, "should_exit", True)
     what = ", ".join(settings.models) or "installed models on demand"
     console.info(f"Serving {what} on http://{host if ':' not in host else f'[{host}]'}:{port} "

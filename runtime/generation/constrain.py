@@ -168,6 +168,10 @@ _GRAMMARS: dict = {}
 _GRAMMARS_MAX = 32
 
 
+class UnsatisfiableSchema(UsageError):
+    """No JSON document satisfies the schema (the matcher ran out of allowed tokens)."""
+
+
 class JSONSchemaConstraint:
     """Keeps a sampler's output inside a JSON schema (see the module docstring)."""
 
@@ -188,6 +192,7 @@ class JSONSchemaConstraint:
                              hint="Simplify the schema.")
         self._bits = llg.numpy.allocate_token_bitmask(1, self._tok.vocab_size)
         self._bytes = self._bits.view(np.uint8).reshape(-1)   # bit i of the little-endian words = token i
+        self._masked = False                                   # _bits holds a mask the engine filled
 
     @classmethod
     def for_backend(cls, backend, schema: dict) -> "JSONSchemaConstraint":
@@ -200,6 +205,7 @@ class JSONSchemaConstraint:
         if self._m.is_error():
             raise BackendError(f"Constrained decoding failed: {_first_line(self._m.get_error())}")
         self._llg_np.fill_next_token_bitmask(self._m, self._bits)
+        self._masked = True
         row = logits
         k = min(row.shape[-1], self._tok.vocab_size)
         if k < row.shape[-1]:   # logits wider than we were told: nothing out there is allowed
@@ -210,8 +216,17 @@ class JSONSchemaConstraint:
         return logits
 
     def advance(self, token: int) -> None:
-        """Feed the sampled token to the grammar; ``BackendError`` if the grammar does not allow it."""
+        """Feed the sampled token to the grammar; ``BackendError`` if the grammar does not allow it,
+        ``UnsatisfiableSchema`` if the engine gave up on a token its mask allowed, or allowed none (the
+        schema has no finite document; checked only on failure: no cost per token)."""
         if not self._m.consume_token(int(token)):
+            t = int(token)
+            allowed = t < self._tok.vocab_size and (int(self._bytes[t >> 3]) >> (t & 7)) & 1
+            if self._masked and (allowed or not self._bytes.any()):   # it gave up on a token it allowed, or allows none
+                raise UnsatisfiableSchema(
+                    f"The JSON schema cannot be satisfied ({_first_line(self._m.get_error())}): a required "
+                    "property that recurses forever has no finite document.",
+                    hint="Make the recursion optional, or give it an end.")
             raise BackendError(f"The sampler chose token {token}, which the JSON schema does not allow here: "
                                f"{_first_line(self._m.get_error())}",
                                hint="This is a bug: mask() must be applied to the logits before sampling.")
@@ -229,4 +244,4 @@ def _first_line(msg: str) -> str:
     return (msg or "unknown error").strip().splitlines()[0][:300]
 
 
-__all__ = ["JSONSchemaConstraint", "JSON_OPTIONS"]
+__all__ = ["JSONSchemaConstraint", "JSON_OPTIONS", "UnsatisfiableSchema"]

@@ -14,6 +14,8 @@ from ..errors import (BackendError, BadMedia, BadModelFile, ContextOverflow, Edg
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: Optional[str] = None,
                  param: Optional[str] = None, headers: Optional[dict] = None):
+        if not message.isascii():      # a client's lone surrogate quoted back must not break the answer
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -47,6 +49,8 @@ def from_error(e: BaseException) -> APIError:
             return APIError(400, msg, code="invalid_image", param="messages")
         if isinstance(e, InsufficientMemory):
             return APIError(503, msg, type="server_error", code="insufficient_memory")
+        if type(e).__name__ == "UnsatisfiableSchema":      # generation.constrain: no document can satisfy it
+            return APIError(400, msg, code="invalid_schema", param="response_format")
         if type(e).__name__ == "SchemaViolation" or isinstance(e, UsageError):
             return APIError(422, msg, code="unprocessable")
         if isinstance(e, (BadModelFile, MissingExtra, BackendError)):

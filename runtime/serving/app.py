@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import json
 import logging
 import secrets
 import time
@@ -22,18 +20,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .apierror import APIError, from_error
+from .bodies import BodyBudget, parse_json
+from .access import APIKeyMiddleware, BrowserGuardMiddleware
 from .metrics import Metrics
 from .pool import ChunkStream, Lease, ModelPool
 from .guarding import record as guard_record
 from .settings import ServeSettings
-from .translate import (Parsed, build_request, dumps, finish, now_iso, ollama_final, ollama_piece, openai_chunk,
-                        openai_completion, openai_content_frames, openai_usage_chunk, parse_ollama_chat,
+from .translate import (Parsed, build_request, check_image_count, dumps, finish, now_iso, ollama_final, ollama_piece,
+                        openai_chunk, openai_completion, openai_content_frames, openai_usage_chunk, parse_ollama_chat,
                         parse_ollama_generate, parse_openai, timings)
+from .workers import Workers
 
 log = logging.getLogger("edgevlm.serve")
 
@@ -51,54 +52,11 @@ class _Blocked(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# middleware: API key
-# --------------------------------------------------------------------------------------------
-
-class APIKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every route but /health (and CORS preflights, which browsers send
-    without credentials). Compared in constant time."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.key = api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
-            return await self.app(scope, receive, send)
-        auth = b""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                auth = value
-                break
-        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        if token and hmac.compare_digest(token, self.key):
-            return await self.app(scope, receive, send)
-        err = APIError(401, "Missing or invalid API key (send `Authorization: Bearer KEY`).",
-                       type="authentication_error", code="invalid_api_key")
-        body = err.ollama_body() if scope["path"].startswith("/api/") else err.openai_body()
-        resp = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await resp(scope, receive, send)
-
-
-# --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
 
-async def read_json(request: Request, limit: int) -> Any:
-    cl = request.headers.get("content-length")
-    if cl is not None and cl.isdigit() and int(cl) > limit:
-        raise APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                       code="request_too_large")
-    buf = bytearray()
-    async for piece in request.stream():
-        buf += piece
-        if len(buf) > limit:
-            raise APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                           code="request_too_large")
-    try:
-        return json.loads(bytes(buf))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON ({e}).", code="invalid_json") from None
+_INLINE_BODY = 8 * 1024     # smaller bodies without a schema are parsed and checked on the loop (no thread hop)
+_SCHEMA_KEYS = (b'"response_format"', b'"json_schema"', b'"format"')
 
 
 async def _disconnected(receive) -> None:
@@ -146,9 +104,21 @@ class _ChunkStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-def _error_response(request: Request, err: APIError) -> JSONResponse:
-    body = err.ollama_body() if request.url.path.startswith("/api/") else err.openai_body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+def _stream_error(e: Exception) -> APIError:
+    """An error after the headers were sent; logged with its traceback only when it is our own bug."""
+    err = from_error(e)
+    if err.status >= 500 and not isinstance(e, APIError):
+        log.error("stream failed: %s", e, exc_info=e)
+    return err
+
+
+def _error_response(request: Request, err: APIError) -> Response:
+    body = err.ollama_body() if request.scope["path"].startswith("/api/") else err.openai_body()
+    try:
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+    except Exception:           # noqa: BLE001 - the error path itself must always answer
+        return JSONResponse({"error": {"message": "Bad request.", "type": err.type, "param": None, "code": err.code}},
+                            status_code=err.status)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +130,8 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     from ..inputs.media import DEFAULT_MAX_PIXELS
 
     metrics = Metrics()
+    workers = Workers(settings)
+    bodies = BodyBudget(max(4 * settings.max_body_bytes, 64 << 20))     # bodies held at once, all requests
     pool = pool or ModelPool(settings)
     pool.metrics = metrics
     max_pixels = settings.max_image_pixels or load_config(settings.home).max_image_pixels or DEFAULT_MAX_PIXELS
@@ -178,7 +150,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                 try:
                     resp = await fn(request)
                     model = request.scope.get("vlm.model", "-")
-                except ClientGone:
+                except (ClientGone, ClientDisconnect):    # (ClientDisconnect: gone while sending its body)
                     resp = Response(status_code=499)
                 except _Blocked as b:
                     model = request.scope["vlm.model"] = b.model
@@ -186,7 +158,8 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                 except Exception as e:      # noqa: BLE001 - the one error boundary of the server
                     err = from_error(e)
                     if err.status >= 500 and not isinstance(e, APIError):
-                        log.error("%s %s failed: %s", request.method, request.url.path, e, exc_info=e)
+                        log.error("%s %s failed: %s", request.method, request.scope["path"].encode(
+                            "utf-8", "backslashreplace").decode(), e, exc_info=e)
                     model = request.scope.get("vlm.model", "-")
                     resp = _error_response(request, err)
                 metrics.requests.labels(name, model, str(resp.status_code)).inc()
@@ -195,10 +168,23 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         return deco
 
     # -- the generation path, shared by both API families ------------------------------------------
+    async def body(request: Request, parse: Callable[[Any, ServeSettings], Parsed]) -> Parsed:
+        """The request, parsed and checked: on the loop when small and schema-free, else in the checks pool
+        (a big body or a JSON schema can take a second of pure Python)."""
+        async with bodies.hold(request, settings.max_body_bytes) as data:
+            if len(data) <= _INLINE_BODY and not any(k in data for k in _SCHEMA_KEYS):
+                return parse(parse_json(data), settings)
+            return await workers.check(lambda: parse(parse_json(data), settings))
+
     async def start(request: Request, parsed: Parsed, verdicts: dict) -> tuple[Lease, ChunkStream, Any, float, Any]:
         t0 = time.perf_counter()
-        if parsed.n_images:             # decoding is CPU work: off the event loop
-            chat = await asyncio.get_running_loop().run_in_executor(None, build_request, parsed, settings, max_pixels)
+        if parsed.n_images:             # fetching and decoding: in their own pools, within the pixel budgets
+            check_image_count(parsed, settings)
+            resolved = pool.resolve(parsed.model)
+            if pool.takes_images(resolved) is False:       # known before a single pixel is decoded
+                raise APIError(422, f"{pool.model_id(resolved)} has no vision projector, so it cannot read images; "
+                                    "use a vision model.", code="unprocessable", param="messages")
+            chat = build_request(parsed, settings, max_pixels, await workers.images(parsed, max_pixels))
         else:                           # nothing to decode: no thread hop (it costs TTFT on a busy CPU)
             chat = build_request(parsed, settings, max_pixels)
         if guard is not None and guard.checks_input:
@@ -252,7 +238,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
     # -- OpenAI ------------------------------------------------------------------------------------
     @endpoint("chat_completions")
     async def chat_completions(request: Request) -> Response:
-        parsed = parse_openai(await read_json(request, settings.max_body_bytes), settings)
+        parsed = await body(request, parse_openai)
         verdicts: dict = {}
         lease, stream, first, _t0, chat = await start(request, parsed, verdicts)
         model = lease.entry.id
@@ -288,8 +274,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                     if text:
                         yield f"data: {dumps(openai_chunk(rid, model, created, {'content': text}))}\n\n"
             except Exception as e:          # noqa: BLE001 - after the headers, errors travel as an event
-                log.error("stream failed: %s", e, exc_info=e)
-                yield f"data: {dumps(from_error(e).openai_body())}\n\n"
+                yield f"data: {dumps(_stream_error(e).openai_body())}\n\n"
                 return
             metrics.observe_answer(model, chunk)
             yield (f"data: {dumps(openai_chunk(rid, model, created, {}, finish(chunk), timings=timings(chunk), **extra()))}"
@@ -384,8 +369,7 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                         break
                     chunk = await stream.__anext__()
             except Exception as e:          # noqa: BLE001
-                log.error("stream failed: %s", e, exc_info=e)
-                yield dumps(from_error(e).ollama_body()) + "\n"
+                yield dumps(_stream_error(e).ollama_body()) + "\n"
                 return
             metrics.observe_answer(model, chunk)
             yield dumps(ollama_final(model, chunk, time.perf_counter() - t0, load_s, key=key)) + "\n"
@@ -394,13 +378,11 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
 
     @endpoint("ollama_chat")
     async def ollama_chat(request: Request) -> Response:
-        return await _ollama(request, parse_ollama_chat(await read_json(request, settings.max_body_bytes), settings),
-                             "message")
+        return await _ollama(request, await body(request, parse_ollama_chat), "message")
 
     @endpoint("ollama_generate")
     async def ollama_generate(request: Request) -> Response:
-        return await _ollama(request, parse_ollama_generate(await read_json(request, settings.max_body_bytes), settings),
-                             "response")
+        return await _ollama(request, await body(request, parse_ollama_generate), "response")
 
     @endpoint("ollama_tags")
     async def ollama_tags(request: Request) -> Response:
@@ -420,8 +402,11 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
         out = []
         for e in pool.loaded():
             idle_s = 0.0 if not e.idle else time.monotonic() - e.last_used
-            expires = ("2318-01-01T00:00:00Z" if e.keep_alive_s is None else   # Ollama's "forever"
-                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + e.keep_alive_s - idle_s)))
+            try:
+                expires = ("2318-01-01T00:00:00Z" if e.keep_alive_s is None else   # Ollama's "forever"
+                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + e.keep_alive_s - idle_s)))
+            except (OverflowError, ValueError, OSError):
+                expires = "2318-01-01T00:00:00Z"
             out.append({"name": e.id, "model": e.id, "size": e.estimate, "size_vram": 0, "expires_at": expires,
                         "details": {"format": e.resolved.artifact.format}})
         return JSONResponse({"models": out})
@@ -474,15 +459,21 @@ def create_app(settings: ServeSettings, pool: Optional[ModelPool] = None) -> Sta
                 if stop is not None:
                     stop()
 
-        task = asyncio.get_running_loop().create_task(preload()) if pool.pinned_refs() else None
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(preload()) if pool.pinned_refs() else None
+        # SIGTERM (the CLI calls this from its signal handler): answers in progress get the grace period,
+        # then end with an error event, just before uvicorn would cancel them mid-write.
+        app.state.drain = lambda: loop.call_soon_threadsafe(loop.call_later, max(0.0, settings.grace_s - 0.3),
+                                                            pool.expire)
         try:
             yield
         finally:
             if task is not None:
                 task.cancel()
             await pool.close()
+            workers.close()
 
-    middleware = []
+    middleware = [Middleware(BrowserGuardMiddleware, settings=settings)]
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -13,6 +13,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -50,15 +51,27 @@ def decode_base64(text: str, param: str) -> bytes:
 
 def load_image_ref(ref: str, settings: ServeSettings, max_pixels: Optional[int], param: str, *,
                    base64_only: bool = False) -> ImageInput:
-    """One image from a request (blocking: call it off the event loop). ``base64_only``: Ollama's
-    ``images``, which are bare base64 (or data URIs), never URLs or paths."""
+    """One image from a request, read and decoded (blocking: call it off the event loop)."""
+    data, ctype, display = image_bytes(ref, settings, param, base64_only=base64_only)
+    return image_from_bytes(data, display, max_pixels, ctype)
+
+
+def is_url(ref: str, base64_only: bool = False) -> bool:
+    return not base64_only and ref[:8].lower().startswith(("http://", "https://"))
+
+
+def image_bytes(ref: str, settings: ServeSettings, param: str, *, base64_only: bool = False,
+                deadline: Optional[float] = None) -> tuple[bytes, Optional[str], str]:
+    """The bytes of one image a request names, their content type when known, and the name errors use
+    (blocking). ``base64_only``: Ollama's ``images``, which are bare base64 (or data URIs), never URLs or
+    paths. ``deadline`` (time.monotonic) ends a fetch: connect, headers and body together."""
     if not isinstance(ref, str) or not ref:
         raise _bad(f"{param} must be a non-empty string (a data: URI or a URL).", param)
     if base64_only and not ref.startswith("data:"):
         data = decode_base64(ref, param)
         if not data:
             raise _bad(f"{param} holds no image bytes.", param)
-        return image_from_bytes(data, f"{param} (base64)", max_pixels)
+        return data, None, f"{param} (base64)"
     if ref.startswith("data:"):
         head, sep, payload = ref.partition(",")
         if not sep or not head.endswith(";base64"):
@@ -67,25 +80,23 @@ def load_image_ref(ref: str, settings: ServeSettings, max_pixels: Optional[int],
         data = decode_base64(payload, param)
         if not data:
             raise _bad(f"{param} holds no image bytes.", param)
-        return image_from_bytes(data, f"{param} (data URI)", max_pixels, mime)
+        return data, mime, f"{param} (data URI)"
     scheme = ref.split(":", 1)[0].lower() if "://" in ref else ""
     if scheme in ("http", "https"):
         if not settings.allow_image_urls:
             raise APIError(400, f"{param}: image URLs are off on this server; send the image as a data URI "
                                 "(data:image/jpeg;base64,...).", param=param, code="image_urls_disabled")
         data, ctype = fetch(ref, allow_private=settings.allow_private_urls, timeout=settings.url_timeout_s,
-                            max_bytes=settings.max_body_bytes, param=param)
-        return image_from_bytes(data, ref, max_pixels, ctype)
+                            max_bytes=settings.max_body_bytes, param=param, deadline=deadline)
+        return data, ctype, ref
     if scheme == "file" or (not scheme and ref.startswith(("/", "~"))):
-        return _local(ref, settings, max_pixels, param)
+        return _local(ref, settings, param), None, ref
     if not scheme:
         raise _bad(f"{param} must be a data: URI, an http(s) URL or a file:// URL.", param)
     raise _bad(f"{param}: unsupported URL scheme `{scheme}`.", param)
 
 
-def _local(ref: str, settings: ServeSettings, max_pixels: Optional[int], param: str) -> ImageInput:
-    from ..inputs.media import load_image
-
+def _local(ref: str, settings: ServeSettings, param: str) -> bytes:
     if settings.media_dir is None:
         raise APIError(400, f"{param}: local paths are off on this server (start it with --media-dir DIR).",
                        param=param, code="local_paths_disabled")
@@ -96,7 +107,17 @@ def _local(ref: str, settings: ServeSettings, max_pixels: Optional[int], param: 
     if not full.is_relative_to(root):
         raise APIError(403, f"{param}: only files under the server's media folder can be read.", param=param,
                        code="path_not_allowed", type="permission_error")
-    return load_image(str(full), max_pixels=max_pixels, max_bytes=settings.max_body_bytes)
+    try:
+        with open(full, "rb") as f:
+            data = f.read(settings.max_body_bytes + 1)
+    except OSError as e:
+        raise _bad(f"{param}: cannot read {full.name} ({e.strerror or e}).", param) from None
+    if len(data) > settings.max_body_bytes:
+        raise APIError(413, f"{param}: the image is larger than {settings.max_body_bytes} bytes.", param=param,
+                       code="image_too_large")
+    if not data:
+        raise _bad(f"{param}: {full.name} is empty.", param)
+    return data
 
 
 def is_public(ip: ipaddress._BaseAddress) -> bool:
@@ -133,16 +154,51 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch(url: str, *, allow_private: bool, timeout: float, max_bytes: int, param: str = "url") -> tuple[bytes, Optional[str]]:
-    deadline = time.monotonic() + timeout
+class _Watchdog:
+    """Ends a connection at the fetch's deadline, whatever it is waiting for: a socket timeout bounds
+    each read, not the whole (a peer trickling a byte a second never trips it)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, deadline: float):
+        self.conn, self.fired = conn, False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)     # the plain socket's: wakes a blocked read
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def fetch(url: str, *, allow_private: bool, timeout: float, max_bytes: int, param: str = "url",
+          deadline: Optional[float] = None) -> tuple[bytes, Optional[str]]:
+    """GET ``url`` with the address checks above, ending by ``deadline`` (default: ``timeout`` from now)
+    whatever the peer does: connect, headers and body share it, redirects included."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
+
+    def timed_out() -> APIError:
+        return _bad(f"{param}: fetching the image timed out after {timeout:g} s.", param)
+
     for _ in range(_MAX_REDIRECTS + 1):
+        if time.monotonic() >= deadline:
+            raise timed_out()
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
             raise _bad(f"{param}: only http(s) URLs with a host can be fetched.", param)
         if parts.username or parts.password:
             raise _bad(f"{param}: URLs with credentials are refused.", param)
-        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise _bad(f"{param}: the URL's port is not a number from 1 to 65535.", param) from None
         ips = _addresses(parts.hostname, port, param)
         if not allow_private:
             bad = [ip for ip in ips if not is_public(ip)]
@@ -152,6 +208,7 @@ def fetch(url: str, *, allow_private: bool, timeout: float, max_bytes: int, para
                                param=param, code="url_not_allowed")
         cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
         conn = cls(parts.hostname, port, str(ips[0]), max(0.1, deadline - time.monotonic()))
+        dog = _Watchdog(conn, deadline)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request("GET", target, headers={"User-Agent": "edgevlm", "Accept": "image/*,*/*;q=0.5"})
@@ -169,14 +226,20 @@ def fetch(url: str, *, allow_private: bool, timeout: float, max_bytes: int, para
 
             body = read_bounded(resp, max_bytes, deadline,
                                 lambda: APIError(413, f"{param}: the image is larger than {max_bytes} bytes.",
-                                                 param=param, code="image_too_large"),
-                                lambda: _bad(f"{param}: fetching the image timed out after {timeout:g} s.", param))
+                                                 param=param, code="image_too_large"), timed_out)
+            if dog.fired:
+                raise timed_out()
             ctype = resp.getheader("Content-Type")
             return body, ctype.split(";")[0].strip() if ctype else None
         except APIError:
             raise
-        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+        except Exception as e:      # noqa: BLE001 - whatever the watchdog's cut left behind is a timeout
+            if dog.fired:
+                raise timed_out() from None
+            if not isinstance(e, (OSError, http.client.HTTPException, ssl.SSLError, ValueError)):
+                raise
             raise _bad(f"{param}: fetching the image failed ({e}).", param) from None
         finally:
+            dog.cancel()
             conn.close()
     raise _bad(f"{param}: more than {_MAX_REDIRECTS} redirects.", param)

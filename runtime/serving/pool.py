@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
@@ -134,6 +135,7 @@ class Lease:
         from ..generation.core import generate
 
         stream = ChunkStream(asyncio.get_running_loop())
+        self.pool.streams.add(stream)
 
         def work(backend) -> None:
             gen = generate(backend, request)
@@ -192,6 +194,8 @@ class ModelPool:
         self._budget = settings.memory_budget
         self._reaper: Optional[asyncio.Task] = None
         self.closing = False
+        self.expired = False                    # the shutdown grace period is over: nothing more starts
+        self.streams: "weakref.WeakSet[ChunkStream]" = weakref.WeakSet()
 
     # -- names -------------------------------------------------------------------------------------
     def resolve(self, model_id: Optional[str]) -> "ResolvedModel":
@@ -240,11 +244,13 @@ class ModelPool:
                 self._named.setdefault(name, ref)
             total += self.estimate(resolved)
             out.append(resolved)
+        total += self.image_reserve(*out)
         slots = f" in each of {self.settings.parallel} slots" if self.settings.parallel > 1 else ""
         if total > self.budget() and not self.settings.ignore_memory:
             raise InsufficientMemory(
                 f"{', '.join(self.settings.models)} need about {fmt_bytes(total)} together with a "
-                f"{self.settings.ctx:,}-token context{slots}, more than the memory budget ({fmt_bytes(self.budget())}).",
+                f"{self.settings.ctx:,}-token context{slots} (image decoding included), more than the memory "
+                f"budget ({fmt_bytes(self.budget())}).",
                 hint=f"Serve fewer models, lower --ctx{' or --parallel' if slots else ''}, or raise --memory-budget "
                      "(or pass --ignore-memory).")
         return out
@@ -282,6 +288,8 @@ class ModelPool:
                 await asyncio.shield(self._ensure_loading(entry))
             await entry.sem.acquire()
             locked = True
+            if self.expired:
+                raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
             if entry.backend is None:                 # unloaded while we waited (cannot happen while admitted)
                 raise APIError(503, f"{entry.id} was unloaded; retry.", type="server_error",
                                headers={"Retry-After": "1"})
@@ -337,7 +345,7 @@ class ModelPool:
         if self.settings.ignore_memory:
             return want
         used = sum(e.estimate for e in self.entries.values())
-        return max(0, min(want, self.budget() - used - need))
+        return max(0, min(want, self.budget() - self.image_reserve(resolved) - used - need))
 
     def budget(self) -> int:
         if self._budget is None:
@@ -346,10 +354,38 @@ class ModelPool:
             self._budget = memory_info().available
         return self._budget
 
+    def takes_images(self, resolved: "ResolvedModel") -> Optional[bool]:
+        """Whether this model reads images: from its backend once loaded, else from its files (a GGUF
+        model needs a projector beside it); None when only loading it would tell."""
+        entry = self.entries.get(str(resolved.artifact.path))
+        if entry is not None and entry.backend is not None:
+            return bool(entry.backend.has_vision)
+        if resolved.artifact.format == "gguf":
+            return resolved.artifact.mmproj is not None
+        return None
+
+    def image_reserve(self, *models: "ResolvedModel") -> int:
+        """Bytes set aside for decoding images (workers.decode_reserve) when a model that may read them is
+        loaded or about to be: the memory check counts them beside the models."""
+        from .workers import decode_reserve
+
+        vision = any(self.takes_images(r) is not False for r in models) or any(
+            self.takes_images(e.resolved) is not False for e in self.entries.values())
+        return decode_reserve(self.settings) if vision and self.settings.max_images > 0 else 0
+
+    def expire(self) -> None:
+        """The shutdown grace period is over: every answer still streaming ends now with an error (the
+        client sees an error event, not a cut connection), and nothing waiting starts."""
+        self.expired = True
+        err = APIError(503, "The server is shutting down: the grace period for answers in progress ended.",
+                       type="server_error", code="shutting_down")
+        for stream in list(self.streams):
+            stream.fail(err)
+
     def _make_room(self, need: int, resolved: "ResolvedModel") -> None:
         from ..device.memory import fmt_bytes
 
-        budget = self.budget()
+        budget = self.budget() - self.image_reserve(resolved)
         name = self.model_id(resolved)
         if need > budget and not self.settings.ignore_memory:
             raise InsufficientMemory(

@@ -18,6 +18,8 @@ class ServeSettings:
     port: int = 8080
     api_key: Optional[str] = None
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides the listen address
+    max_header_bytes: int = 64 * 1024                    # request line + headers
     # models
     ctx: int = DEFAULT_CTX
     threads: Optional[int] = None
@@ -39,7 +41,10 @@ class ServeSettings:
     allow_image_urls: bool = False                       # http(s) image URLs
     allow_private_urls: bool = False                     # ... to loopback / private / link-local addresses
     media_dir: Optional[Path] = None                     # local paths allowed only under this folder
-    url_timeout_s: float = 10.0
+    url_timeout_s: float = 10.0                          # one deadline for all of a request's fetches
+    # images decoded at once (workers.py): pixels held by decodes, per request and for all requests together
+    max_decode_pixels: int = 36_000_000
+    decode_pixels_total: int = 72_000_000
     # the safety filter (Llama Guard 3, runtime/generation/guard.py): input | output | both, or None
     guard_mode: Optional[str] = None
     guard_model: Optional[str] = None                    # a model reference, resolved like the models above

@@ -83,6 +83,13 @@ class ChunkStream:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` now (on the event loop): the reader gets what already arrived,
+        then the error; the generation stops after its current token."""
+        if not self.done:
+            self.cancel()
+            self._arrive(_Failure(error))
+
     def __aiter__(self) -> "ChunkStream":
         return self
 

@@ -9,6 +9,7 @@ parameter, and features we do not have (tools, logprobs, n > 1) are refused rath
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +20,10 @@ from .apierror import APIError, bad_request
 from .settings import ServeSettings
 
 KEEP = -1.0            # keep_alive: leave the model's setting as it is
+KEEP_ALIVE_MAX = 1e9   # seconds; a longer keep_alive means forever (no clock arithmetic overflows)
+MAX_SCHEMA_NODES = 2048  # objects and arrays in one JSON schema (checking 1,000 properties takes ~0.3 s)
+MAX_STOP_CHARS = 1000
+MAX_MODEL_CHARS = 512
 _DETAILS = ("auto", "low", "high")
 
 
@@ -90,9 +95,20 @@ def _stop(v: Any, param: str) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise _type_error(param, "a string or a list of strings")
-    if len(v) > 16:
-        raise APIError(400, f"`{param}` takes at most 16 strings.", param=param, code="invalid_value")
+    if len(v) > 16 or any(len(s) > MAX_STOP_CHARS for s in v):
+        raise APIError(400, f"`{param}` takes at most 16 strings of at most {MAX_STOP_CHARS} characters.",
+                       param=param, code="invalid_value")
     return [s for s in v if s]
+
+
+def _model_name(body: dict) -> Optional[str]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _type_error("model", "a string")
+    if model is not None and len(model) > MAX_MODEL_CHARS:       # (it is quoted back in a 404)
+        raise APIError(400, f"`model` is longer than {MAX_MODEL_CHARS} characters.", param="model",
+                       code="invalid_value")
+    return model
 
 
 def _max_tokens(v: Optional[float], param: str, settings: ServeSettings) -> int:
@@ -105,16 +121,28 @@ def _max_tokens(v: Optional[float], param: str, settings: ServeSettings) -> int:
 
 
 def check_schema(schema: Any, param: str) -> dict:
+    """A JSON schema the engine may compile: valid, at most ``MAX_SCHEMA_NODES`` objects and arrays (the
+    body's depth limit bounds its nesting). Slow for big schemas: the app calls it off the event loop."""
     import jsonschema
 
     if not isinstance(schema, dict):
         raise _type_error(param, "a JSON Schema object")
+    nodes, stack = 0, [schema]
+    while stack:
+        x = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise APIError(400, f"`{param}` is too large: more than {MAX_SCHEMA_NODES} objects and arrays.",
+                           param=param, code="invalid_schema")
+        stack.extend(v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list)))
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(x) for x in e.absolute_path) or "(top level)"
         raise APIError(400, f"`{param}` is not a valid JSON Schema: {e.message} at {where}.", param=param,
                        code="invalid_schema") from None
+    except RecursionError:
+        raise APIError(400, f"`{param}` is nested too deeply.", param=param, code="invalid_schema") from None
     return schema
 
 
@@ -212,9 +240,7 @@ def _response_format(body: dict) -> Optional[dict]:
 def parse_openai(body: Any, settings: ServeSettings) -> Parsed:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _type_error("model", "a string")
+    model = _model_name(body)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad_request("`messages` must be a non-empty list.", "messages")
@@ -329,7 +355,9 @@ def keep_alive(v: Any) -> Optional[float]:
         secs = float(num) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[unit]
     else:
         raise _type_error("keep_alive", "a duration (\"5m\") or a number of seconds")
-    return None if secs < 0 else secs
+    if not math.isfinite(secs):
+        raise APIError(400, "`keep_alive` must be a finite duration.", param="keep_alive", code="invalid_value")
+    return None if secs < 0 or secs > KEEP_ALIVE_MAX else secs     # beyond ~31 years: forever, as Ollama
 
 
 def _ollama_options(body: dict, settings: ServeSettings) -> GenerationOptions:
@@ -361,8 +389,8 @@ def _ollama_images(v: Any, param: str) -> list[ImageRef]:
 def _ollama_common(body: Any) -> str:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    model = _model_name(body)
+    if not model:
         raise bad_request("`model` is required.", "model")
     if body.get("tools"):
         raise bad_request("Tool calling is not supported by this server.", "tools")
@@ -434,19 +462,25 @@ _OPTIONS_HAVE_DETAIL = "image_detail" in {f.name for f in fields(GenerationOptio
 _DETAIL_ORDER = {"low": 0, "auto": 1, "high": 2}
 
 
-def build_request(parsed: Parsed, settings: ServeSettings, max_pixels: Optional[int]) -> ChatRequest:
-    """Decode the request's images (blocking) and assemble the ``ChatRequest``. OpenAI's per-image
-    ``detail`` becomes the request's ``options.image_detail.level`` (the image path takes one level per
-    request): the most detail any image asked for, so no image gets less than requested."""
-    from .images import load_image_ref
-
+def check_image_count(parsed: Parsed, settings: ServeSettings) -> None:
     if parsed.n_images > settings.max_images:
         raise APIError(400, f"The request has {parsed.n_images} images; this server takes at most {settings.max_images}.",
                        param="messages", code="too_many_images")
+
+
+def build_request(parsed: Parsed, settings: ServeSettings, max_pixels: Optional[int],
+                  images: Optional[list[list[ImageInput]]] = None) -> ChatRequest:
+    """Assemble the ``ChatRequest``, with ``images`` (per message, decoded by ``workers.Workers.images``)
+    or else decoding them here (blocking). OpenAI's per-image ``detail`` becomes the request's
+    ``options.image_detail.level`` (the image path takes one level per request): the most detail any
+    image asked for, so no image gets less than requested."""
+    from .images import load_image_ref
+
+    check_image_count(parsed, settings)
     messages = []
-    for m in parsed.messages:
-        imgs: list[ImageInput] = [load_image_ref(ref.ref, settings, max_pixels, ref.param, base64_only=ref.base64_only)
-                                  for ref in m.images]
+    for mi, m in enumerate(parsed.messages):
+        imgs: list[ImageInput] = images[mi] if images is not None else [
+            load_image_ref(ref.ref, settings, max_pixels, ref.param, base64_only=ref.base64_only) for ref in m.images]
         messages.append(Message(m.role, m.text, imgs))
     details = [ref.detail for m in parsed.messages for ref in m.images if ref.detail]
     opts = parsed.options
