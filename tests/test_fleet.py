@@ -205,3 +205,80 @@ def test_merge_usage_errors(tmp_path):
                        "Cannot read")
     assert_clean_error(vlm("caption", "--merge", str(tmp_path / "o.jsonl"), part, "--out", "x"), 2, "--merge")
     assert_clean_error(vlm("caption", str(tmp_path), "--inputs", str(tmp_path), "--out", "x.jsonl"), 2, "--inputs")
+
+
+# -- shards with a real model ----------------------------------------------------------------------
+
+@pytest.fixture
+def pics(tmp_path):
+    d = tmp_path / "pics"
+    d.mkdir()
+    for i in range(12):
+        Image.new("RGB", (64 + 4 * i, 48), (20 * i, 240 - 20 * i, (97 * i) % 256)).save(d / f"{i:02d}.png")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+_SAME = ("path", "sha256", "prompt", "model", "key", "answer", "finish_reason", "usage", "error")
+
+
+def _comparable(recs):
+    """What must not depend on how the job was split. prompt_eval_tokens does: an image evaluates less of
+    its prompt when the one before it in the same process left the prompt's head in the KV cache."""
+    out = []
+    for r in recs:
+        c = {k: r.get(k) for k in _SAME}
+        if c["usage"]:
+            c["usage"] = {k: v for k, v in c["usage"].items() if k != "prompt_eval_tokens"}
+        out.append(c)
+    return sorted(out, key=lambda r: r["path"])
+
+
+def _caption_cmd(*args):
+    exe = Path(sys.executable).with_name("vlm")
+    return [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edgevlm.cli.main"]),
+            "caption", *args]
+
+
+def _env():
+    e = {k: v for k, v in os.environ.items() if k not in ("VLM_DEBUG", "VLM_API_KEY")}
+    e.update(VLM_HOME=str(MODELS_HOME), NO_COLOR="1")
+    return e
+
+
+@pytest.mark.model
+def test_two_shards_side_by_side_merge_to_one_process(vision_model, pics, tmp_path):
+    common = ["-n", "6", "-t", "0", "--threads", "1", *_vm_args(vision_model)]
+    one = tmp_path / "one.jsonl"
+    r = vlm("caption", str(pics), "--out", str(one), *common)
+    assert r.returncode == 12, r.stderr                    # notes.txt is an error record
+    parts = [tmp_path / f"part{k}.jsonl" for k in range(2)]
+    procs = [subprocess.Popen(_caption_cmd(str(pics), "--out", str(parts[k]), "--shard", f"{k}/2", *common),
+                              env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert {p.returncode for p in procs} <= {0, 12}, outs
+    sizes = [len(_lines(p)) for p in parts]
+    assert sum(sizes) == 13 and min(sizes) > 0, sizes          # every input in exactly one part
+    assert all(f"Shard {k}/2 (--shard): {sizes[k]} of 13 inputs" in " ".join(outs[k][1].split()) for k in range(2))
+    assert all(rec["shard"] == f"{k}/2" for k in range(2) for rec in _lines(parts[k]))
+    merged = tmp_path / "merged.jsonl"
+    r = vlm("caption", "--merge", str(merged), *map(str, parts), "--inputs", str(pics))
+    assert r.returncode == 12, r.stderr                    # nothing missing; notes.txt failed
+    assert "Failed (1" in r.stderr and "Missing" not in r.stderr
+    assert _comparable(_lines(merged)) == _comparable(_lines(one))     # the same records as one process
+
+    # each shard resumes on its own: shard 0 loses its last two records, shard 1 is whole
+    lines = parts[0].read_text().splitlines(keepends=True)
+    kept = [json.loads(x) for x in lines[:-2]]
+    parts[0].write_text("".join(lines[:-2]))
+    errors = [sum("error" in x for x in _lines(p)) for p in parts]
+    r0 = vlm("caption", str(pics), "--out", str(parts[0]), "--shard", "0/2", "--resume", *common)
+    r1 = vlm("caption", str(pics), "--out", str(parts[1]), "--shard", "1/2", "--resume", *common)
+    assert r0.returncode in (0, 12) and r1.returncode in (0, 12), (r0.stderr, r1.stderr)
+    done0 = sum("error" not in x for x in kept)
+    assert f"{done0} already done" in " ".join(r0.stderr.split())
+    assert f"{sizes[1] - errors[1]} already done" in " ".join(r1.stderr.split())     # error records are retried
+    assert len(_lines(parts[0])) == len(kept) + (sizes[0] - done0) and len(_lines(parts[1])) == sizes[1] + errors[1]
+    r = vlm("caption", "--merge", str(merged), *map(str, parts), "--inputs", str(pics))
+    assert r.returncode == 12 and _comparable(_lines(merged)) == _comparable(_lines(one)), r.stderr
