@@ -120,7 +120,7 @@ def probe(ep: Endpoint, timeout: float = 10.0) -> tuple[Optional[int], list[str]
     try:
         doc = _request(ep, "GET", "/v1/models", None, timeout)
         models = [m.get("id") for m in doc.get("data") or [] if isinstance(m, dict) and isinstance(m.get("id"), str)]
-    except ImageRefused:
+    except (ServerFailed, ImageRefused):          # down now: the job still tries it (it may come back)
         pass
     return slots, models
 
