@@ -500,3 +500,45 @@ def test_no_server_answers(tmp_path):
         assert rec["error"].startswith("No server answered") and "engine exploded" in rec["error"]
     finally:
         broken.close()
+
+
+# -- Ray Data ----------------------------------------------------------------------------------------
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_ray_data_records_equal_vlm_caption(vision_model, pics, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra (pip install '.[ray]') has no wheel for this platform")
+    pytest.importorskip("ray.data", reason="ray is installed without ray.data (pip install '.[ray]')")
+    from edgevlm.runtime.captioner import Captioner
+
+    local = tmp_path / "local.jsonl"
+    r = vlm("caption", str(pics), "--out", str(local), "-n", "6", "-t", "0", "--threads", "1", *_vm_args(vision_model))
+    assert r.returncode == 12, r.stderr
+    paths = [x["path"] for x in _lines(local)]
+    # a local Ray cluster on this machine, in its own temp folder; the actors see the same model store
+    import shutil
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")     # Ray's socket paths must stay under 108 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=short,
+             runtime_env={"env_vars": {"VLM_HOME": str(MODELS_HOME), "NO_COLOR": "1"}})
+    try:
+        ds = ray.data.from_items([{"path": p} for p in paths])
+        out = ds.map_batches(Captioner, batch_size=4, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1,
+                             fn_constructor_kwargs={"model": str(vision_model["gguf"]),
+                                                    "mmproj": str(vision_model["mmproj"]),
+                                                    "max_tokens": 6, "threads": 1})
+        t0 = time.perf_counter()
+        rows = list(out.iter_rows())
+        print(f"ray: {len(rows)} images in {time.perf_counter() - t0:.1f} s (2 actors, model loads included)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(short, ignore_errors=True)
+    recs = [json.loads(row["record"]) for row in rows]
+    assert _comparable(recs) == _comparable(_lines(local))           # the records `vlm caption` writes
+    assert [row["error"] is not None for row in rows] == ["error" in x for x in recs]
+    # the lines merge with vlm caption's own parts like any other part
+    part = tmp_path / "ray.jsonl"
+    part.write_text("".join(row["record"] + "\n" for row in rows))
+    r = vlm("caption", "--merge", str(tmp_path / "all.jsonl"), str(part), "--inputs", str(pics))
+    assert r.returncode == 12 and "Missing" not in r.stderr, r.stderr
