@@ -15,8 +15,7 @@ from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Seed, Temperature, Threads, Yes
 
-EXIT_SOME_FAILED = 12
-EXIT_SOME_MISSING = 14          # --merge: some inputs have no record in any part (re-run their shards)
+from .fleet import EXIT_SOME_FAILED  # noqa: E402  (12; --merge also exits 14: some inputs have no record)
 
 
 @boundary

@@ -9,8 +9,8 @@ from edgevlm.runtime.errors import UsageError
 
 from . import console
 
-EXIT_SOME_FAILED = 12
-EXIT_SOME_MISSING = 14
+EXIT_SOME_FAILED = 12          # some inputs became error records (README: Exit codes)
+EXIT_SOME_MISSING = 14         # --merge: some inputs have no record in any part (re-run their shards)
 
 
 def owned(files: list[str], shard) -> list[tuple[str, Optional[str]]]:
