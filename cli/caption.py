@@ -63,7 +63,8 @@ def caption(
         help="--server: requests at once per server (default: what the server reports, else 1; "
              "a `vlm serve --parallel N` takes N).")] = None,
     server_timeout: Annotated[float, typer.Option(
-        "--server-timeout", min=1.0, help="--server: seconds to wait for one answer before trying another server.")] = 600.0,
+        "--server-timeout", min=1.0, help="--server: seconds to wait for one answer before trying another server; when every "
+                                        "server has failed for this long the job stops (exit 10; --resume continues).")] = 600.0,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="VLM_API_KEY", show_envvar=False, help="--server: the servers' API key.")] = None,
 ) -> None:

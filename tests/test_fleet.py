@@ -494,12 +494,35 @@ def test_no_server_answers(tmp_path):
     assert_clean_error(r, 2, "No server answered with a model")
     broken = Stub("error")
     try:
-        r = vlm("caption", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.jsonl"), "--server", broken.url)
-        assert r.returncode == 12 and "Traceback" not in r.stderr, r.stderr
-        rec = _lines(tmp_path / "o.jsonl")[0]
-        assert rec["error"].startswith("No server answered") and "engine exploded" in rec["error"]
+        # every server failing for --server-timeout stops the job: nothing written, resume continues later
+        t0 = time.monotonic()
+        r = vlm("caption", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.jsonl"), "--server", broken.url,
+                "--server-timeout", "3")
+        assert_clean_error(r, 10, "No server has answered for 3 s", "engine exploded", "--resume")
+        assert time.monotonic() - t0 < 30 and (tmp_path / "o.jsonl").read_text() == ""
     finally:
         broken.close()
+
+
+def test_an_image_that_fails_everywhere_becomes_an_error_record():
+    """Scheduling alone (the HTTP side is tested against real servers above): an image every server
+    fails on ends as an error record after its tries, and the others are answered."""
+    from edgevlm.runtime.inputs.remote import Ask, Dispatcher, Endpoint, ServerFailed
+
+    def ask_fn(ep, ask, path):
+        time.sleep(0.01)
+        if path == "poison":
+            raise ServerFailed(f"{ep.url} answered 500: crashed")
+        return {"text": path, "server": ep.url}
+
+    eps = [Endpoint("http://a", slots=2), Endpoint("http://b", slots=1)]
+    paths = ["poison"] + [f"img{i}" for i in range(20)]
+    d = Dispatcher(eps, Ask(prompt="p", timeout=30), ask_fn=ask_fn)
+    got = dict(d.run(paths))
+    assert sorted(got) == list(range(len(paths)))                 # every image once
+    assert got[0]["error"].startswith("No server answered") and "crashed" in got[0]["error"]
+    assert all(got[i]["text"] == paths[i] for i in range(1, len(paths)))
+    assert {got[i]["server"] for i in range(1, len(paths))} == {"http://a", "http://b"}
 
 
 # -- Ray Data ----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Each endpoint gets as many requests at once as it has slots (llama-server says h
 otherwise ``slots`` as given, default 1), all endpoints take work from one queue, so a fast board takes
 more images than a slow one. A request that fails for a reason of the server's (no connection, a 5xx,
 503 queue full, 429, a timeout) goes back to the queue for another endpoint, and that endpoint rests for
-a while (2 s, doubling to 60 s); an answer about the image itself (400 not an image, 413 too big) becomes
+a while (1 s, doubling to 30 s); when every endpoint has been failing for the request timeout, the
+job stops (resume continues it) rather than turning the archive into error records. An answer about the image itself (400 not an image, 413 too big) becomes
 the image's error record. When the queue is empty and an image has been out for more than twice the usual
 answer time, an idle endpoint asks too and the first answer wins, so one slow board does not hold the
 end of the job. Only the standard library: no client package to install on a board.
@@ -23,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from ..errors import EdgeVLMError, UsageError
+from ..errors import BackendError, EdgeVLMError, UsageError
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _FATAL_STATUS = {401, 403, 404}         # wrong key or no such model: this endpoint is no use for the job
@@ -50,6 +51,8 @@ class Endpoint:
     down_until: float = 0.0
     backoff: float = 0.0
     dead: Optional[str] = None            # why it is no use for this job (bad key, unknown model)
+    failing_since: Optional[float] = None # start of the current run of failures (None after a success)
+    last_error: str = ""
     answered: int = 0
     failures: int = 0
 
@@ -202,9 +205,12 @@ class Dispatcher:
     answers arrive, on the caller's thread: ``result`` is ask_one's dict, or ``{"error": ..., "hint": ...}``
     for an image that failed (the server refused it, or no endpoint answered after ``max_attempts``)."""
 
-    def __init__(self, endpoints: list[Endpoint], ask: Ask, *, max_attempts: int = 0,
+    def __init__(self, endpoints: list[Endpoint], ask: Ask, *, max_attempts: int = 0, give_up_s: float = 0,
                  ask_fn: Callable[[Endpoint, Ask, str], dict] = ask_one, on_event: Optional[Callable[[str], None]] = None):
         self.endpoints = endpoints
+        # every endpoint failing for this long stops the job (resume continues it): a fleet that is down
+        # must not turn a whole archive into error records
+        self.give_up_s = give_up_s or ask.timeout
         self.ask = ask
         self.ask_fn = ask_fn
         self.max_attempts = max_attempts or 2 + 2 * len(endpoints)
@@ -265,10 +271,13 @@ class Dispatcher:
     def _failed(self, it: _Item, ep: Endpoint, err: ServerFailed) -> None:
         with self._cv:
             ep.failures += 1
+            ep.last_error = str(err)
+            if ep.failing_since is None:
+                ep.failing_since = time.monotonic()
             if err.fatal:
                 ep.dead = str(err)
             else:
-                ep.backoff = min(60.0, ep.backoff * 2 if ep.backoff else 2.0)
+                ep.backoff = min(30.0, ep.backoff * 2 if ep.backoff else 1.0)
                 ep.down_until = time.monotonic() + max(ep.backoff, err.retry_after or 0)
             self.on_event(str(err) + ("; not using it for this job" if err.fatal else f"; resting {ep.backoff:.0f} s"))
             if ep in it.out:
@@ -310,9 +319,21 @@ class Dispatcher:
                 with self._cv:
                     ep.answered += 1
                     ep.backoff = 0.0
+                    ep.failing_since = None
             self._finish(it, ep, res, time.monotonic() - t0 if "error" not in res else None)
 
     # -- the caller's side -----------------------------------------------------------------------------
+    def _check_fleet(self) -> None:
+        if all(e.dead for e in self.endpoints):
+            raise EdgeVLMError("Every server stopped being usable: " + "; ".join(e.dead or "" for e in self.endpoints),
+                               hint="Check the URLs, --model and the API key; --resume continues where this stopped.")
+        now = time.monotonic()
+        if all(e.dead or (e.failing_since is not None and now - e.failing_since >= self.give_up_s)
+               for e in self.endpoints):
+            last = max((e for e in self.endpoints if not e.dead), key=lambda e: e.failing_since or 0)
+            raise BackendError(f"No server has answered for {self.give_up_s:.0f} s (last: {last.last_error}).",
+                               hint="Check the servers; --resume continues where this stopped.")
+
     def run(self, paths: list[str]) -> Iterator[tuple[int, dict]]:
         if not any(not e.dead for e in self.endpoints):
             raise EdgeVLMError("No usable server: " + "; ".join(e.dead or "" for e in self.endpoints),
@@ -328,10 +349,7 @@ class Dispatcher:
             while True:
                 with self._cv:
                     while not self._results and self._left > 0:
-                        if all(e.dead for e in self.endpoints):
-                            raise EdgeVLMError("Every server stopped being usable: "
-                                               + "; ".join(e.dead or "" for e in self.endpoints),
-                                               hint="Check the URLs, --model and the API key; --resume continues.")
+                        self._check_fleet()
                         self._cv.wait(0.5)
                     batch = list(self._results)
                     self._results.clear()
