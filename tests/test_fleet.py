@@ -253,14 +253,17 @@ def test_two_shards_side_by_side_merge_to_one_process(vision_model, pics, tmp_pa
     r = vlm("caption", str(pics), "--out", str(one), *common)
     assert r.returncode == 12, r.stderr                    # notes.txt is an error record
     parts = [tmp_path / f"part{k}.jsonl" for k in range(2)]
-    procs = [subprocess.Popen(_caption_cmd(str(pics), "--out", str(parts[k]), "--shard", f"{k}/2", *common),
-                              env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for k in range(2)]
+    # shard 0 named on the command line; shard 1 found in a Slurm array's variables (--array=1-2, task 2)
+    slurm = dict(_env(), SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_COUNT="2")
+    procs = [subprocess.Popen(_caption_cmd(str(pics), "--out", str(parts[k]), "--shard", ["0/2", "auto"][k], *common),
+                              env=[_env(), slurm][k], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert {p.returncode for p in procs} <= {0, 12}, outs
     sizes = [len(_lines(p)) for p in parts]
     assert sum(sizes) == 13 and min(sizes) > 0, sizes          # every input in exactly one part
-    assert all(f"Shard {k}/2 (--shard): {sizes[k]} of 13 inputs" in " ".join(outs[k][1].split()) for k in range(2))
+    assert f"Shard 0/2 (--shard): {sizes[0]} of 13 inputs" in " ".join(outs[0][1].split())
+    assert f"Shard 1/2 (SLURM_ARRAY_TASK_ID=2): {sizes[1]} of 13 inputs" in " ".join(outs[1][1].split())
     assert all(rec["shard"] == f"{k}/2" for k in range(2) for rec in _lines(parts[k]))
     merged = tmp_path / "merged.jsonl"
     r = vlm("caption", "--merge", str(merged), *map(str, parts), "--inputs", str(pics))
