@@ -67,9 +67,22 @@ def make_images(d: Path, n: int) -> None:
         img.save(d / f"{i:03d}.jpg", quality=90)
 
 
+_HOME: list[Path] = []
+
+
+def fresh_home(path: Path) -> Path:
+    """Each setup of each round gets an empty VLM_HOME: the image-embedding cache (keyed by pixels) would
+    otherwise let every setup after the first skip the image encodes."""
+    path.mkdir(parents=True, exist_ok=True)
+    _HOME[:] = [path]
+    return path
+
+
 def env() -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("VLM_DEBUG", "VLM_API_KEY")}
     e["NO_COLOR"] = "1"
+    if _HOME:
+        e["VLM_HOME"] = str(_HOME[0])
     return e
 
 
@@ -152,7 +165,8 @@ def ray_round(paths: list[str], model: str, mmproj: str | None, a, threads: int)
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     logging.getLogger("ray").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.init(logging_level=logging.WARNING, num_cpus=a.cores, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+    ray.init(logging_level=logging.WARNING, num_cpus=a.cores, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+             runtime_env={"env_vars": {"VLM_HOME": env()["VLM_HOME"], "NO_COLOR": "1"}})
     try:
         ds = ray.data.from_items([{"path": p} for p in paths])
         kw = {"model": model, "mmproj": mmproj, "max_tokens": a.max_tokens, "threads": threads, "detail": a.detail}
@@ -194,9 +208,15 @@ def main() -> None:
     print(f"{a.images} images, model {name}, --detail {a.detail}, -n {a.max_tokens}, {a.cores} cores "
           f"(machine: {os.cpu_count()}), GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}; "
           f"load {os.getloadavg()[0]:.2f} at start", flush=True)
-    run(vlm + ["caption", str(pics), "--out", str(work / "warm.jsonl"), *model, *common])    # page cache, encode speed
-    servers = [Server(a.model, a.mmproj, half, a.parallel, work / f"serve{k}.log") for k in range(2)]
-    urls = ",".join(s.url for s in servers)
+    fresh_home(work / "home-warm")
+    first = str(sorted(pics.iterdir())[0])
+    run(vlm + ["caption", first, "--out", str(work / "warm.jsonl"), *model, *common])    # model file in the page cache
+
+    def start_servers(tag: str) -> list[Server]:
+        fresh_home(work / f"home-{tag}-server")
+        return [Server(a.model, a.mmproj, half, a.parallel, work / f"serve-{tag}-{k}.log") for k in range(2)]
+
+    servers: list[Server] = []
     res: dict[str, list[float]] = {"one": [], "one1": [], "shards": [], "server": [], "ray": [], "ray_overhead": []}
     reference = None
     try:
@@ -205,7 +225,11 @@ def main() -> None:
             out.mkdir(exist_ok=True)
             order = ["one", "one1", "shards", "server"] + (["ray"] if a.ray else [])
             order = order[rnd % len(order):] + order[:rnd % len(order)]      # interleaved, rotated
+            servers = start_servers(f"r{rnd}")      # before the round, untimed: servers are long-running
+            urls = ",".join(s.url for s in servers)
             for what in order:
+                if what != "server":
+                    fresh_home(work / f"home-r{rnd}-{what}")
                 if what == "one":
                     res["one"].append(run(vlm + ["caption", str(pics), "--out", str(out / "one.jsonl"), *model,
                                                  "--threads", str(a.cores), *common]))
@@ -239,8 +263,12 @@ def main() -> None:
                     f", answers equal to one's: {sum(x['answer'] == y['answer'] for x, y in zip(recs, reference))}/{len(recs)}"
                 print(f"round {rnd + 1} {what:<7} {res[what][-1]:7.2f} s  {n_ok} records, each input once: {same}{ans}"
                       f"  (load {os.getloadavg()[0]:.2f})", flush=True)
+            for srv in servers:
+                srv.stop()
 
         # one server killed mid-job: nothing lost
+        servers = start_servers("kill")
+        urls = ",".join(s.url for s in servers)
         kill_out = work / "killed.jsonl"
         p = subprocess.Popen(vlm + ["caption", str(pics), "--out", str(kill_out), "--server", urls, "--server-slots",
                                     str(a.parallel), "-m", name, *common], env=env(), stdin=subprocess.DEVNULL,
