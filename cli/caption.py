@@ -79,7 +79,7 @@ def caption(
 
         if out is not None or shard or server:
             raise UsageError("--merge takes the output file itself and the parts as arguments.",
-                               hint="vlm caption --merge all.jsonl part-*.jsonl [--inputs photos/]")
+                             hint="vlm caption --merge all.jsonl part-*.jsonl [--inputs photos/]")
         console.set_quiet(quiet)
         code = merge_parts(merge, paths, inputs)
         if code:
@@ -125,10 +125,9 @@ def caption(
         return
     if server_slots is not None:
         raise UsageError("--server-slots goes with --server.", hint="Add --server URL, or leave --server-slots out.")
+    from .fleet import owned
     from .guard import caption_verdict, judge_question, load_guard, memory_pair, plan_guard
     from .options import DEFAULT_CTX
-
-    from .fleet import owned
 
     gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
     writer = JsonlWriter(out, resume)
