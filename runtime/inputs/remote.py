@@ -4,11 +4,12 @@ Each endpoint gets as many requests at once as it has slots (llama-server says h
 otherwise ``slots`` as given, default 1), all endpoints take work from one queue, so a fast board takes
 more images than a slow one. A request that fails for a reason of the server's (no connection, a 5xx,
 503 queue full, 429, a timeout) goes back to the queue for another endpoint, and that endpoint rests for
-a while (1 s, doubling to 30 s); when every endpoint has been failing for the request timeout, the
-job stops (resume continues it) rather than turning the archive into error records. An answer about the image itself (400 not an image, 413 too big) becomes
-the image's error record. When the queue is empty and an image has been out for more than twice the usual
-answer time, an idle endpoint asks too and the first answer wins, so one slow board does not hold the
-end of the job. Only the standard library: no client package to install on a board.
+a while (1 s, doubling to 30 s); when every endpoint has been failing for the request timeout, the job
+stops (resume continues it) rather than turning the archive into error records. An answer about the
+image itself (400 not an image, 413 too big) becomes the image's error record. When the queue is empty
+and an image has been out for more than twice the usual answer time, an idle endpoint asks too and the
+first answer wins, so one slow board does not hold the end of the job. Only the standard library: no
+client package to install on a board.
 """
 from __future__ import annotations
 
