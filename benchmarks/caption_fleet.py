@@ -247,6 +247,8 @@ def main() -> None:
                                     "--inputs", str(pics), "--quiet"])
                     res["shards"].append(t)
                     recs = comparable(lines(out / "merged.jsonl"))
+                    print(f"        shards split {'/'.join(str(len(lines(p))) for p in parts)} by content hash",
+                          flush=True)
                 elif what == "server":
                     res["server"].append(run(vlm + ["caption", str(pics), "--out", str(out / "server.jsonl"),
                                                     "--server", urls, "--server-slots", str(a.parallel), "-m", name,
