@@ -163,6 +163,7 @@ def ray_round(paths: list[str], model: str, mmproj: str | None, a, threads: int)
     import logging
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.getLogger("ray").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.init(logging_level=logging.WARNING, num_cpus=a.cores, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,

@@ -532,7 +532,7 @@ def test_an_image_that_fails_everywhere_becomes_an_error_record():
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_ray_data_records_equal_vlm_caption(vision_model, pics, tmp_path):
+def test_ray_data_records_equal_vlm_caption(vision_model, pics, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray extra (pip install '.[ray]') has no wheel for this platform")
     pytest.importorskip("ray.data", reason="ray is installed without ray.data (pip install '.[ray]')")
     from edgevlm.runtime.captioner import Captioner
@@ -546,6 +546,7 @@ def test_ray_data_records_equal_vlm_caption(vision_model, pics, tmp_path):
     import tempfile
 
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")     # Ray's socket paths must stay under 108 bytes
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")      # a test sends nothing anywhere
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=short,
              runtime_env={"env_vars": {"VLM_HOME": str(MODELS_HOME), "NO_COLOR": "1"}})
     try:
