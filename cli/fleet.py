@@ -54,7 +54,8 @@ def caption_remote(server: str, files: list[str], shard, *, out: str, resume: bo
     name = model or (listed[0] if listed else None)
     if name is None:
         raise UsageError("No server answered with a model to use.",
-                         hint="Check that the servers are up (curl URL/v1/models), or name the model with -m.")
+                         hint="Check that the servers are up (curl URL/v1/models) and --api-key, or name the "
+                              "model with -m.")
     console.info("[dim]" + ", ".join(f"{ep.url} ({ep.slots} at once)" for ep in eps) + f" — model {name}[/]")
     work = [(p, s or file_sha256(p)) for p, s in owned(files, shard)]
     writer = JsonlWriter(out, resume)

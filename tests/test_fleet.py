@@ -445,6 +445,25 @@ def test_server_records_match_local_and_resume_and_merge(vision_model, serve_vis
 
 
 @pytest.mark.model
+def test_server_schema_and_api_key(vision_model, serve_vision, pics, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    srv = serve_vision("--api-key", "sesame")
+    imgs = [str(pics / "00.png"), str(pics / "01.png")]
+    out = tmp_path / "s.jsonl"
+    r = vlm("caption", *imgs, "--out", str(out), "--server", srv.url, "--schema", json.dumps(schema), "-n", "20",
+            env={"VLM_API_KEY": "sesame"})
+    assert r.returncode == 0, r.stderr
+    for rec in _lines(out):
+        jsonschema.validate(rec["answer"], schema)           # parsed and checked here, as a local run does
+    r = vlm("caption", *imgs, "--out", str(tmp_path / "k.jsonl"), "--server", srv.url, "-m", "x",
+            "--api-key", "wrong")
+    assert_clean_error(r, 2, "No server takes this job", "401", "--api-key")
+
+
+@pytest.mark.model
 def test_server_killed_mid_job_loses_nothing(vision_model, serve_vision, tmp_path):
     d = tmp_path / "many"
     d.mkdir()

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from ..errors import BackendError, EdgeVLMError, UsageError
+from ..errors import BackendError, UsageError
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _FATAL_STATUS = {401, 403, 404}         # wrong key or no such model: this endpoint is no use for the job
@@ -325,9 +325,10 @@ class Dispatcher:
 
     # -- the caller's side -----------------------------------------------------------------------------
     def _check_fleet(self) -> None:
-        if all(e.dead for e in self.endpoints):
-            raise EdgeVLMError("Every server stopped being usable: " + "; ".join(e.dead or "" for e in self.endpoints),
-                               hint="Check the URLs, --model and the API key; --resume continues where this stopped.")
+        if all(e.dead for e in self.endpoints):       # 401/403/404 everywhere: a setting, not an outage
+            raise UsageError("No server takes this job: " + "; ".join(e.dead or "" for e in self.endpoints),
+                             hint="Check the URLs, --model and --api-key (or VLM_API_KEY); --resume continues "
+                                  "where this stopped.")
         now = time.monotonic()
         if all(e.dead or (e.failing_since is not None and now - e.failing_since >= self.give_up_s)
                for e in self.endpoints):
@@ -336,9 +337,7 @@ class Dispatcher:
                                hint="Check the servers; --resume continues where this stopped.")
 
     def run(self, paths: list[str]) -> Iterator[tuple[int, dict]]:
-        if not any(not e.dead for e in self.endpoints):
-            raise EdgeVLMError("No usable server: " + "; ".join(e.dead or "" for e in self.endpoints),
-                               hint="Check the URLs, --model and the API key.")
+        self._check_fleet()
         with self._cv:
             self._queue.extend(_Item(i, p) for i, p in enumerate(paths))
             self._left = len(paths)
