@@ -27,7 +27,7 @@ TILE_GFLOP = 12 * (8 * 1024 * 768 ** 2 + 16 * 1024 * 768 ** 2 + 4 * 1024 ** 2 * 
 def _child(spec: dict) -> dict:
     import time
 
-    from edgevlm.runtime.device.bench import peak_rss
+    from edgevlm.runtime.reports.bench import peak_rss
 
     kind = spec["kind"]
     if kind == "numpy":

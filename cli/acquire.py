@@ -44,7 +44,7 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
     from edgevlm.runtime.backends import capabilities
-    from edgevlm.runtime.device.gpu import parse_gpu_layers, plan as gpu_plan
+    from edgevlm.runtime.reports.gpu import parse_gpu_layers, plan as gpu_plan
 
     requested_gpu = parse_gpu_layers(gpu_layers)         # a bad --gpu-layers fails before anything loads
     resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)

@@ -41,11 +41,11 @@ def bench(
                                          "checking a 50-token question and the answer.")] = None,
 ) -> None:
     """Measure models on this device: each in its own process, so peak memory is its own."""
-    from edgevlm.runtime.device.bench import device_summary, plot as draw, run_isolated
+    from edgevlm.runtime.reports.bench import device_summary, plot as draw, run_isolated
 
     from .acquire import cluster_args
 
-    from edgevlm.runtime.device.gpu import parse_gpu_layers
+    from edgevlm.runtime.reports.gpu import parse_gpu_layers
 
     endpoints, split = cluster_args(rpc, tensor_split)
     cluster = {"rpc": endpoints, "tensor_split": split} if endpoints else {}

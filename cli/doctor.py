@@ -20,7 +20,7 @@ def doctor(
     rpc: Rpc = None,
 ) -> None:
     """Check this device: CPU features, memory, GPUs, engine builds, which models fit, known problems."""
-    from edgevlm.runtime.device.doctor import report
+    from edgevlm.runtime.reports.doctor import report
 
     from edgevlm.runtime.backends import ggml_rpc
 

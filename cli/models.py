@@ -114,7 +114,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Show a model's architecture, parameters, quantization, context, projector, template and files."""
-    from edgevlm.runtime.device.inspect import describe
+    from edgevlm.runtime.reports.inspect import describe
 
     doc = describe(model, mmproj=mmproj, hash_files=not no_hash)
     if as_json:

@@ -111,7 +111,7 @@ def serve(
         media_dir=media_dir.expanduser().resolve() if media_dir else None, grace_s=grace,
         allowed_hosts=list(allowed_host or []), max_decode_pixels=max_decode_pixels,
         decode_pixels_total=2 * max_decode_pixels)
-    from edgevlm.runtime.device.gpu import parse_gpu_layers
+    from edgevlm.runtime.reports.gpu import parse_gpu_layers
 
     from .guard import plan_guard
 
@@ -122,7 +122,7 @@ def serve(
         settings.guard_mode, settings.guard_policy = gplan.mode, gplan.policy
         settings.guard_model = str(gplan.resolved.artifact.path)
     pool = ModelPool(settings)
-    from edgevlm.runtime.device.gpu import plan as gpu_plan
+    from edgevlm.runtime.reports.gpu import plan as gpu_plan
 
     for resolved in pool.prepare():     # unknown / missing / too-large models and a --gpu-layers the build
         gpu_plan(resolved, ctx, settings.gpu_layers)     # cannot honour fail here, before binding

@@ -141,3 +141,44 @@ def test_environment_variables_are_one_table():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     missing = [v for v in ENV if f"`{v}" not in readme]
     assert not missing, f"not in the README's table: {missing}"
+
+
+# Floors of runtime/: a room imports only rooms on its own floor or below (docs/architecture.md).
+FLOORS = {"errors": 0, "env": 0, "config": 0, "protocol": 0, "digest": 0, "": 0,
+          "formats": 1, "device": 1,
+          "models": 2, "inputs": 2, "generation": 2,
+          "backends": 3,
+          "loader": 4,
+          "reports": 5, "serving": 5, "captioner": 5}
+# The probe reads the engine build (llama_system_info) through the backends' import helper, a leaf that
+# imports only errors and env.
+FLOOR_EXCEPTIONS = {("edgevlm.runtime.device.hardware", "edgevlm.runtime.backends.llamacpp")}
+
+
+def _room(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_floors():
+    bad, unknown = [], set()
+    for mod, deps in GRAPH.items():
+        if not mod.startswith("edgevlm.runtime"):
+            continue
+        here = _room(mod)
+        for dep in deps:
+            there = _room(dep)
+            if not dep.startswith("edgevlm.runtime") or there == here or (mod, dep) in FLOOR_EXCEPTIONS:
+                continue
+            if here not in FLOORS or there not in FLOORS:
+                unknown.update(r for r in (here, there) if r not in FLOORS)
+            elif FLOORS[there] > FLOORS[here]:
+                bad.append(f"{mod} (floor {FLOORS[here]}) -> {dep} (floor {FLOORS[there]})")
+    assert not unknown, f"rooms with no floor in tests/test_architecture.py: {sorted(unknown)}"
+    assert not bad, "imports that run up a floor:\n" + "\n".join(sorted(bad))
+
+
+def test_backend_helpers_are_leaves():
+    """backends/llamacpp.py is imported by the probe (device/hardware.py): it may import only errors and env."""
+    deps = {d for d in GRAPH["edgevlm.runtime.backends.llamacpp"]}
+    assert deps <= {"edgevlm.runtime.errors", "edgevlm.runtime.env"}, deps

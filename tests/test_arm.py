@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevlm.runtime.device.gpu import parse_gpu_layers
+from edgevlm.runtime.reports.gpu import parse_gpu_layers
 from edgevlm.runtime.device.hardware import (arm_hwcap_features, board_model, core_groups, gpu_backend,
                                              llama_system_info, parse_cpuinfo, parse_system_info, rebuild_advice, split_performance)
 from edgevlm.runtime.device.memory import estimate, plan_gpu_layers

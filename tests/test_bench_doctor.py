@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from conftest import vlm
-from edgevlm.runtime.device.bench import REPORT_SCHEMA
+from edgevlm.runtime.reports.bench import REPORT_SCHEMA
 
 pytestmark = pytest.mark.model
 
@@ -55,7 +55,7 @@ def test_bench_table_on_stdout(smollm2_gguf):
 
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_memory_estimate_not_below_measured_rss(alias, smollm2_gguf, gemma_gguf, models_home, monkeypatch):
-    from edgevlm.runtime.device.bench import run_isolated
+    from edgevlm.runtime.reports.bench import run_isolated
 
     monkeypatch.setenv("VLM_HOME", str(models_home))
     for ctx in (512, 4096):

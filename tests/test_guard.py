@@ -359,7 +359,7 @@ def test_caption_resume_with_the_guard_judges_what_was_captioned_without_it(visi
 
 @pytest.mark.model
 def test_bench_reports_guard_latency(smollm2_gguf, guard_gguf):
-    from edgevlm.runtime.device.bench import measure
+    from edgevlm.runtime.reports.bench import measure
 
     doc = measure(str(smollm2_gguf), prompt_tokens=16, gen_tokens=4, repeat=1, threads=2, guard=str(guard_gguf))
     g = doc["guard"]

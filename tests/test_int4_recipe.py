@@ -187,7 +187,7 @@ def test_vlm_info_counts_a_quantized_embedding_once_at_its_real_size(tmp_path, s
     from onnx import TensorProto, helper, numpy_helper
 
     from edgevlm.quantize.onnx import _save
-    from edgevlm.runtime.device.inspect import _onnx_graph_facts
+    from edgevlm.runtime.reports.inspect import _onnx_graph_facts
 
     V, H = 64, 96
     emb = np.random.default_rng(4).standard_normal((V, H)).astype(np.float32)

@@ -496,7 +496,7 @@ def test_vlm_bench_runs_onnx_next_to_gguf(smollm2_onnx, smollm2_gguf):
     """vlm bench takes ONNX artifacts like GGUF ones: one report, both formats, schema-valid."""
     import jsonschema
 
-    from edgevlm.runtime.device.bench import REPORT_SCHEMA
+    from edgevlm.runtime.reports.bench import REPORT_SCHEMA
 
     r = vlm("bench", str(smollm2_onnx / "model_q4.onnx"), str(smollm2_gguf), "--json", "--repeat", "1",
             "--prompt-tokens", "32", "--gen-tokens", "8", "--threads", "2")
@@ -514,7 +514,7 @@ def test_memory_estimate_not_below_measured_rss_onnx(smollm2_onnx, variant):
     """The estimate counts the one variant that loads (not every file in the folder), and onnxruntime's
     extra memory; it must never be lower than the measured peak RSS by more than 10%."""
     from edgevlm.runtime.formats.onnx_files import weight_files
-    from edgevlm.runtime.device.bench import run_isolated
+    from edgevlm.runtime.reports.bench import run_isolated
 
     path = smollm2_onnx / variant
     data = path.with_name(path.name + "_data")              # vlm quantize keeps weights out of the graph

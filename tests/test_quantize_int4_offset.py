@@ -126,7 +126,7 @@ def test_offset_recipe_on_a_fused_decoder_matches_the_float_graph(tmp_path, tied
         err[recipe] = np.linalg.norm(_logits(out, ids) - ref) / np.linalg.norm(ref)
     assert err["offset"] < 0.03 and err["offset"] < err["int4"] / 4, err
     # `vlm info` counts the model's weights, not the offset rows (K' = K + K/block inputs)
-    from edgevlm.runtime.device.inspect import _onnx_graph_facts
+    from edgevlm.runtime.reports.inspect import _onnx_graph_facts
 
     table = next(t for t in onnx.load(str(fp32), load_external_data=False).graph.initializer
                  if t.name.endswith("embed_tokens.weight"))

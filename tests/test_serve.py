@@ -512,7 +512,7 @@ def test_cli_checks_every_slot_and_refuses_unknown_models(smollm2_gguf, tmp_path
         assert_clean_error(vlm("serve", "--prompt-cache", bad, "--port", str(_free_port()), "smollm2-135m"), 2,
                            "--prompt-cache")
     # a CPU-only llama.cpp build cannot put layers on a GPU: said before the server binds
-    from edgevlm.runtime.device.gpu import offload_device
+    from edgevlm.runtime.reports.gpu import offload_device
 
     if offload_device()[0] is None:
         assert_clean_error(vlm("serve", "--gpu-layers", "7", "--port", str(_free_port()), "smollm2-135m"), 2,

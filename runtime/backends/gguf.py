@@ -17,11 +17,27 @@ from ..errors import BackendError, BadModelFile, ContextOverflow, UsageError
 from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
 from ..device.hardware import avoid_amx_buffers, default_threads
 from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun
-from .llamacpp import PieceStream, field_type as _field_type, import_llama as _import_llama, score_batch
-from .llamacpp import silence_native_logs
+from .llamacpp import field_type as _field_type, import_llama as _import_llama, score_batch, silence_native_logs
 from .prompt_cache import common_prefix
 from ..generation.prompt import render_chat
+from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
+
+
+class PieceStream:
+    """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
+
+    def __init__(self, llama_cpp, vocab, buf) -> None:
+        self._lc, self._vocab, self._buf = llama_cpp, vocab, buf
+        self._utf8 = Utf8Stream()
+
+    def feed(self, token: int) -> str:
+        n = self._lc.llama_token_to_piece(self._vocab, token, self._buf, 256, 0, False)
+        return self._utf8.feed(self._buf.raw[: max(n, 0)])
+
+    def flush(self) -> str:
+        return self._utf8.flush()
+
 
 class GGUFBackend:
     format = "gguf"

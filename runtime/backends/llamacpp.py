@@ -6,7 +6,6 @@ import logging
 
 from ..env import debug
 from ..errors import BackendError, missing_extra
-from ..generation.text import Utf8Stream
 
 
 def _defer_llama_cpp_init() -> None:
@@ -73,21 +72,6 @@ def silence_native_logs(llama_cpp, mtmd_cpp=None) -> None:
 def field_type(struct, name: str):
     """The ctypes type a structure declares for ``name`` (reading a pointer field gives a plain int)."""
     return next(t for n, t, *_ in struct._fields_ if n == name)
-
-
-class PieceStream:
-    """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
-
-    def __init__(self, llama_cpp, vocab, buf) -> None:
-        self._lc, self._vocab, self._buf = llama_cpp, vocab, buf
-        self._utf8 = Utf8Stream()
-
-    def feed(self, token: int) -> str:
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._buf, 256, 0, False)
-        return self._utf8.feed(self._buf.raw[: max(n, 0)])
-
-    def flush(self) -> str:
-        return self._utf8.flush()
 
 
 def score_batch(lc, model, token_ids: list[int], n_threads: int, n_vocab: int):

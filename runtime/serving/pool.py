@@ -416,7 +416,7 @@ class ModelPool:
         from ..loader import load_backend
 
         t0 = time.perf_counter()
-        from ..device.gpu import plan as gpu_plan
+        from ..reports.gpu import plan as gpu_plan
 
         opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots,
                            prompt_cache_bytes=entry.prompt_cache_bytes)

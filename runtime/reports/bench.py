@@ -1,7 +1,7 @@
 """`vlm bench`: what a device really does with a model -- load, TTFT, prefill, decode, image encode, peak RSS.
 
 Each model is measured in its own child process so that its peak RSS is its own, not the sum of
-everything measured before it. The child runs ``python -m edgevlm.runtime.device.bench`` and prints one
+everything measured before it. The child runs ``python -m edgevlm.runtime.reports.bench`` and prints one
 JSON object; the parent collects them into a report (REPORT_SCHEMA).
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
 
 def run_isolated(model: str, **kw) -> dict:
     """Measure one model in a child process; its errors come back as EdgeVLMError."""
-    args = [sys.executable, "-m", "edgevlm.runtime.device.bench", model, json.dumps(kw)]
+    args = [sys.executable, "-m", "edgevlm.runtime.reports.bench", model, json.dumps(kw)]
     r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -244,7 +244,7 @@ def run_isolated(model: str, **kw) -> dict:
 def device_summary() -> dict:
     import platform
 
-    from .hardware import cpu_info, gpu_backend, llama_system_info, memory_info
+    from ..device.hardware import cpu_info, gpu_backend, llama_system_info, memory_info
 
     c = cpu_info()
     return {"cpu": c.model, "arch": c.arch, "physical_cores": c.physical_cores, "logical_cores": c.logical_cores,

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..errors import first_line
 from ..protocol import DEFAULT_CTX
-from .hardware import (cpu_info, default_threads, gpu_backend, llama_build_has_amx, llama_system_info, memory_info,
+from ..device.hardware import (cpu_info, default_threads, gpu_backend, llama_build_has_amx, llama_system_info, memory_info,
                        rebuild_advice)
 
 FEATURES_SHOWN = {

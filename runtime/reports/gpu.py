@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .memory import GpuPlan, plan_gpu_layers
+from ..device.memory import GpuPlan, plan_gpu_layers
 
 
 def parse_gpu_layers(text: Optional[str]) -> Optional[int]:
@@ -41,7 +41,7 @@ def _nvidia_free() -> Optional[int]:
 def offload_device(system_info: Optional[str] = None) -> tuple[Optional[str], Optional[int], bool]:
     """(GPU backend of this llama.cpp build or None, its free memory or None when unknown, unified memory):
     Metal (Apple Silicon) and CUDA on a Jetson share this host's memory; a discrete CUDA card has its own."""
-    from .hardware import gpu_backend, llama_system_info, memory_info
+    from ..device.hardware import gpu_backend, llama_system_info, memory_info
 
     backend = gpu_backend(llama_system_info() if system_info is None else system_info)
     if backend is None:
