@@ -1,0 +1,106 @@
+"""In-process tests: the CLI through Typer's runner and the HTTP app through Starlette's TestClient (ASGI, no
+socket, no model). They cover flag parsing, request parsing and error mapping quickly; the real processes in
+the other test files stay for signals, pipes, TTYs and the end-to-end paths."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgevlm.cli.main import app as cli_app
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(cli_app, list(args), catch_exceptions=False)
+    return run
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("ask", "--detail", "bogus", "hi"), "Unknown --detail 'bogus'"),
+    (("ask", "-m", "smollm2-135m", "--schema", "{bad", "hi"), "--schema is not valid JSON"),
+    (("ask", "--top-p", "7", "hi"), "--top-p"),
+    (("caption", "--shard", "3/2", "x.jpg", "--out", "x.jsonl"), "--shard 3/2"),
+    (("caption",), "Missing argument"),
+    (("serve", "--prompt-cache", "-1"), "--prompt-cache '-1' is negative"),
+])
+def test_usage_errors_exit_2_with_one_line(cli, args, needle):
+    r = cli(*args)
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_unknown_model_has_its_own_exit_code(cli):
+    r = cli("ask", "-m", "no-such-model-anywhere", "hi")
+    assert r.exit_code == 3 and "No model named 'no-such-model-anywhere'" in r.output and "Hint:" in r.output
+
+
+def test_help_lists_every_command(cli):
+    r = cli("--help")
+    assert r.exit_code == 0
+    for cmd in ("ask", "chat", "caption", "serve", "quantize", "bench", "doctor", "pull", "list", "rm", "info"):
+        assert cmd in r.output
+
+
+# ---------------------------------------------------------------------------------------------- the app
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from edgevlm.runtime.serving.app import create_app
+    from edgevlm.runtime.serving.settings import ServeSettings
+
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "home"))
+    app = create_app(ServeSettings(allowed_hosts=["testserver"], home=tmp_path / "home"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _chat(model: str = "smollm2-135m", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_health(client):
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_deep_bodies_are_400(client, path):
+    body = "[" * 100_000 + "]" * 100_000
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_lone_surrogates_are_400(client, path):
+    body = json.dumps(_chat()).replace('"hi"', '"\\ud800"')
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and ("surrogate" in r.text.lower() or "D800" in r.text.upper())
+
+
+def test_non_finite_numbers_are_400(client):
+    body = json.dumps(_chat()).replace("}", ', "temperature": Infinity}', 1)
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_unknown_model_is_404(client):
+    r = client.post("/v1/chat/completions", json=_chat("no-such-model-anywhere"))
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_rebinding_host_is_403(client):
+    r = client.post("/v1/chat/completions", json=_chat(), headers={"host": "evil.example"})
+    assert r.status_code == 403
+
+
+def test_cross_origin_text_plain_is_415(client):
+    r = client.post("/v1/chat/completions", content=json.dumps(_chat()),
+                    headers={"content-type": "text/plain", "origin": "https://evil.example"})
+    assert r.status_code == 415
