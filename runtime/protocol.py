@@ -156,6 +156,8 @@ class Capabilities:
     parallel_slots: bool = False     # LoadOptions.n_seq > 1: one context serving N conversations (vlm serve --parallel)
     rpc: bool = False                # LoadOptions.rpc: layers spread over `vlm worker` hosts
     gpu_offload: bool = False        # LoadOptions.n_gpu_layers on a CUDA / Metal build
+    projector_vision: bool = False   # reads images exactly when a projector file comes with the model (GGUF's
+                                     # mmproj): known before loading
 
 
 class TextStream(Protocol):

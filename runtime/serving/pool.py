@@ -324,10 +324,13 @@ class ModelPool:
         return bool(self.settings.guard_model) and self._resolved.get(self.settings.guard_model) is resolved
 
     def n_slots(self, resolved: "ResolvedModel") -> int:
-        """Conversations this model serves at once: --parallel on GGUF (llama.cpp sequences), else 1."""
+        """Conversations this model serves at once: --parallel where the backend has slots (GGUF: llama.cpp
+        sequences), else 1."""
         if self._is_guard(resolved):
             return 1                          # the guard: one check at a time, each a prefill
-        return max(1, self.settings.parallel) if resolved.artifact.format == "gguf" else 1
+        from ..backends import capabilities
+
+        return max(1, self.settings.parallel) if capabilities(resolved.artifact.format).parallel_slots else 1
 
     def estimate(self, resolved: "ResolvedModel") -> int:
         """Bytes this model takes loaded: our memory estimate, with one KV cache per parallel slot."""
@@ -360,7 +363,9 @@ class ModelPool:
         entry = self.entries.get(str(resolved.artifact.path))
         if entry is not None and entry.backend is not None:
             return bool(entry.backend.has_vision)
-        if resolved.artifact.format == "gguf":
+        from ..backends import capabilities
+
+        if capabilities(resolved.artifact.format).projector_vision:
             return resolved.artifact.mmproj is not None
         return None
 
