@@ -34,12 +34,23 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
     schema forces (the reference the batched runs are compared with: same tokens, more steps)."""
     opts = request.options
     t_start = time.perf_counter()
-    constraint = None
-    if opts.json_schema is not None:      # compiled before the prefill: a schema the engine refuses fails fast
+    constraint = building = None
+    if opts.json_schema is not None:
+        # Built beside the prefill: the first constrained answer of a process builds llguidance's view of
+        # the vocabulary (pieces from the disk cache for GGUF, then ~0.1-0.4 s of llguidance's own work,
+        # without the GIL) and imports the schema checker while the prompt is evaluated; later answers find
+        # the tokenizer built and the grammar compiled. (The CLI and the server reject invalid schemas
+        # before anything loads; here one surfaces after the prefill.)
+        from concurrent.futures import ThreadPoolExecutor
+
         from .constrain import JSONSchemaConstraint
 
-        constraint = JSONSchemaConstraint.for_backend(backend, opts.json_schema)
-    pre = backend.prefill(request)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-constraint")
+        building = pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema)
+        pool.shutdown(wait=False)
+    pre = backend.prefill(request)                # (a failed prefill leaves the build to finish on its own)
+    if building is not None:
+        constraint = building.result()            # its errors (a schema the engine refuses) surface here
     t_prefill = time.perf_counter()
     base = dict(prompt_tokens=pre.prompt_tokens, prompt_eval_tokens=pre.eval_tokens, image_tokens=pre.image_tokens,
                 prefill_s=t_prefill - t_start, image_encode_s=pre.image_encode_s)
