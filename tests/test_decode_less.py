@@ -294,3 +294,19 @@ def test_heads_a_block_does_not_divide_are_refused(vision_model):
     assert_clean_error(r, 2, "--kv-type q8_0 cannot store", "--kv-type f16")
     r = vlm("ask", "-m", str(vision_model["gguf"]), "--kv-type", "f16", "-n", "2", "--raw", "Hi")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.model
+def test_bench_reports_kv_types_against_f16(smollm2_gguf):
+    from edgevlm.runtime.device.bench import REPORT_SCHEMA
+
+    r = vlm("bench", str(smollm2_gguf), "--kv-type", "f16", "--kv-type", "q8_0", "--json", "--repeat", "1",
+            "--prompt-tokens", "16", "--gen-tokens", "4", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, REPORT_SCHEMA)
+    f16, q8 = doc["results"]
+    assert (f16["kv_type"], q8["kv_type"]) == ("f16", "q8_0") and f16["kv_quality"] is None
+    assert q8["kv_cache_bytes"] / f16["kv_cache_bytes"] == pytest.approx(0.53125)
+    assert q8["estimate_bytes"] < f16["estimate_bytes"]
+    assert q8["kv_quality"]["positions"] > 100 and q8["kv_quality"]["top1_agreement"] >= 0.9

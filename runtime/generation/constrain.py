@@ -233,7 +233,8 @@ class JSONSchemaConstraint:
         words = self._words
         for t in self._m.compute_ff_tokens()[:limit]:
             self._llg_np.fill_next_token_bitmask(self._m, self._bits)
-            if t >= self._tok.vocab_size or not (int(words[t >> 5]) >> (t & 31)) & 1 or self._popcount() != 1:
+            if (t >= self._tok.vocab_size or t in self.eos_ids or not (int(words[t >> 5]) >> (t & 31)) & 1
+                    or self._popcount() != 1):
                 break
             self.advance(t)
             out.append(t)
