@@ -275,6 +275,11 @@ def test_quantized_kv_cache_answers(smollm2_gguf, kv):
 def test_bad_kv_type_is_one_clear_line(tmp_path):
     r = vlm("ask", "-m", str(tmp_path / "no-such.gguf"), "--kv-type", "q5", "Hi")
     assert_clean_error(r, 2, "--kv-type", "f16, q8_0, q4_0")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    for cmd in (["serve", "--port", "1"], ["doctor"], ["bench", "smollm2-135m"], ["caption", str(tmp_path / "a.png"), "--out", "-"]):
+        assert_clean_error(vlm(*cmd, "--kv-type", "q5"), 2, "--kv-type 'q5'")
     (tmp_path / "config.yaml").write_text("kv_type: q3\n")
     r = vlm("ask", "-m", str(tmp_path / "no-such.gguf"), "Hi", home=tmp_path)
     assert_clean_error(r, 2, "kv_type")
