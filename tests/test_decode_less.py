@@ -31,7 +31,7 @@ def smollm2_onnx_dir(smollm2_hf) -> Path:
     return _cached_build("smollm2-135m-onnx", smollm2_hf, "auto", ("int8", "int4"))
 
 
-@pytest.fixture(scope="module", params=["gguf", "onnx"])
+@pytest.fixture(scope="module", params=["gguf", "gemma-gguf", "onnx"])
 def backend(request, smollm2_gguf):
     from edgevlm.runtime.loader import artifact_from_path, load_backend
     from edgevlm.runtime.protocol import LoadOptions
@@ -40,7 +40,9 @@ def backend(request, smollm2_gguf):
     # logits depend on how many tokens one run evaluates (measured: up to ~0.5 apart after a run of 2-8
     # tokens, 2e-5 in fp32, exactly 0 in llama.cpp): batched and stepwise answers may part at a near-tie
     # there, as their prompt evaluation already does (quantize/verify.py reports it for the int8 export).
-    path = smollm2_gguf if request.param == "gguf" else request.getfixturevalue("smollm2_onnx_dir") / "model.onnx"
+    # Gemma 3 270M Q4_K_M: its Q5_0 / Q8_0 tensors take ggml's batched kernels from 4 rows on (GGUFBackend.eval_tokens).
+    path = {"gguf": lambda: smollm2_gguf, "gemma-gguf": lambda: request.getfixturevalue("gemma_gguf"),
+            "onnx": lambda: request.getfixturevalue("smollm2_onnx_dir") / "model.onnx"}[request.param]()
     b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=1))
     yield b
     b.close()
@@ -52,7 +54,8 @@ def _answer(backend, question: str, *, schema=None, forced_runs=True, temperatur
 
     backend.reset()
     req = ChatRequest([Message("user", question)],
-                      GenerationOptions(temperature=temperature, seed=seed, max_tokens=max_tokens, json_schema=schema))
+                      GenerationOptions(temperature=temperature, seed=seed, max_tokens=max_tokens, json_schema=schema,
+                                        raw=not backend.chat_template))        # Gemma 3 270M: a base model
     parts, last = [], None
     for chunk in generate(backend, req, forced_runs=forced_runs):
         parts.append(chunk.text)

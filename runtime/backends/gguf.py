@@ -25,6 +25,7 @@ from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 
 _IMG = "img"  # key prefix for image positions in the KV bookkeeping
+_EXACT_RUN = 3  # tokens per llama_decode in eval_tokens (see there)
 
 # Kept alive for the life of the process: llama.cpp holds the pointers.
 _LOG_CALLBACKS: list = []
@@ -952,8 +953,14 @@ class GGUFBackend:
         self._keys.append(token)
 
     def eval_tokens(self, tokens: list[int]) -> None:
-        """Several tokens in one llama_decode (a run the constraint forces); the last one's logits."""
-        self._decode_tokens([int(t) for t in tokens], logits_last=True)
+        """Several tokens (a run the constraint forces) in llama_decodes of at most ``_EXACT_RUN``: from 4
+        activation rows on, ggml's CPU matmul switches to its batched kernels for some weight types, whose
+        results differ from one-row steps (measured on Gemma 3 270M Q4_K_M, which has Q5_0 and Q8_0
+        tensors: logits up to ~2 apart after 4-8 tokens, identical after 2-3; SmolLM2 Q4_1 identical at
+        any size), and an answer must not depend on how its tokens were evaluated."""
+        toks = [int(t) for t in tokens]
+        for s in range(0, len(toks), _EXACT_RUN):
+            self._decode_tokens(toks[s: s + _EXACT_RUN], logits_last=s + _EXACT_RUN >= len(toks))
 
     def kv_used(self) -> int:
         return len(self._keys)
