@@ -40,28 +40,29 @@ def ensure_installed(resolved, *, yes: bool) -> None:
 def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
                threads: Optional[int], yes: bool, ignore_memory: bool, rpc: Optional[str] = None,
                tensor_split: Optional[str] = None, with_model=None,
-               gpu_layers: Optional[str] = None) -> tuple[Backend, object]:
+               gpu_layers: Optional[str] = None, kv_type: Optional[str] = None) -> tuple[Backend, object]:
     """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
     from edgevlm.runtime.backends import capabilities
     from edgevlm.runtime.reports.gpu import parse_gpu_layers, plan as gpu_plan
 
     requested_gpu = parse_gpu_layers(gpu_layers)         # a bad --gpu-layers fails before anything loads
+    kv = resolve_kv_type(kv_type)                        # a bad --kv-type too
     resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)
     n_ctx = ctx or DEFAULT_CTX
     endpoints, split = cluster_args(rpc, tensor_split)
     if not ignore_memory and not endpoints:
-        loader.check_memory(resolved, n_ctx, with_model=with_model)     # before downloading: refuse early
+        loader.check_memory(resolved, n_ctx, with_model=with_model, kv_type=kv)     # before downloading: refuse early
     ensure_installed(resolved, yes=yes)
     if endpoints and rpc is None and not capabilities(resolved.artifact.format).rpc:
         endpoints = []                  # the config's standing cluster serves GGUF models; others run here
-    opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj)
+    opts = LoadOptions(n_ctx=n_ctx, n_threads=threads, mmproj=mmproj, kv_type=kv)
     if endpoints:                                   # the memory check plans across this host and the workers
-        plan = loader.plan_cluster(resolved, n_ctx, endpoints, split, check=not ignore_memory)
+        plan = loader.plan_cluster(resolved, n_ctx, endpoints, split, check=not ignore_memory, kv_type=kv)
         opts.rpc, opts.host_layers, opts.worker_shares = endpoints, plan.host_layers, plan.worker_shares
         console.info("[dim]Layers: " + ", ".join(f"{d.name} {d.fraction:.0%}" for d in plan.shares) + "[/]")
     elif not ignore_memory:
-        loader.check_memory(resolved, n_ctx, with_model=with_model)     # again with the real files' metadata
+        loader.check_memory(resolved, n_ctx, with_model=with_model, kv_type=kv)     # again with the real files' metadata
     if not endpoints:                               # --gpu-layers N|auto: 0 on a CPU-only llama.cpp build
         gpu = gpu_plan(resolved, n_ctx, requested_gpu)
         opts.n_gpu_layers = gpu.layers if gpu is not None else 0
@@ -69,6 +70,14 @@ def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path
     # llama.cpp take the GIL.
     backend = loader.load_backend(resolved.artifact, opts)
     return backend, resolved
+
+
+def resolve_kv_type(value: Optional[str]) -> str:
+    """--kv-type, else the config's `kv_type`, else f16; a bad value is one line."""
+    from edgevlm.runtime.config import load_config
+    from edgevlm.runtime.device.memory import kv_type
+
+    return kv_type(value if value is not None else load_config().kv_type)
 
 
 def cluster_args(rpc: Optional[str], tensor_split: Optional[str]) -> tuple[list[str], Optional[list[float]]]:

@@ -10,6 +10,7 @@ import typer
 from . import console
 from .console import boundary
 from .options import GpuLayers, Rpc, TensorSplit
+from .options import KvType
 from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import (Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, OneShotCtx, Quiet, Raw, Seed, Stop, System,
@@ -60,6 +61,7 @@ def ask(
     rpc: Rpc = None,
     tensor_split: TensorSplit = None,
     gpu_layers: GpuLayers = None,
+    kv_type: KvType = None,
     guard: Guard = None,
     guard_model: GuardModel = None,
     guard_categories: GuardCategories = None,
@@ -96,7 +98,7 @@ def ask(
     gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
     backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
                                    yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
-                                       gpu_layers=gpu_layers,
+                                       gpu_layers=gpu_layers, kv_type=kv_type,
                                    with_model=memory_pair(gplan))
     runner = None
     try:

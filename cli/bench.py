@@ -39,6 +39,9 @@ def bench(
     guard: Annotated[Optional[str], typer.Option(
         "--guard", metavar="MODEL", help="Also measure what --guard adds: Llama Guard 3 (registry name or .gguf) "
                                          "checking a 50-token question and the answer.")] = None,
+    kv_type: Annotated[Optional[list[str]], typer.Option(
+        "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache types to measure, each against an f16 KV cache "
+                                                  "(repeatable; speed, size, top-1 agreement and KL).")] = None,
 ) -> None:
     """Measure models on this device: each in its own process, so peak memory is its own."""
     from edgevlm.runtime.reports.bench import device_summary, plot as draw, run_isolated
@@ -51,14 +54,18 @@ def bench(
     cluster = {"rpc": endpoints, "tensor_split": split} if endpoints else {}
     if gpu_layers is not None:
         cluster["gpu_layers"] = parse_gpu_layers(gpu_layers)
+    from edgevlm.runtime.device.memory import kv_type as check_kv_type
+
+    kv_types = list(dict.fromkeys(check_kv_type(k) for k in kv_type)) if kv_type else [None]
     results = []
     for m in models:
-        if not as_json:
-            console.info(f"[dim]Measuring {m} ...[/]")
-        results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                                    **({"detail": [d.lower() for d in detail]} if detail else {}),
-                                    repeat=repeat, threads=threads, n_ctx=ctx, **cluster,
-                                    **({"guard": guard} if guard else {})))
+        for kv in kv_types:
+            if not as_json:
+                console.info(f"[dim]Measuring {m}{f' ({kv} KV cache)' if kv else ''} ...[/]")
+            results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                        **({"detail": [d.lower() for d in detail]} if detail else {}),
+                                        repeat=repeat, threads=threads, n_ctx=ctx, **cluster,
+                                        **({"guard": guard} if guard else {}), **({"kv_type": kv} if kv else {})))
     report = {"device": device_summary(), "results": results}
     if plot is not None:
         draw(report, plot)
@@ -84,6 +91,8 @@ def bench(
                   _fmt(r["decode_tps"]) + ratio, _fmt(img["encode_ms"], digits=0) if img else "-",
                   str(img.get("tokens") or "-"), fmt_bytes(r["peak_rss_bytes"]))
     Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)
+    if kv_type:
+        _kv_table(results)
     if image and any((r.get("image") or {}).get("levels") for r in results):
         d = Table(title="image detail levels (no embedding cache)", title_justify="left")
         for col in ("model", "detail", "tiles", "img tok", "encode ms", "TTFT s", "choice"):
@@ -102,3 +111,28 @@ def bench(
             g.add_row(r["model"], _fmt(d["input_full_s"], digits=3), _fmt(d["input_s"], digits=3),
                       _fmt(d["output_s"], digits=3), _fmt(d["added_s"], digits=3))
         Console(highlight=False, width=None if console.err.is_terminal else 160).print(g)
+
+
+def _kv_table(results: list[dict]) -> None:
+    """--kv-type: per model and type, the KV cache's size and decode speed against f16, and its quality."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="KV cache types (quality: next-token distributions against an f16 KV cache, held-out text)",
+              title_justify="left")
+    for col in ("model", "kv type", "KV bytes", "decode tok/s", "top-1 agreement", "KL mean (nats)"):
+        t.add_column(col, justify="left" if col in ("model", "kv type") else "right")
+    f16 = {r["model"]: r for r in results if r.get("kv_type", "f16") == "f16"}
+    for r in results:
+        base = f16.get(r["model"])
+        kvb = fmt_bytes(r["kv_cache_bytes"]) if r.get("kv_cache_bytes") else "-"
+        speed = _fmt(r["decode_tps"])
+        if base is not None and base is not r:
+            if r.get("kv_cache_bytes") and base.get("kv_cache_bytes"):
+                kvb += f" ({r['kv_cache_bytes'] / base['kv_cache_bytes']:.2f}x)"
+            if r["decode_tps"]["mean"] and base["decode_tps"]["mean"]:
+                speed += f" ({r['decode_tps']['mean'] / base['decode_tps']['mean']:.2f}x)"
+        q = r.get("kv_quality") or {}
+        t.add_row(r["model"], r.get("kv_type", "f16"), kvb, speed,
+                  f"{q['top1_agreement']:.1%}" if q else "-", f"{q['kl_mean']:.5f}" if q else "-")
+    Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)

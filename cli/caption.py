@@ -11,6 +11,7 @@ from edgevlm.runtime.errors import EdgeVLMError, UsageError
 from . import console
 from .console import boundary
 from .options import GpuLayers, Rpc, TensorSplit
+from .options import KvType
 from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import Ctx, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Seed, Temperature, Threads, Yes
@@ -41,6 +42,7 @@ def caption(
     rpc: Rpc = None,
     tensor_split: TensorSplit = None,
     gpu_layers: GpuLayers = None,
+    kv_type: KvType = None,
     guard: Guard = None,
     guard_model: GuardModel = None,
     guard_categories: GuardCategories = None,
@@ -137,7 +139,7 @@ def caption(
     try:
         backend, resolved = open_model(model, want_vision=True, mmproj=mmproj, ctx=ctx, threads=threads,
                                        yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
-                                           gpu_layers=gpu_layers,
+                                           gpu_layers=gpu_layers, kv_type=kv_type,
                                        with_model=memory_pair(gplan))
         runner = load_guard(gplan, threads=threads, quiet=quiet)
         from edgevlm.runtime.protocol import Message

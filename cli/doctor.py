@@ -10,7 +10,7 @@ from edgevlm.runtime.device.memory import fmt_bytes
 
 from . import console
 from .console import boundary
-from .options import DEFAULT_CTX, Rpc
+from .options import DEFAULT_CTX, KvType, Rpc
 
 
 @boundary
@@ -18,13 +18,16 @@ def doctor(
     ctx: Annotated[int, typer.Option("--ctx", min=128, help="Context length used for the memory estimates.")] = DEFAULT_CTX,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
     rpc: Rpc = None,
+    kv_type: KvType = None,
 ) -> None:
     """Check this device: CPU features, memory, GPUs, engine builds, which models fit, known problems."""
     from edgevlm.runtime.reports.doctor import report
 
     from edgevlm.runtime.backends import ggml_rpc
 
-    r = report(ctx, rpc=ggml_rpc.parse_endpoints(rpc))
+    from .acquire import resolve_kv_type
+
+    r = report(ctx, rpc=ggml_rpc.parse_endpoints(rpc), kv_type=resolve_kv_type(kv_type))
     if as_json:
         console.write_out(json.dumps(r, indent=2) + "\n")
         return
@@ -56,11 +59,15 @@ def doctor(
         out(f"            worker {w['endpoint']}: {state}\n")
     ort = r["onnxruntime"]
     out(f"onnxruntime {ort['version'] or 'not installed'}" + (f"  providers: {', '.join(ort['providers'])}" if ort["providers"] else "") + "\n")
-    out(f"\nModels at a {r['context_for_estimates']}-token context (estimate = weights + projector + KV cache + runtime):\n")
+    kvt = r.get("kv_type_for_estimates", "f16")
+    out(f"\nModels at a {r['context_for_estimates']}-token context{f' ({kvt} KV cache for GGUF)' if kvt != 'f16' else ''} "
+        "(estimate = weights + projector + KV cache + runtime):\n")
     rows = [["MODEL", "KIND", "ESTIMATE", "FITS", "INSTALLED"]]
     for m in r["models"]:
         rows.append([m["model"], m["kind"], fmt_bytes(m["estimate"]) if m["estimate"] else "?",
-                     {True: "yes", False: "no", None: "?"}[m["fits"]], "yes" if m["installed"] else ""])
+                     {True: "yes", False: "no", None: "?"}[m["fits"]]
+                     + (f" (yes with --kv-type {m['fits_with_kv_type']})" if m.get("fits_with_kv_type") else ""),
+                     "yes" if m["installed"] else ""])
     widths = [max(len(x) for x in col) for col in zip(*rows)]
     for row in rows:
         out("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")

@@ -9,6 +9,7 @@ import typer
 from . import console
 from .console import boundary
 from .options import GpuLayers, Guard, GuardCategories, GuardModel, Threads
+from .options import KvType
 
 
 def _size(text: Optional[str], flag: str) -> Optional[int]:
@@ -75,6 +76,7 @@ def serve(
     guard_model: GuardModel = None,
     guard_categories: GuardCategories = None,
     gpu_layers: GpuLayers = None,
+    kv_type: KvType = None,
 ) -> None:
     """Serve models over HTTP: OpenAI's /v1/chat/completions and /v1/models, Ollama's /api/chat,
     /api/generate and /api/tags, /health and /metrics.
@@ -116,6 +118,9 @@ def serve(
     from .guard import plan_guard
 
     settings.gpu_layers = parse_gpu_layers(gpu_layers)      # a bad value fails before anything loads
+    from .acquire import resolve_kv_type
+
+    settings.kv_type = resolve_kv_type(kv_type)
 
     gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx, yes=False)
     if gplan is not None:     # the guard is one more pinned model of the pool (its ref: the resolved file)

@@ -35,6 +35,7 @@ class Config:
     image_cache_max_bytes: Optional[int] = None  # cap of the image-embedding cache (LRU; default 1 GiB)
     guard: Optional[str] = None                  # --guard by default: input, output, both (or off)
     guard_model: Optional[str] = None            # the guard model (default llama-guard3-1b)
+    kv_type: Optional[str] = None                # --kv-type by default: f16, q8_0 or q4_0 (GGUF models)
 
 
 _TYPES: dict[str, type] = {
@@ -45,6 +46,7 @@ _TYPES: dict[str, type] = {
     "image_cache_max_bytes": int,
     "guard": str,
     "guard_model": str,
+    "kv_type": str,
 }
 
 
@@ -66,6 +68,9 @@ def _check(key: str, value: Any, path: Path) -> Any:
                          hint=f"Fix or remove '{key}' in {path}.")
     else:
         value = value.strip()
+        if key == "kv_type" and value.lower() not in ("f16", "q8_0", "q4_0"):
+            raise UsageError(f"{path}: 'kv_type' must be f16, q8_0 or q4_0 (got {value!r}).",
+                             hint=f"Fix or remove 'kv_type' in {path}.")
         if key == "guard" and value.lower() not in ("input", "output", "both", "off"):
             raise UsageError(f"{path}: 'guard' must be input, output, both or off (got {value!r}).",
                              hint=f"Fix or remove 'guard' in {path}.")

@@ -9,6 +9,7 @@ from .errors import BadModelFile, ModelNotFound
 from .formats.gguf_file import read_gguf
 from .device.memory import (ONNX_EXTRA_OVERHEAD, ONNX_REPACK_FRACTION, ONNX_SINGLE_FILE_FRACTION, MemoryEstimate, check_fits,
                      estimate)
+from .device.memory import KV_TYPES
 from .protocol import Artifact, Backend, LoadOptions, ProgressCallback
 
 if TYPE_CHECKING:
@@ -93,14 +94,16 @@ _BITS_PER_WEIGHT = {"q4": 11.0, "int4": 11.0, "q4f16": 7.5, "bnb4": 10.5, "int8"
                     "quantized": 8.5, "fp16": 16.0, "bf16": 16.0, "f16": 16.0, "fp32": 32.0, "f32": 32.0}
 
 
-def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
-    """Weights + projector + KV cache for n_ctx + runtime overhead, from files when we have them."""
+def estimate_memory(resolved: ResolvedModel, n_ctx: int, kv_type: str = "f16") -> MemoryEstimate:
+    """Weights + projector + KV cache for n_ctx + runtime overhead, from files when we have them. ``kv_type``
+    (--kv-type) sizes a GGUF model's KV cache; ONNX decoders keep theirs in their own dtype."""
+    kv_bpe = KV_TYPES[kv_type]
     art = resolved.artifact
     if art is not None and art.format == "gguf":
         info = read_gguf(art.path)
         mm = art.mmproj.stat().st_size if art.mmproj and art.mmproj.exists() else 0
         ctx = min(n_ctx, info.context_length or n_ctx)
-        return estimate(info.file_size, ctx, info.kv_shape, mm)
+        return estimate(info.file_size, ctx, info.kv_shape, mm, kv_bytes_per_elem=kv_bpe)
     if art is not None and art.format == "onnx":
         from .formats.onnx_files import kv_shape_from_config, weight_files
 
@@ -113,7 +116,7 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
                        + int(single * (ONNX_SINGLE_FILE_FRACTION - ONNX_REPACK_FRACTION)))
     if art is not None:
         size = sum(p.stat().st_size for p in Path(art.path).rglob("*") if p.is_file())
-        return estimate(size, n_ctx, None)
+        return estimate(size, n_ctx, None, kv_bytes_per_elem=kv_bpe)
     spec, aspec = resolved.model, resolved.artifact_spec
     weights = mm = 0
     for f in aspec.files:
@@ -137,17 +140,17 @@ def estimate_memory(resolved: ResolvedModel, n_ctx: int) -> MemoryEstimate:
             f.name.endswith((".onnx_data", ".onnx.data")) for f in aspec.files)
         frac = ONNX_SINGLE_FILE_FRACTION if single else ONNX_REPACK_FRACTION
         return replace(est, overhead=est.overhead + ONNX_EXTRA_OVERHEAD + int(weights * frac))
-    return estimate(weights, ctx, spec.kv, mm)
+    return estimate(weights, ctx, spec.kv, mm, kv_bytes_per_elem=kv_bpe)
 
 
 def check_memory(resolved: ResolvedModel, n_ctx: int, available: Optional[int] = None,
-                 with_model: Optional[tuple[ResolvedModel, int]] = None) -> MemoryEstimate:
+                 with_model: Optional[tuple[ResolvedModel, int]] = None, kv_type: str = "f16") -> MemoryEstimate:
     """Refuse when the model will not fit; ``with_model`` = (resolved, n_ctx) of a second model loaded
     beside it (the --guard model): both are counted."""
     from .device.hardware import memory_info
 
-    est = estimate_memory(resolved, n_ctx)
-    what = f"{resolved.alias_ref} with a {n_ctx:,}-token context"
+    est = estimate_memory(resolved, n_ctx, kv_type)
+    what = f"{resolved.alias_ref} with a {n_ctx:,}-token context" + (f" ({kv_type} KV cache)" if kv_type != "f16" else "")
     if with_model is not None:
         other, other_ctx = with_model
         o = estimate_memory(other, other_ctx)
@@ -169,7 +172,7 @@ class ClusterPlan:
 
 
 def plan_cluster(resolved: ResolvedModel, n_ctx: int, endpoints: list[str], split: Optional[list[float]] = None,
-                 check: bool = True) -> ClusterPlan:
+                 check: bool = True, kv_type: str = "f16") -> ClusterPlan:
     """Layers per device for a GGUF model spread over workers; asks each worker for its free memory and
     refuses (InsufficientMemory, with a per-device breakdown) when a share does not fit."""
     from .backends import ggml_rpc
@@ -188,7 +191,7 @@ def plan_cluster(resolved: ResolvedModel, n_ctx: int, endpoints: list[str], spli
     n_layers = info.kv_shape[0] if info.kv_shape else int(info.get(f"{info.architecture}.block_count") or 0)
     if not n_layers:
         raise BadModelFile(f"{art.path.name} does not say how many layers it has.", hint="Run it without --rpc.")
-    est = estimate_memory(resolved, n_ctx)
+    est = estimate_memory(resolved, n_ctx, kv_type)
     hosts = [("this host", memory_info().available)] + [(ep, ggml_rpc.worker_memory(ep)[0]) for ep in endpoints]
     if not check:
         hosts = [(name, 1 << 62) if split is not None else (name, avail) for name, avail in hosts]

@@ -135,6 +135,9 @@ class LoadOptions:
     rpc: list[str] = field(default_factory=list)
     host_layers: Optional[int] = None
     worker_shares: Optional[list[float]] = None
+    # What the KV cache stores K and V in (--kv-type; device/memory.py KV_TYPES): "f16", or llama.cpp's
+    # "q8_0" / "q4_0" (GGUF only; a quantized V cache runs with flash attention).
+    kv_type: str = "f16"
 
 
 @dataclass
@@ -203,6 +206,12 @@ class Backend(Protocol):
 
     def eval(self, token: int) -> None:
         """Append ``token`` to the KV cache and evaluate it."""
+        ...
+
+    def eval_tokens(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the KV cache and evaluate them in one batch (tokens a constraint forces);
+        afterwards ``logits()`` is the distribution after the last one, as after ``eval`` of each (up to
+        the float rounding of a batched matrix product)."""
         ...
 
     def kv_used(self) -> int: ...

@@ -23,6 +23,29 @@ from ..generation.prompt import render_chat
 from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 
+_EXACT_RUN = 3  # tokens per llama_decode in eval_tokens (see there)
+
+
+def _quantized_kv(llama_cpp, cparams, kv_type: str, info: GGUFInfo, name: str) -> None:
+    """--kv-type q8_0|q4_0: K and V in that ggml type. llama.cpp reads a quantized V cache only inside its
+    flash-attention kernel (llama_init_from_model refuses one without it; left on AUTO it would switch
+    flash attention on itself), so it is asked for explicitly; and every head's K and V must be whole
+    32-element blocks, which is checked here so the refusal is one line, not llama.cpp's log."""
+    from ..device.memory import KV_BLOCK
+
+    a = info.architecture
+    dims = [info.get(f"{a}.attention.key_length"), info.get(f"{a}.attention.value_length")]
+    if info.kv_shape:
+        dims.append(info.kv_shape[2])
+    bad = sorted({int(d) for d in dims if isinstance(d, int) and d % KV_BLOCK})
+    if bad:
+        raise UsageError(f"--kv-type {kv_type} cannot store {name}'s attention heads of {bad[0]} values "
+                         f"(a {kv_type} block holds {KV_BLOCK}).", hint="Use --kv-type f16 for this model.")
+    ggml = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[kv_type]
+    cparams.type_k = ggml
+    cparams.type_v = ggml
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+
 
 class PieceStream:
     """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
@@ -139,6 +162,9 @@ class GGUFBackend:
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
+        self._kv_type = opts.kv_type
+        if opts.kv_type != "f16":
+            _quantized_kv(llama_cpp, cparams, opts.kv_type, info, artifact.path.name)
         if any(name == "n_outputs_max" for name, _ in cparams._fields_):
             # We read one logits row per batch (the last token's); left at 0 (= n_batch), llama.cpp
             # reserves its compute buffer for n_batch rows of logits: 98 MiB instead of 16 MiB on a
@@ -146,6 +172,11 @@ class GGUFBackend:
             # allocation is real on GPU backends and where overcommit is off.
             cparams.n_outputs_max = self._n_seq   # slots read one row each per shared decode step
         ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx and opts.kv_type != "f16":
+            self.close()
+            raise BackendError(f"llama.cpp could not create a context with a {opts.kv_type} KV cache for "
+                               f"{artifact.path.name} (a quantized V cache needs flash attention on every device).",
+                               hint="Use --kv-type f16, or lower --ctx; VLM_DEBUG=1 shows llama.cpp's reason.")
         if not ctx:
             self.close()
             raise BackendError(
@@ -412,6 +443,16 @@ class GGUFBackend:
             raise BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).", hint="Raise --ctx.")
         self._keys.append(token)
 
+    def eval_tokens(self, tokens: list[int]) -> None:
+        """Several tokens (a run the constraint forces) in llama_decodes of at most ``_EXACT_RUN``: from 4
+        activation rows on, ggml's CPU matmul switches to its batched kernels for some weight types, whose
+        results differ from one-row steps (measured on Gemma 3 270M Q4_K_M, which has Q5_0 and Q8_0
+        tensors: logits up to ~2 apart after 4-8 tokens, identical after 2-3; SmolLM2 Q4_1 identical at
+        any size), and an answer must not depend on how its tokens were evaluated."""
+        toks = [int(t) for t in tokens]
+        for s in range(0, len(toks), _EXACT_RUN):
+            self._decode_tokens(toks[s: s + _EXACT_RUN], logits_last=s + _EXACT_RUN >= len(toks))
+
     def kv_used(self) -> int:
         return len(self._keys)
 
@@ -427,19 +468,12 @@ class GGUFBackend:
         return PieceStream(self._llama_cpp, self._vocab, self._piece_buf)
 
     def constraint_tokenizer(self):
-        """llguidance's tokenizer for this vocabulary, from llama.cpp's own (llguidance.llamacpp)."""
+        """llguidance's tokenizer for this vocabulary, from llama.cpp's own (generation/vocab_cache.py)."""
         if self._ll_tokenizer is None:
-            from ..generation.constrain import import_llguidance
+            from ..generation.vocab_cache import gguf_tokenizer   # pieces cached on disk per vocabulary
 
-            import_llguidance()
-            import warnings
-
-            import llguidance.llamacpp
-
-            with warnings.catch_warnings():        # it calls a llama-cpp-python alias deprecated per token
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self._ll_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
-                    self._vocab, n_vocab=self._n_vocab, eos_token=sorted(self.eog_ids()))
+            self._ll_tokenizer = gguf_tokenizer(self._llama_cpp, self._vocab, self.artifact.path, self._n_vocab,
+                                                sorted(self.eog_ids()))
         return self._ll_tokenizer
 
     def score(self, token_ids: list[int], *, batched: bool = True):
@@ -506,14 +540,18 @@ class GGUFBackend:
 
     # ------------------------------------------------------------------ helpers for callers
     def kv_cache_bytes(self) -> Optional[int]:
-        """The KV cache at full context (f16 K and V of every layer), or None when the header lacks the shape."""
+        """The KV cache at full context (K and V of every layer, in --kv-type), or None when the header lacks the shape."""
         from ..device.memory import kv_cache_bytes
 
+        from ..device.memory import KV_TYPES
+
         shape = self.info.kv_shape if self.info is not None else None
-        return kv_cache_bytes(self.n_ctx, *shape) if shape else None
+        bpe = KV_TYPES[getattr(self, "_kv_type", "f16")]
+        return kv_cache_bytes(self.n_ctx, *shape, bytes_per_elem=bpe) if shape else None
 
     def describe(self) -> dict:
         return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "vision": self.has_vision,
+                "kv_type": getattr(self, "_kv_type", "f16"),
                 "extra_bufts": not avoid_amx_buffers()}
 
 

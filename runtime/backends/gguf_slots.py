@@ -161,6 +161,11 @@ class GGUFSlot:
             raise out
         self._logits = out
 
+    def eval_tokens(self, tokens: list[int]) -> None:
+        """One shared step per token: a slot's step carries one token of each generating sequence."""
+        for t in tokens:
+            self.eval(t)
+
     def end_generation(self) -> None:
         step = self._step
         with step.cond:

@@ -42,18 +42,37 @@ class MemoryEstimate:
         return f"{fmt_bytes(self.total)} ({', '.join(parts)})"
 
 
-def kv_cache_bytes(n_ctx: int, layers: int, kv_heads: int, head_dim: int, bytes_per_elem: int = 2) -> int:
-    """K and V, f16 by default: 2 * layers * ctx * kv_heads * head_dim * 2 bytes."""
-    return 2 * layers * n_ctx * kv_heads * head_dim * bytes_per_elem
+# What llama.cpp can keep its KV cache in (``--kv-type``), as bytes per element: f16, or ggml's block
+# types of 32 elements (q8_0: 32 int8 + one f16 scale = 34 bytes; q4_0: 16 bytes of nibbles + the scale).
+KV_TYPES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_BLOCK = 32          # a quantized type's block: each head's K and V must be a whole number of them
+
+
+def kv_type(value: str | None) -> str:
+    """A ``--kv-type`` / config value checked and normalised (None: f16); ``UsageError`` in one line."""
+    if value is None:
+        return "f16"
+    v = str(value).strip().lower()
+    if v not in KV_TYPES:
+        from ..errors import UsageError
+
+        raise UsageError(f"--kv-type {value!r} is not a KV cache type: use {', '.join(KV_TYPES)}.",
+                         hint="q8_0 halves the KV cache at almost no quality cost; q4_0 quarters it.")
+    return v
+
+
+def kv_cache_bytes(n_ctx: int, layers: int, kv_heads: int, head_dim: int, bytes_per_elem: float = 2) -> int:
+    """K and V, f16 by default: 2 * layers * ctx * kv_heads * head_dim * 2 bytes (``KV_TYPES`` for others)."""
+    return int(2 * layers * n_ctx * kv_heads * head_dim * bytes_per_elem)
 
 
 def estimate(weights: int, n_ctx: int, kv_shape: tuple[int, int, int] | None, mmproj: int = 0,
-             kv_bytes_per_elem: int = 2) -> MemoryEstimate:
+             kv_bytes_per_elem: float = 2) -> MemoryEstimate:
     if kv_shape:
         kv = kv_cache_bytes(n_ctx, *kv_shape, bytes_per_elem=kv_bytes_per_elem)
     else:
-        # Unknown shape: assume the KV cache is about a quarter of the weights at 4k context.
-        kv = int(weights * 0.25 * n_ctx / 4096)
+        # Unknown shape: assume the KV cache is about a quarter of the weights at 4k context (f16).
+        kv = int(weights * 0.25 * n_ctx / 4096 * kv_bytes_per_elem / 2)
     # mmproj: weights plus the vision encoder's activations (roughly as large again for small ViTs).
     vision = int(mmproj * 2) if mmproj else 0
     overhead = RUNTIME_OVERHEAD + COMPUTE_PER_CTX_TOKEN * n_ctx

@@ -193,6 +193,10 @@ class JSONSchemaConstraint:
         self._bits = llg.numpy.allocate_token_bitmask(1, self._tok.vocab_size)
         self._bytes = self._bits.view(np.uint8).reshape(-1)   # bit i of the little-endian words = token i
         self._masked = False                                   # _bits holds a mask the engine filled
+        self._words = self._bits.reshape(-1).view(np.uint32)
+        # population count of the mask: numpy >= 2 counts bits natively, older ones by unpacking
+        self._popcount = ((lambda: int(np.bitwise_count(self._words).sum())) if hasattr(np, "bitwise_count")
+                          else (lambda: int(np.unpackbits(self._bytes).sum())))
 
     @classmethod
     def for_backend(cls, backend, schema: dict) -> "JSONSchemaConstraint":
@@ -211,9 +215,38 @@ class JSONSchemaConstraint:
         if k < row.shape[-1]:   # logits wider than we were told: nothing out there is allowed
             row[k:] = -np.inf
             row = row[:k]
+        n_allowed = self._popcount()
+        if n_allowed >= k:      # free text inside a string: every token is allowed, nothing to write
+            return logits
+        if n_allowed <= 64:     # a few tokens (a key, an enum, a digit): keep those, the rest -inf
+            keep = np.flatnonzero(np.unpackbits(self._bytes, count=k, bitorder="little"))
+            vals = row[keep]
+            row.fill(-np.inf)
+            row[keep] = vals
+            return logits
         allowed = np.unpackbits(self._bytes, count=k, bitorder="little").view(bool)
         np.copyto(row, -np.inf, where=~allowed)
         return logits
+
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar forces from here, consumed: llguidance's fast-forward tokens (the
+        canonical tokens of the bytes the schema fixes: keys, quotes, braces, the rest of an enum value),
+        each taken only while it is the one token the mask allows, so that sampling could not have chosen
+        another; at most ``limit``, none past the end of the document."""
+        out: list[int] = []
+        if limit <= 0 or self._m.is_stopped() or self._m.is_error():
+            return out
+        words = self._words
+        for t in self._m.compute_ff_tokens()[:limit]:
+            self._llg_np.fill_next_token_bitmask(self._m, self._bits)
+            if (t >= self._tok.vocab_size or t in self.eos_ids or not (int(words[t >> 5]) >> (t & 31)) & 1
+                    or self._popcount() != 1):
+                break
+            self.advance(t)
+            out.append(t)
+            if self._m.is_stopped():
+                break
+        return out
 
     def advance(self, token: int) -> None:
         """Feed the sampled token to the grammar; ``BackendError`` if the grammar does not allow it,

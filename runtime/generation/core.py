@@ -8,6 +8,15 @@ finish reason and measures the timings -- once, for GGUF and ONNX alike. Layers,
 Finish reasons: "stop" (end-of-generation token, stop string, or a complete constrained document),
 "length" (``max_tokens`` or the context is full), "cancelled" (the consumer closed the generator).
 The last token of an answer cut at ``max_tokens`` is not evaluated: nothing would read its logits.
+
+Forced runs: under a JSON schema most of a record's tokens are fixed by the schema (``{"``, a key,
+``":``, the rest of an enum value). After each sampled token the constraint hands back the run of tokens
+it forces next (``JSONSchemaConstraint.forced``: each the one token its mask allows, so sampling could
+not have picked another and greedy output is unchanged); they are appended without sampling and
+evaluated together with the sampled token in one batch (``Backend.eval_tokens``): one llama_decode /
+onnxruntime run instead of one per token. llama.cpp gives the very same logits either way; ONNX graphs
+that quantize activations per run (int8, int4 exports) give slightly different ones after a run than
+after single steps, as their prompt evaluation does, so a greedy answer may part at a near-tie there.
 """
 from __future__ import annotations
 
@@ -19,16 +28,29 @@ from .sampling import Sampler
 from .text import StopFilter
 
 
-def generate(backend: Backend, request: ChatRequest) -> Iterator[Chunk]:
-    """Stream the answer to ``request`` from ``backend``; the last chunk has ``finish_reason`` set."""
+def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True) -> Iterator[Chunk]:
+    """Stream the answer to ``request`` from ``backend``; the last chunk has ``finish_reason`` set.
+    ``forced_runs=False`` samples every token of a constrained answer one step at a time, even those the
+    schema forces (the reference the batched runs are compared with: same tokens, more steps)."""
     opts = request.options
     t_start = time.perf_counter()
-    constraint = None
-    if opts.json_schema is not None:      # compiled before the prefill: a schema the engine refuses fails fast
+    constraint = building = None
+    if opts.json_schema is not None:
+        # Built beside the prefill: the first constrained answer of a process builds llguidance's view of
+        # the vocabulary (pieces from the disk cache for GGUF, then ~0.1-0.4 s of llguidance's own work,
+        # without the GIL) and imports the schema checker while the prompt is evaluated; later answers find
+        # the tokenizer built and the grammar compiled. (The CLI and the server reject invalid schemas
+        # before anything loads; here one surfaces after the prefill.)
+        from concurrent.futures import ThreadPoolExecutor
+
         from .constrain import JSONSchemaConstraint
 
-        constraint = JSONSchemaConstraint.for_backend(backend, opts.json_schema)
-    pre = backend.prefill(request)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-constraint")
+        building = pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema)
+        pool.shutdown(wait=False)
+    pre = backend.prefill(request)                # (a failed prefill leaves the build to finish on its own)
+    if building is not None:
+        constraint = building.result()            # its errors (a schema the engine refuses) surface here
     t_prefill = time.perf_counter()
     base = dict(prompt_tokens=pre.prompt_tokens, prompt_eval_tokens=pre.eval_tokens, image_tokens=pre.image_tokens,
                 prefill_s=t_prefill - t_start, image_encode_s=pre.image_encode_s)
@@ -54,20 +76,34 @@ def generate(backend: Backend, request: ChatRequest) -> Iterator[Chunk]:
             if is_eog(tok):
                 finish = "stop"
                 break
-            generated.append(tok)
-            piece, stopped = stops.feed(text.feed(tok))
-            if piece:
-                yield Chunk(text=piece, completion_tokens=len(generated), **base)
-            if stopped:
-                finish, hit_stop_string = "stop", True
+            run = [tok]
+            if constraint is not None and forced_runs:
+                # what the schema forces next (keys, quotes, braces): taken without sampling, since the mask
+                # would allow nothing else, and evaluated with ``tok`` in one batch
+                room = min(opts.max_tokens - len(generated), n_ctx - 1 - backend.kv_used()) - 1
+                run += constraint.forced(room)
+                for t in run[1:]:
+                    sampler.note(t)
+            end = None
+            for t in run:
+                generated.append(t)
+                piece, stopped = stops.feed(text.feed(t))
+                if piece:
+                    yield Chunk(text=piece, completion_tokens=len(generated), **base)
+                if stopped:
+                    end, hit_stop_string = "stop", True
+                    break
+            if end is None and constraint is not None and constraint.is_done():
+                end = "stop"                      # the document is complete: only EOS could follow
+            elif end is None and (len(generated) >= opts.max_tokens or backend.kv_used() + len(run) >= n_ctx):
+                end = "length"
+            if end is not None:
+                finish = end
                 break
-            if constraint is not None and constraint.is_done():
-                finish = "stop"                   # the document is complete: only EOS could follow
-                break
-            if len(generated) >= opts.max_tokens or backend.kv_used() + 1 >= n_ctx:
-                finish = "length"
-                break
-            backend.eval(tok)
+            if len(run) == 1:
+                backend.eval(tok)
+            else:
+                backend.eval_tokens(run)
     except GeneratorExit:
         finish = "cancelled"
         raise

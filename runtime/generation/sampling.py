@@ -35,6 +35,11 @@ class Sampler:
             self.recent.append(tok)
         return tok
 
+    def note(self, token: int) -> None:
+        """A token chosen without sampling (forced by the constraint): the repeat penalty still sees it."""
+        if self.penalty != 1.0:
+            self.recent.append(int(token))
+
     def _draw(self, logits) -> int:
         np = self.np
         n = logits.shape[0]

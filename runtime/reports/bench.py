@@ -32,6 +32,7 @@ RESULT_SCHEMA = {
         "peak_rss_bytes": {"type": "integer"}, "weights_bytes": {"type": "integer"},
         "kv_cache_bytes": {"type": ["integer", "null"]}, "estimate_bytes": {"type": ["integer", "null"]},
         "gpu_layers": {"type": ["integer", "null"]}, "gpu_offload": {"type": ["string", "null"]},
+        "kv_type": {"type": "string"}, "kv_quality": {"type": ["object", "null"]},
     },
 }
 REPORT_SCHEMA = {
@@ -75,6 +76,59 @@ def _prompt_of(backend, n_tokens: int) -> str:
     return backend.detokenize(toks)
 
 
+# Scored with a quantized KV cache and with an f16 one (--kv-type): a paragraph written for this purpose,
+# not the quantize report's (runtime does not import quantize), of a few hundred tokens.
+KV_HELD_OUT_TEXT = (
+    "The ferry from the mainland leaves at seven in the morning and again at four in the afternoon, except "
+    "on Sundays, when only the afternoon boat runs. The crossing takes fifty minutes in calm weather. Most "
+    "passengers are islanders returning with groceries, a few are teachers who work at the small school near "
+    "the harbour, and in summer there are hikers with maps folded into plastic sleeves. The island has one "
+    "road, eleven kilometres long, which climbs from the harbour past the church and the old mill to the "
+    "lighthouse at the western point. A bakery opens at six and usually sells out of rye bread before noon. "
+    "The post office shares a room with the library, and both close for an hour at lunch. In 1962 the "
+    "islanders voted against building a bridge, arguing that the ferry kept the place quiet and that a "
+    "bridge would bring cars they had no room for. The vote was close: two hundred and twelve against, one "
+    "hundred and ninety-eight in favour. Every few years the question comes back, usually after a winter in "
+    "which storms cancelled the ferry for several days in a row, and every time the answer has been the "
+    "same. Visitors who stay the night find two guest houses and a campsite behind the dunes, where the "
+    "wind rarely stops and the stars are bright enough to read by when the moon is down."
+)
+
+
+def kv_agreement(ref, other) -> dict:
+    """Top-1 agreement and mean / max KL(ref || other) in nats between two logits arrays [n, n_vocab], as the
+    quantize report compares an artifact with its source."""
+    import numpy as np
+
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    la = a - a.max(-1, keepdims=True)
+    la -= np.log(np.exp(la).sum(-1, keepdims=True))
+    lb = b - b.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    return {"positions": int(len(a)), "top1_agreement": round(float((la.argmax(-1) == lb.argmax(-1)).mean()), 4),
+            "kl_mean": round(float(kl.mean()), 6), "kl_max": round(float(kl.max()), 5)}
+
+
+def kv_quality(b, artifact, opts, n_tokens: int = 256) -> dict:
+    """What ``b``'s KV cache type changes in the next-token distributions over ``KV_HELD_OUT_TEXT``: scored
+    token by token as an answer is generated (every step reads the cache), against the same model loaded
+    with an f16 KV cache."""
+    from dataclasses import replace
+
+    from ..loader import load_backend
+
+    ids = b.tokenize(KV_HELD_OUT_TEXT, add_special=True)[:min(n_tokens, b.n_ctx - 1)]
+    got = b.score(ids, batched=False)
+    ref_backend = load_backend(artifact, replace(opts, kv_type="f16"))
+    try:
+        ref = ref_backend.score(ids, batched=False)
+    finally:
+        ref_backend.close()
+    return kv_agreement(ref, got)
+
+
 def guard_latency(ref: str, answer: str, *, repeat: int, threads: Optional[int], question_tokens: int = 50) -> dict:
     """``--guard``: what Llama Guard adds to an answer, loaded beside the model being measured: an input check
     of a ``question_tokens`` question with the whole prompt evaluated (a process's first check), one with
@@ -109,10 +163,11 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None,
             rpc: Optional[list[str]] = None, tensor_split: Optional[list[float]] = None,
             guard: Optional[str] = None, detail: Optional[list[str]] = None,
-            gpu_layers: Optional[int] = None) -> dict:
+            gpu_layers: Optional[int] = None, kv_type: str = "f16") -> dict:
     """Measure one model in this process (called in the child). With an image, ``detail`` lists the image
     detail levels to measure (default: auto); the first one is also the image of the TTFT rows. The
-    embedding cache is off: every repeat encodes."""
+    embedding cache is off: every repeat encodes. A ``kv_type`` other than f16 also measures its quality
+    against an f16 KV cache (``kv_quality``)."""
     from ..loader import estimate_memory, load_backend, resolve
     from ..inputs.media import load_image
     from ..generation.core import complete
@@ -124,7 +179,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         raise EdgeVLMError(f"{resolved.alias_ref} is not installed.", hint=f"Run `vlm pull {resolved.alias_ref}` first.")
     ctx = n_ctx or max(512, prompt_tokens + gen_tokens + 2048 * (img is not None) + 64)
     t0 = time.perf_counter()
-    opts = LoadOptions(n_ctx=ctx, n_threads=threads)
+    opts = LoadOptions(n_ctx=ctx, n_threads=threads, kv_type=kv_type)
     gpu = None
     if rpc:                                  # spread over `vlm worker`s: what that costs per token
         from ..loader import plan_cluster
@@ -190,7 +245,9 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             answer = complete(b, ChatRequest([Message("user", prompt)], GenerationOptions(
                 raw=True, temperature=0, max_tokens=min(gen_tokens, 64))))[0]
             guard_doc = guard_latency(guard, answer, repeat=repeat, threads=threads)
-        kv = b.kv_cache_bytes()        # in each backend's own KV dtype: f16 in llama.cpp, the past's in ONNX
+        rss = peak_rss()               # before kv_quality loads an f16 copy beside it
+        quality = kv_quality(b, resolved.artifact, opts) if kv_type != "f16" else None
+        kv = b.kv_cache_bytes()        # in each backend's own KV dtype: --kv-type in llama.cpp, the past's in ONNX
         if resolved.artifact.format == "onnx":
             from ..formats.onnx_files import weight_files
 
@@ -202,7 +259,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         if mmproj is not None and b.has_vision and Path(mmproj).is_file():
             weights += Path(mmproj).stat().st_size       # the projector is weights in memory too
         try:
-            est = estimate_memory(resolved, b.n_ctx).total
+            est = estimate_memory(resolved, b.n_ctx, kv_type).total
         except EdgeVLMError:
             est = None
         return {
@@ -215,7 +272,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 "encode_ms": _stat([e * 1000 for e in enc]), "followup_ttft_s": _stat(follow),
                 "detail": levels[0], "levels": per_level,
             },
-            "peak_rss_bytes": peak_rss(), "weights_bytes": weights, "kv_cache_bytes": kv, "estimate_bytes": est,
+            "peak_rss_bytes": rss, "weights_bytes": weights, "kv_type": kv_type, "kv_quality": quality, "kv_cache_bytes": kv, "estimate_bytes": est,
             "gpu_layers": opts.n_gpu_layers if resolved.artifact.format == "gguf" else None,
             "gpu_offload": gpu.device if gpu is not None else None,
             **({"guard": guard_doc} if guard_doc is not None else {}),

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..errors import first_line
 from ..protocol import DEFAULT_CTX
+from ..device.memory import KV_TYPES
 from ..device.hardware import (cpu_info, default_threads, gpu_backend, llama_build_has_amx, llama_system_info, memory_info,
                        rebuild_advice)
 
@@ -63,8 +64,10 @@ def _rosetta() -> bool:
         return False
 
 
-def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None) -> list[dict]:
-    """Every registry artifact with its memory estimate and whether it fits in available memory now."""
+def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None, kv_type: str = "f16") -> list[dict]:
+    """Every registry artifact with its memory estimate (GGUF: KV cache in ``kv_type``) and whether it fits in
+    available memory now; a GGUF one that does not fit but would with a smaller KV cache type gets that type
+    in ``fits_with_kv_type`` (q8_0 before q4_0)."""
     from ..loader import ResolvedModel, estimate_memory
     from ..models.registry import Registry
     from ..models.store import Store
@@ -78,11 +81,15 @@ def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None) -> lis
             if any(f.size is None for f in a.files):
                 est = None
             else:
-                est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx)).total
+                est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx), kv_type if a.format == "gguf" else "f16").total
+            smaller = None
+            if est is not None and est > avail and a.format == "gguf":
+                smaller = next((t for t in ("q8_0", "q4_0") if KV_TYPES[t] < KV_TYPES[kv_type]
+                                and estimate_memory(r, min(n_ctx, m.context_length or n_ctx), t).total <= avail), None)
             weights = sum(f.size for f in a.files if f.size) or None
             rows.append({"model": f"{m.alias}:{key}", "kind": m.kind, "format": a.format,
                          "params": m.parameters, "estimate": est, "weights": weights,
-                         "fits": None if est is None else est <= avail,
+                         "fits": None if est is None else est <= avail, "fits_with_kv_type": smaller,
                          "installed": store.is_installed(m.alias, key)})
     return rows
 
@@ -158,7 +165,7 @@ def rpc_report(endpoints: Optional[list[str]] = None) -> dict:
     return {"available": ok, "install": None if ok else ggml_rpc.INSTALL_HINT, "workers": workers}
 
 
-def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
+def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None, kv_type: str = "f16") -> dict:
     cpu = cpu_info()
     mem = memory_info()
     family = "arm" if cpu.arch in ("arm64", "aarch64") else "x86"
@@ -187,7 +194,7 @@ def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
                         f"rebuild it with `{advice.command}`.")
     gpu = gpu_backend(sysinfo)
     try:
-        fits = model_fits(n_ctx, mem.available)
+        fits = model_fits(n_ctx, mem.available, kv_type)
     except Exception as e:  # a broken user registry must not hide the rest of the report
         fits = []
         warnings.append(f"Could not read the model registry: {e}")
@@ -208,6 +215,7 @@ def report(n_ctx: int = DEFAULT_CTX, rpc: Optional[list[str]] = None) -> dict:
         "onnxruntime": {"version": _version("onnxruntime"), "providers": _onnx_providers()},
         "rpc": rpc_doc,
         "models": fits, "recommended": recommend(fits, bw := memory_bandwidth()), "context_for_estimates": n_ctx,
+        "kv_type_for_estimates": kv_type,
         "memory_bandwidth": bw, "recommended_basis": f"fits in memory and decodes >= {MIN_DECODE_TPS:g} tok/s "
                                                     "(estimated from memory bandwidth and weight bytes)",
         "warnings": warnings,

@@ -336,8 +336,13 @@ class ModelPool:
         """Bytes this model takes loaded: our memory estimate, with one KV cache per parallel slot."""
         from ..loader import estimate_memory
 
-        est = estimate_memory(resolved, self.settings.ctx)
+        est = estimate_memory(resolved, self.settings.ctx, self._kv_type(resolved))
         return est.total + est.kv_cache * (self.n_slots(resolved) - 1)
+
+    def _kv_type(self, resolved: "ResolvedModel") -> str:
+        """--kv-type applies to GGUF models; an ONNX decoder keeps its KV cache in its own dtype."""
+        art = resolved.artifact
+        return self.settings.kv_type if art is not None and art.format == "gguf" else "f16"
 
     def prompt_cache_bytes(self, resolved: "ResolvedModel", need: int) -> int:
         """RAM for this model's saved conversations: --prompt-cache, or what the memory budget has left
@@ -424,7 +429,7 @@ class ModelPool:
         from ..reports.gpu import plan as gpu_plan
 
         opts = LoadOptions(n_ctx=self.settings.ctx, n_threads=self.settings.threads, n_seq=entry.n_slots,
-                           prompt_cache_bytes=entry.prompt_cache_bytes)
+                           prompt_cache_bytes=entry.prompt_cache_bytes, kv_type=self._kv_type(entry.resolved))
         gpu = gpu_plan(entry.resolved, self.settings.ctx, self.settings.gpu_layers)   # 0 on a CPU-only build
         opts.n_gpu_layers = gpu.layers if gpu is not None else 0
         backend = load_backend(entry.resolved.artifact, opts)
