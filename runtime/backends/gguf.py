@@ -16,6 +16,7 @@ from typing import Optional
 from ..errors import BackendError, BadModelFile, ContextOverflow, UsageError
 from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
 from ..device.hardware import avoid_amx_buffers, default_threads
+from .gguf_context import context_params
 from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun
 from .llamacpp import field_type as _field_type, import_llama as _import_llama, score_batch, silence_native_logs
 from .prompt_cache import common_prefix
@@ -24,27 +25,6 @@ from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 
 _EXACT_RUN = 3  # tokens per llama_decode in eval_tokens (see there)
-
-
-def _quantized_kv(llama_cpp, cparams, kv_type: str, info: GGUFInfo, name: str) -> None:
-    """--kv-type q8_0|q4_0: K and V in that ggml type. llama.cpp reads a quantized V cache only inside its
-    flash-attention kernel (llama_init_from_model refuses one without it; left on AUTO it would switch
-    flash attention on itself), so it is asked for explicitly; and every head's K and V must be whole
-    32-element blocks, which is checked here so the refusal is one line, not llama.cpp's log."""
-    from ..device.memory import KV_BLOCK
-
-    a = info.architecture
-    dims = [info.get(f"{a}.attention.key_length"), info.get(f"{a}.attention.value_length")]
-    if info.kv_shape:
-        dims.append(info.kv_shape[2])
-    bad = sorted({int(d) for d in dims if isinstance(d, int) and d % KV_BLOCK})
-    if bad:
-        raise UsageError(f"--kv-type {kv_type} cannot store {name}'s attention heads of {bad[0]} values "
-                         f"(a {kv_type} block holds {KV_BLOCK}).", hint="Use --kv-type f16 for this model.")
-    ggml = {"q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[kv_type]
-    cparams.type_k = ggml
-    cparams.type_v = ggml
-    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
 
 class PieceStream:
@@ -145,32 +125,10 @@ class GGUFBackend:
             n_ctx = min(n_ctx, n_ctx_train)
         self.n_threads = opts.n_threads or default_threads()
         self.n_batch = max(32, min(opts.n_batch, n_ctx))
-        cparams = llama_cpp.llama_context_default_params()
         self._n_seq = max(1, opts.n_seq)
-        cparams.n_ctx = n_ctx * self._n_seq       # n_ctx positions for each sequence (gguf_slots enforces it)
-        cparams.n_seq_max = self._n_seq
-        if self._n_seq > 1:
-            # One KV stream per sequence (llama-server's default for -np N): a token attends to its own
-            # sequence's cells only, where one unified buffer makes each attend over all N sequences'
-            # (masked). SmolLM2-135M, 2 threads, `vlm serve --parallel 4`, 4 streaming clients: 115-134
-            # tok/s split vs 100-111 unified in the same 4 rounds (llama-server 113-126). A step whose
-            # sequence ids are not consecutive is split into one ubatch per run of them ([1, 3]: 16.3
-            # vs 14.4 ms unified), so the server hands out the lowest free slot when nothing else decides.
-            cparams.kv_unified = False
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch
-        cparams.n_threads = self.n_threads
-        cparams.n_threads_batch = self.n_threads
-        cparams.no_perf = True
         self._kv_type = opts.kv_type
-        if opts.kv_type != "f16":
-            _quantized_kv(llama_cpp, cparams, opts.kv_type, info, artifact.path.name)
-        if any(name == "n_outputs_max" for name, _ in cparams._fields_):
-            # We read one logits row per batch (the last token's); left at 0 (= n_batch), llama.cpp
-            # reserves its compute buffer for n_batch rows of logits: 98 MiB instead of 16 MiB on a
-            # SmolVLM-256M-shaped model. On CPU the untouched pages never become RSS, but the
-            # allocation is real on GPU backends and where overcommit is off.
-            cparams.n_outputs_max = self._n_seq   # slots read one row each per shared decode step
+        cparams = context_params(llama_cpp, n_ctx, self._n_seq, self.n_batch, self.n_threads, opts.kv_type, info,
+                                 artifact.path.name)
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx and opts.kv_type != "f16":
             self.close()
@@ -541,9 +499,7 @@ class GGUFBackend:
     # ------------------------------------------------------------------ helpers for callers
     def kv_cache_bytes(self) -> Optional[int]:
         """The KV cache at full context (K and V of every layer, in --kv-type), or None when the header lacks the shape."""
-        from ..device.memory import kv_cache_bytes
-
-        from ..device.memory import KV_TYPES
+        from ..device.memory import KV_TYPES, kv_cache_bytes
 
         shape = self.info.kv_shape if self.info is not None else None
         bpe = KV_TYPES[getattr(self, "_kv_type", "f16")]

@@ -1,15 +1,10 @@
 """ONNX backend: decoder-only text models and Idefics3 / SmolVLM vision-language models on onnxruntime alone.
 
 At inference time it needs onnxruntime, numpy, ``tokenizers``, jinja2 (the chat template, sandboxed
-by ``runtime/prompt.py``) and, for images, Pillow: no torch, no transformers. It runs decoders in the Hugging Face / optimum / onnx-community layout:
-
-* a graph taking ``input_ids`` [batch, seq] (int64), optionally ``attention_mask``, ``position_ids``,
-  ``cache_position``, ``num_logits_to_keep`` / ``logits_to_keep`` and ``use_cache_branch`` (old merged
-  decoders), plus ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim]; returning
-  ``logits`` and ``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim];
-* beside it (or one directory up, as in onnx-community's ``onnx/`` subfolder): ``tokenizer.json``
-  (required), ``config.json``, ``generation_config.json``, ``tokenizer_config.json`` and the chat
-  template (``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``'s entry).
+by ``runtime/prompt.py``) and, for images, Pillow: no torch, no transformers. It runs decoders in the Hugging
+Face / optimum / onnx-community layout (``formats/onnx_graph.py`` says what the graph must declare), with
+``tokenizer.json`` (required), ``config.json``, ``generation_config.json``, ``tokenizer_config.json`` and the
+chat template beside it or one directory up (``formats/onnx_sidecar.py``).
 
 Which .onnx file is loaded (``pick_model_file``): the file itself when ``Artifact.path`` is a file;
 for a directory, the first that exists of ``MODEL_PREFERENCE`` (full precision first, then onnx-community's
