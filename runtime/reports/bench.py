@@ -248,6 +248,8 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         rss = peak_rss()               # before kv_quality loads an f16 copy beside it
         quality = kv_quality(b, resolved.artifact, opts) if kv_type != "f16" else None
         kv = b.kv_cache_bytes()        # in each backend's own KV dtype: --kv-type in llama.cpp, the past's in ONNX
+        from ..backends import capabilities
+
         if resolved.artifact.format == "onnx":
             from ..formats.onnx_files import weight_files
 
@@ -273,7 +275,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 "detail": levels[0], "levels": per_level,
             },
             "peak_rss_bytes": rss, "weights_bytes": weights, "kv_type": kv_type, "kv_quality": quality, "kv_cache_bytes": kv, "estimate_bytes": est,
-            "gpu_layers": opts.n_gpu_layers if resolved.artifact.format == "gguf" else None,
+            "gpu_layers": opts.n_gpu_layers if capabilities(resolved.artifact.format).gpu_offload else None,
             "gpu_offload": gpu.device if gpu is not None else None,
             **({"guard": guard_doc} if guard_doc is not None else {}),
         }
