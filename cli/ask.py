@@ -14,7 +14,7 @@ from .options import KvType
 from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import (Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, OneShotCtx, Quiet, Raw, Seed, Stop, System,
-                      Temperature, Threads, TopK, TopP, Yes)
+                      Temperature, Threads, MinP, RepeatPenalty, TopK, TopP, Yes)
 
 
 # Template text a chat format may add around one question (role markers, a default system prompt
@@ -42,6 +42,8 @@ def ask(
     temperature: Temperature = 0.7,
     top_p: TopP = 0.95,
     top_k: TopK = 40,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
     max_tokens: MaxTokens = 512,
     seed: Seed = None,
     ctx: OneShotCtx = None,
@@ -107,6 +109,7 @@ def ask(
         if completion_only and not raw and not quiet:
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 min_p=min_p, repeat_penalty=repeat_penalty,
                                  seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema,
                                  image_detail=idetail)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)

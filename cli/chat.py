@@ -16,7 +16,7 @@ from .options import KvType
 from .options import Guard, GuardCategories, GuardModel
 from .options import Detail, ImageBudget, ImageTokens, NoCache
 from .options import (Ctx, Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
-                      Threads, TopK, TopP, Yes)
+                      Threads, MinP, RepeatPenalty, TopK, TopP, Yes)
 
 HELP = """Commands:
   /image PATH   add an image (file, URL) to your next message
@@ -132,6 +132,8 @@ def chat(
     temperature: Temperature = 0.7,
     top_p: TopP = 0.95,
     top_k: TopK = 40,
+    min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0,
     max_tokens: MaxTokens = 1024,
     seed: Seed = None,
     ctx: Ctx = None,
@@ -184,6 +186,7 @@ def chat(
     try:
         runner = load_guard(gplan, threads=threads, quiet=quiet)
         opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 min_p=min_p, repeat_penalty=repeat_penalty,
                                  seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema,
                                  image_detail=idetail)
         session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)

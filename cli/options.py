@@ -11,6 +11,8 @@ MMProj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision project
 Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Top-k sampling; 0 = off.")]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens under this share of the likeliest one's probability; 0 = off.")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", min=0.0, max=10.0, help="Penalty for tokens already in the text (llama.cpp's); 1 = off.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for repeatable sampling.")]
 Ctx = Annotated[Optional[int], typer.Option("--ctx", "-c", min=128, help="Context length in tokens (default 4096, capped at the model's).")]

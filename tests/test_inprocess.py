@@ -26,6 +26,8 @@ def cli(tmp_path, monkeypatch):
     (("ask", "--detail", "bogus", "hi"), "Unknown --detail 'bogus'"),
     (("ask", "-m", "smollm2-135m", "--schema", "{bad", "hi"), "--schema is not valid JSON"),
     (("ask", "--top-p", "7", "hi"), "--top-p"),
+    (("ask", "--min-p", "2", "hi"), "--min-p"),
+    (("chat", "--repeat-penalty", "-1"), "--repeat-penalty"),
     (("caption", "--shard", "3/2", "x.jpg", "--out", "x.jsonl"), "--shard 3/2"),
     (("caption",), "Missing argument"),
     (("serve", "--prompt-cache", "-1"), "--prompt-cache '-1' is negative"),
