@@ -12,7 +12,7 @@ constrained answer of a fresh process, and a q8_0 KV cache -- each reported as r
    unconstrained one, each in its own new process, with llguidance's tokenizer cache cold (first run
    on a machine) and warm (every later process).
 3. --kv-type q8_0: KV cache bytes against f16, top-1 agreement and mean KL against an f16 KV cache over a
-   held-out text (runtime.device.bench.kv_quality), and decode tok/s in alternating rounds.
+   held-out text (runtime.reports.bench.kv_quality), and decode tok/s in alternating rounds.
 
 The machine these figures come from may be shared: the load average is printed with them.
 """
@@ -154,7 +154,7 @@ def first_answer(path: Path, rounds: int, threads: int) -> dict:
 def kv_q8(path: Path, rounds: int, threads: int) -> dict:
     from dataclasses import replace
 
-    from edgevlm.runtime.device.bench import kv_quality
+    from edgevlm.runtime.reports.bench import kv_quality
     from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, Message
 
     q8 = _load(path, threads, "q8_0")

@@ -238,7 +238,7 @@ def test_kv_type_counted_by_the_memory_check(smollm2_gguf):
 
 @pytest.mark.model
 def test_doctor_names_the_kv_type_that_fits(home):
-    from edgevlm.runtime.device.doctor import model_fits
+    from edgevlm.runtime.reports.doctor import model_fits
 
     rows = {r["model"]: r for r in model_fits(8192, available=1 << 62)}
     row = next(r for r in rows.values() if r["format"] == "gguf" and r["estimate"] and r["kind"] == "text")
@@ -265,7 +265,7 @@ def test_quantized_kv_cache_answers(smollm2_gguf, kv):
                                              GenerationOptions(raw=True, temperature=0, max_tokens=4)))
         assert "Paris" in text
         if kv == "q8_0":                                # near-lossless: the held-out text agrees with f16
-            from edgevlm.runtime.device.bench import KV_HELD_OUT_TEXT, kv_agreement
+            from edgevlm.runtime.reports.bench import KV_HELD_OUT_TEXT, kv_agreement
 
             ids = b.tokenize(KV_HELD_OUT_TEXT)[:160]
             q = kv_agreement(ref.score(ids, batched=False), b.score(ids, batched=False))
@@ -306,7 +306,7 @@ def test_heads_a_block_does_not_divide_are_refused(vision_model):
 
 @pytest.mark.model
 def test_bench_reports_kv_types_against_f16(smollm2_gguf):
-    from edgevlm.runtime.device.bench import REPORT_SCHEMA
+    from edgevlm.runtime.reports.bench import REPORT_SCHEMA
 
     r = vlm("bench", str(smollm2_gguf), "--kv-type", "f16", "--kv-type", "q8_0", "--json", "--repeat", "1",
             "--prompt-tokens", "16", "--gen-tokens", "4", "--threads", "1")
