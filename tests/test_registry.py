@@ -398,3 +398,28 @@ def test_hf_file_with_no_checksum_anywhere_is_refused(hub, home):
     assert "sha256" in ei.value.hint
     assert not store.is_installed("tiny", "q4_0")
     assert not any(p.is_file() for p in home.rglob("*.gguf"))              # nothing downloaded
+
+
+# The projector type each vision model's mmproj declares (clip.projector_type), as llama.cpp names it.
+PROJECTOR_TYPES = {
+    "smolvlm-256m": "idefics3", "smolvlm-500m": "idefics3", "qwen2.5-vl-3b": "qwen2.5vl_merger",
+    "gemma3-4b": "gemma3", "moondream2": "mlp", "internvl3-1b": "internvl", "llava1.5-7b": "mlp",
+    "lfm2.5-vl-450m": "lfm2", "lfm2.5-vl-1.6b": "lfm2", "qwen3-vl-2b": "qwen3vl_merger",
+    "qwen3.5-0.8b": "qwen3vl_merger", "internvl3.5-1b": "internvl", "gemma4-e2b": "gemma4v",
+}
+
+
+def test_every_vision_model_has_a_projector_type_the_engine_knows(home):
+    """libmtmd looks a projector type up by name (clip-impl.h, PROJECTOR_TYPE_NAMES): each name the
+    registry's vision models need is in the libmtmd that llama-cpp-python built here."""
+    import llama_cpp
+
+    reg = Registry.load(home)
+    vision = {m.alias for m in reg.models() if m.kind == "vision"}
+    assert vision == set(PROJECTOR_TYPES), "a vision model without a known projector type: add it here"
+    libs = list((Path(llama_cpp.__file__).parent / "lib").glob("libmtmd.*")) or list(
+        Path(llama_cpp.__file__).parent.glob("**/*mtmd*"))
+    assert libs, "llama-cpp-python was built without libmtmd"
+    blob = libs[0].read_bytes()
+    for alias, name in PROJECTOR_TYPES.items():      # (a linker may share "mlp" with a longer string's tail)
+        assert name.encode() + b"\0" in blob, (alias, name)
