@@ -57,12 +57,11 @@ def encoder_gflops(family: str, image_tokens: int) -> float:
     return (t["layers"] * per_layer + 2 * n * 3 * t["patch"] ** 2 * d) / 1e9
 
 
-def photo_12mp(path: Path) -> Path:
+def photo_12mp(path: Path, w: int = 4032, h: int = 3024) -> Path:
     """A 4032 x 3024 photo-like JPEG (gradients, shapes, noise): what a phone camera makes."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    w, h = 4032, 3024
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     rng = np.random.default_rng(7)
     rgb = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 160 + 60], axis=-1)
@@ -70,7 +69,7 @@ def photo_12mp(path: Path) -> Path:
     img = Image.fromarray(np.clip(rgb, 0, 255).astype("uint8"))
     d = ImageDraw.Draw(img)
     for i in range(40):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(40, 400)
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(w // 100, w // 10)
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
     img.save(path, quality=90)
     return path
@@ -133,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per `vlm ask` before it counts as failed")
     ap.add_argument("--photo", type=Path, help="default: a generated 4032 x 3024 JPEG")
+    ap.add_argument("--photo-size", default="4032x3024", help="WxH of the generated photo")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the SmolVLM rows (no ratios; GFLOP/s only): for a quick run on a busy machine")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
 
@@ -141,10 +143,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     work = Path(tempfile.mkdtemp(prefix="vlm-families-"))
-    photo = a.photo or photo_12mp(work / "photo-12mp.jpg")
+    pw, ph = (int(v) for v in a.photo_size.lower().split("x"))
+    photo = a.photo or photo_12mp(work / f"photo-{pw}x{ph}.jpg", pw, ph)
     gguf = smollm2()
-    rows = {"smolvlm-256m high": (smolvlm_reference(gguf), ("--detail", "high"), "smolvlm-256m"),
-            "smolvlm-256m auto": (smolvlm_reference(gguf), ("--detail", "auto"), "smolvlm-256m")}
+    rows = {} if a.no_reference else {
+        "smolvlm-256m high": (smolvlm_reference(gguf), ("--detail", "high"), "smolvlm-256m"),
+        "smolvlm-256m auto": (smolvlm_reference(gguf), ("--detail", "auto"), "smolvlm-256m")}
     for f in families:
         print(f"building {f} (real vision tower) ...", file=sys.stderr, flush=True)
         rows[f] = (family_fixture(f, CACHE / "fixtures", gguf, variant="real"), (), f)
@@ -158,7 +162,8 @@ def main() -> None:
             print(f"round {rnd + 1}: {name}: {res}", file=sys.stderr, flush=True)
             results[name].append(res)
 
-    ref = statistics.median([r["encode_s"] for r in results["smolvlm-256m high"] if "encode_s" in r] or [float("nan")])
+    ref = statistics.median([r["encode_s"] for r in results.get("smolvlm-256m high", []) if "encode_s" in r]
+                            or [float("nan")])
     out = []
     print(f"\n{photo.name}, {a.threads} threads, {a.rounds} round(s); encode = libmtmd's image encode in `vlm ask`")
     print(f"{'family':20} {'real model':28} {'tokens':>6} {'encode s':>9} {'x ref':>6} {'GFLOPs':>8} {'GFLOP/s':>8}")
