@@ -255,3 +255,171 @@ def test_projector_beside_a_model_file(tmp_path):
     (tmp_path / "mmproj-smolvlm-Q8_0.gguf").unlink()
     (tmp_path / "mmproj-other-Q8_0.gguf").write_bytes(b"GGUF")
     assert artifact_from_path(model, None, True).mmproj is None          # two, neither named after it: ambiguous
+
+
+# --------------------------------------------------------------------------------------------------
+# The small-VLM catalogue (docs/vision-models.md): well-formed, pinned, and its hashes where published
+
+NEW_VLMS = ("lfm2.5-vl-450m", "lfm2.5-vl-1.6b", "qwen3-vl-2b", "qwen3.5-0.8b", "internvl3.5-1b", "gemma4-e2b")
+# Files whose size and sha256 were not published anywhere public: the hub's checksum is checked and
+# recorded at the first download (see test_hf_file_without_a_registry_sha256_*).
+UNPUBLISHED = {("internvl3.5-1b", "OpenGVLab_InternVL3_5-1B-Q4_K_M.gguf"),
+               ("internvl3.5-1b", "mmproj-OpenGVLab_InternVL3_5-1B-f16.gguf"),
+               ("lfm2.5-vl-450m", "LFM2.5-VL-450M-Q4_K_M.gguf")}
+
+
+@pytest.mark.parametrize("alias", NEW_VLMS)
+def test_small_vlm_entries_are_complete(home, alias):
+    import re
+
+    reg = Registry.load(home)
+    m = reg.get(alias)
+    assert m.kind == "vision" and m.license and m.homepage.startswith("https://huggingface.co/")
+    assert m.parameters and m.context_length and m.kv
+    for a in m.artifacts.values():
+        assert a.format == "gguf" and a.mmproj and a.model != a.mmproj
+        names = [f.name for f in a.files]
+        assert a.model in names and a.mmproj in names and len(names) == 2
+        for f in a.files:
+            hf = f.source["hf"]
+            assert hf["repo"] and hf["file"].endswith(".gguf")
+            if (alias, f.name) in UNPUBLISHED:
+                assert f.sha256 is None
+                continue
+            # a published hash belongs to one upload: the revision it was published at is pinned
+            assert f.sha256 and re.fullmatch(r"[0-9a-f]{64}", f.sha256), (alias, f.name)
+            assert f.size and f.size > 10_000_000, (alias, f.name)
+            assert re.fullmatch(r"[0-9a-f]{40}", hf["revision"]), (alias, f.name, hf["revision"])
+        assert a.total_size is None or a.total_size > 0
+
+
+def test_a_projector_shared_by_two_artifacts_is_the_same_file(home):
+    """Two artifacts of one model naming the same projector file agree on where it comes from, so the
+    store can link one download into both (store.Store._reuse)."""
+    reg = Registry.load(home)
+    for alias in NEW_VLMS:
+        seen: dict = {}
+        for a in reg.get(alias).artifacts.values():
+            f = next(f for f in a.files if f.name == a.mmproj)
+            key = (f.name, f.size, f.sha256, tuple(sorted(f.source["hf"].items())))
+            assert seen.setdefault(f.name, key) == key, (alias, f.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# A file the registry has no sha256 for: the hub's checksum is checked, and the manifest records the
+# sha256 and what it was checked against; without any checksum the file is refused, never installed.
+
+
+def _hf_entry(file: str, **fields):
+    from edgevlm.runtime.models.registry import validate_model
+
+    return validate_model("tiny", {"name": "Tiny", "kind": "text", "default": "q4_0", "artifacts": {"q4_0": {
+        "format": "gguf", "quantization": "Q4_0", "model": "tiny.gguf",
+        "files": [{"name": "tiny.gguf", "source": {"hf": {"repo": "org/tiny-GGUF", "file": file}}, **fields}]}}})
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    from test_store import FileServer
+
+    s = FileServer()
+    s.thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", s.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("VLM_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def _serve(hub, file: str, data: bytes, etag: str) -> None:
+    from test_store import COMMIT
+
+    for rev in ("main", COMMIT):
+        hub.add(f"/org/tiny-GGUF/resolve/{rev}/{file}", data, ETag=f'"{etag}"', **{"X-Repo-Commit": COMMIT})
+
+
+def test_hf_file_without_a_registry_sha256_is_checked_against_the_lfs_sha256(hub, home):
+    import hashlib
+
+    from edgevlm.runtime.models.store import Store
+
+    data = b"GGUF" + bytes(range(256)) * 40
+    _serve(hub, "a.gguf", data, hashlib.sha256(data).hexdigest())
+    store = Store(home)
+    store.pull(_hf_entry("a.gguf"))
+    rec = store.manifest("tiny", "q4_0")["files"][0]
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["verified_by"] == "hub LFS sha256"
+    assert rec["source"]["hf"]["commit"]                                    # the revision it came from
+
+
+def test_hf_file_with_a_registry_sha256_records_that(hub, home):
+    import hashlib
+
+    from edgevlm.runtime.models.store import Store
+
+    data = b"GGUF" + b"\x01" * 5000
+    digest = hashlib.sha256(data).hexdigest()
+    _serve(hub, "a.gguf", data, digest)
+    store = Store(home)
+    store.pull(_hf_entry("a.gguf", sha256=digest, size=len(data)))
+    assert store.manifest("tiny", "q4_0")["files"][0]["verified_by"] == "registry sha256"
+
+
+def test_hf_file_outside_lfs_is_checked_against_its_git_blob_sha1(hub, home):
+    import hashlib
+
+    from edgevlm.runtime.errors import ChecksumMismatch
+    from edgevlm.runtime.models.store import Store
+
+    data = b'{"architectures": ["Tiny"]}\n'
+    git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    _serve(hub, "config.json", data, git_sha1)
+    store = Store(home)
+    store.pull(_hf_entry("config.json"))
+    rec = store.manifest("tiny", "q4_0")["files"][0]
+    assert rec["verified_by"] == "hub git blob sha1" and rec["sha256"] == hashlib.sha256(data).hexdigest()
+    store.remove("tiny")
+    _serve(hub, "config.json", data.replace(b"Tiny", b"Tinx"), git_sha1)     # the bytes changed, not the ETag
+    with pytest.raises(ChecksumMismatch, match="git blob sha1"):
+        store.pull(_hf_entry("config.json"))
+    assert not store.is_installed("tiny", "q4_0")
+
+
+def test_hf_file_with_no_checksum_anywhere_is_refused(hub, home):
+    from edgevlm.runtime.errors import DownloadError
+    from edgevlm.runtime.models.store import Store
+
+    _serve(hub, "a.gguf", b"GGUF" + b"\x00" * 100, "W/not-a-checksum")
+    store = Store(home)
+    with pytest.raises(DownloadError, match="cannot be verified") as ei:
+        store.pull(_hf_entry("a.gguf"))
+    assert "sha256" in ei.value.hint
+    assert not store.is_installed("tiny", "q4_0")
+    assert not any(p.is_file() for p in home.rglob("*.gguf"))              # nothing downloaded
+
+
+# The projector type each vision model's mmproj declares (clip.projector_type), as llama.cpp names it.
+PROJECTOR_TYPES = {
+    "smolvlm-256m": "idefics3", "smolvlm-500m": "idefics3", "qwen2.5-vl-3b": "qwen2.5vl_merger",
+    "gemma3-4b": "gemma3", "moondream2": "mlp", "internvl3-1b": "internvl", "llava1.5-7b": "mlp",
+    "lfm2.5-vl-450m": "lfm2", "lfm2.5-vl-1.6b": "lfm2", "qwen3-vl-2b": "qwen3vl_merger",
+    "qwen3.5-0.8b": "qwen3vl_merger", "internvl3.5-1b": "internvl", "gemma4-e2b": "gemma4v",
+}
+
+
+def test_every_vision_model_has_a_projector_type_the_engine_knows(home):
+    """libmtmd looks a projector type up by name (clip-impl.h, PROJECTOR_TYPE_NAMES): each name the
+    registry's vision models need is in the libmtmd that llama-cpp-python built here."""
+    import llama_cpp
+
+    reg = Registry.load(home)
+    vision = {m.alias for m in reg.models() if m.kind == "vision"}
+    assert vision == set(PROJECTOR_TYPES), "a vision model without a known projector type: add it here"
+    libs = list((Path(llama_cpp.__file__).parent / "lib").glob("libmtmd.*")) or list(
+        Path(llama_cpp.__file__).parent.glob("**/*mtmd*"))
+    assert libs, "llama-cpp-python was built without libmtmd"
+    blob = libs[0].read_bytes()
+    for alias, name in PROJECTOR_TYPES.items():      # (a linker may share "mlp" with a longer string's tail)
+        assert name.encode() + b"\0" in blob, (alias, name)

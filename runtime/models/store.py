@@ -21,6 +21,7 @@ from ..errors import BadModelFile, EdgeVLMError, ModelNotInstalled
 from ..device.memory import fmt_bytes
 from ..protocol import Artifact, ProgressCallback
 from .download import check_disk_space
+from .checksums import REGISTRY_SHA256
 from .registry import ALIAS_RE, KEY_RE, ArtifactSpec, FileSpec, ModelSpec
 
 MANIFEST = "manifest.json"
@@ -180,7 +181,7 @@ class Store:
             target = adir / f.name
             if f.sha256 and target.is_file() and (f.size is None or target.stat().st_size == f.size) \
                     and sha256_file(target) == f.sha256:
-                records[f.name] = _record(f, target.stat().st_size, f.sha256, f.source)
+                records[f.name] = _record(f, target.stat().st_size, f.sha256, f.source, REGISTRY_SHA256)
             else:
                 if target.exists():
                     target.unlink()
@@ -196,7 +197,7 @@ class Store:
             target = adir / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(fetched.path, target)
-            records[f.name] = _record(f, fetched.size, fetched.sha256, fetched.source)
+            records[f.name] = _record(f, fetched.size, fetched.sha256, fetched.source, fetched.verified_by)
             cache_files.update(fetched.cache_files)
         manifest = {
             "alias": alias, "artifact": key, "format": aspec.format, "quantization": aspec.quantization,
@@ -300,7 +301,8 @@ class Store:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(staging, target)
                     records.append({"name": name, "size": target.stat().st_size, "sha256": digest,
-                                    "source": {"local": str(Path(src).absolute())}})
+                                    "source": {"local": str(Path(src).absolute())},
+                                    "verified_by": REGISTRY_SHA256 if want else "none (built on this machine)"})
                 manifest = {
                     "alias": alias, "artifact": key, "format": format, "quantization": quantization,
                     "model": model, "mmproj": mmproj, "files": records,
@@ -361,8 +363,10 @@ class Store:
         return removed
 
 
-def _record(f: FileSpec, size: int, sha256: str, source: dict) -> dict:
-    return {"name": f.name, "size": size, "sha256": sha256, "source": source}
+def _record(f: FileSpec, size: int, sha256: str, source: dict, verified_by: str) -> dict:
+    """A manifest's file record: the sha256 of the bytes installed (recorded at the first download even
+    when the registry has none) and what they were checked against (sources.VERIFIED_BY)."""
+    return {"name": f.name, "size": size, "sha256": sha256, "source": source, "verified_by": verified_by}
 
 
 def _read_manifest(path: Path) -> Optional[dict]:
