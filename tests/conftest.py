@@ -18,7 +18,7 @@ MODELS_HOME = CACHE / "home"
 # Fixtures that torch builds (a Hugging Face checkpoint, a quantize run): a test that uses one, directly or
 # through another fixture, is marked slow by itself, so `-m "not slow"` never builds one.
 TORCH_FIXTURES = {"smollm2_hf", "vision_model", "guard_gguf", "tokenizer_json", "smollm2_onnx",
-                  "smollm2_onnx_optimum"}
+                  "smollm2_onnx_optimum", "family"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -122,12 +122,12 @@ def test_follow_up_evaluates_only_new_tokens(family, photo):
         backend.close()
 
 
-# Known bug, in runtime/backends/gguf.py: a model whose memory is partly recurrent (LFM2's short
-# convolutions; Qwen3.5's Gated DeltaNet too) cannot drop the end of its sequence, so when `vlm bench`'s
-# follow-up question does not extend the KV cache exactly, llama_memory_seq_rm fails, _reuse_prefix
-# forgets the whole sequence, and the follow-up plan (whose image _follow_up assumed still cached) raises
-# "An image of the conversation left the KV cache." It should re-tokenize with the image instead.
-RECURRENT_MEMORY_BUG = {"lfm2_vl"}
+# A model whose memory is partly recurrent (LFM2's short convolutions; Qwen3.5's Gated DeltaNet too) cannot
+# drop the end of its sequence, so when a follow-up question does not extend the KV cache exactly,
+# llama_memory_seq_rm fails and the whole sequence is forgotten; GGUFBackend.prefill then prepares the
+# images again instead of assuming them cached ("An image of the conversation left the KV cache." before).
+# Families listed here are expected to fail the bench follow-up (none now).
+RECURRENT_MEMORY_BUG: set = set()   # fixed: GGUFBackend.prefill prepares the images again
 
 
 def test_memory_estimate_against_peak_rss(family, photo, request):

@@ -346,6 +346,12 @@ class GGUFBackend:
             if self._prompt_cache is not None and not any(isinstance(r, ImageRun) and r.source is None for r in plan):
                 self._prompt_cache.prepare(self, keys)      # (not for a follow-up: its images are in this sequence)
             reused = self._reuse_prefix(keys, plan)
+            if any(isinstance(r, ImageRun) and r.source is None and r.end > reused for r in plan):
+                # a follow-up whose images the sequence no longer holds: a recurrent memory (LFM2, Qwen3.5)
+                # cannot cut back to the prefix, so _reuse_prefix forgot it all; prepare the images again
+                self._last_prompt = None
+                keys, plan, chunks, n_image_tokens = self._prepare(request)
+                reused = self._reuse_prefix(keys, plan)
             image_s = 0.0
             for run in plan:
                 if isinstance(run, TextRun):
