@@ -305,6 +305,7 @@ def test_heads_a_block_does_not_divide_are_refused(vision_model):
 
 
 @pytest.mark.model
+@pytest.mark.slow        # a `vlm bench` run per KV type with a quality pass each: the full suite's, not the quick one's
 def test_bench_reports_kv_types_against_f16(smollm2_gguf):
     from edgevlm.runtime.reports.bench import REPORT_SCHEMA
 
