@@ -588,3 +588,18 @@ def test_ray_data_records_equal_vlm_caption(vision_model, pics, tmp_path, monkey
     part.write_text("".join(row["record"] + "\n" for row in rows))
     r = vlm("caption", "--merge", str(tmp_path / "all.jsonl"), str(part), "--inputs", str(pics))
     assert r.returncode == 12 and "Missing" not in r.stderr, r.stderr
+
+
+def test_merge_counts_foreign_or_damaged_lines_as_bad(tmp_path):
+    """Lines whose keys have the wrong types (a list for sha256, a dict for prompt, a non-hex hash) are
+    counted as bad lines, never a crash; the good record still merges."""
+    from edgevlm.runtime.inputs.shards import merge
+
+    good = {"path": "a.jpg", "sha256": "a" * 64, "prompt": "p", "model": "m", "answer": "x", "shard": "0/1"}
+    part = tmp_path / "part.jsonl"
+    part.write_text("\n".join(json.dumps(r) for r in [
+        good, {**good, "path": "b.jpg", "sha256": ["x"]}, {**good, "path": "c.jpg", "prompt": {"a": 1}},
+        {**good, "path": "d.jpg", "sha256": "not-hex", "error": "boom"}]) + "\n")
+    rep = merge([str(part)], str(tmp_path / "out.jsonl"))
+    assert rep.bad_lines == 3
+    assert [json.loads(x)["path"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a.jpg"]

@@ -106,3 +106,20 @@ def test_cross_origin_text_plain_is_415(client):
     r = client.post("/v1/chat/completions", content=json.dumps(_chat()),
                     headers={"content-type": "text/plain", "origin": "https://evil.example"})
     assert r.status_code == 415
+
+
+def test_keep_alive_of_hundreds_of_digits_is_not_a_500(client):
+    body = json.dumps(_chat()).replace("}", ', "keep_alive": 1' + "0" * 400 + "}", 1)
+    r = client.post("/api/chat", content=body, headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+
+
+@pytest.mark.parametrize("ref", ["/x\x00y.png", "file:///x%00y.png", "~no-such-user-here/a.png"])
+def test_local_image_paths_that_are_no_paths_are_400(tmp_path, ref):
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.images import _local
+    from edgevlm.runtime.serving.settings import ServeSettings
+
+    with pytest.raises(APIError) as e:
+        _local(ref, ServeSettings(media_dir=tmp_path), "messages[0].content[0].image_url")
+    assert 400 <= e.value.status < 500

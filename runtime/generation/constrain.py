@@ -216,7 +216,7 @@ class JSONSchemaConstraint:
             row[k:] = -np.inf
             row = row[:k]
         n_allowed = self._popcount()
-        if n_allowed >= k:      # free text inside a string: every token is allowed, nothing to write
+        if n_allowed >= k and k == self._tok.vocab_size:   # free text in a string: all allowed, nothing to write
             return logits
         if n_allowed <= 64:     # a few tokens (a key, an enum, a digit): keep those, the rest -inf
             keep = np.flatnonzero(np.unpackbits(self._bytes, count=k, bitorder="little"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -122,7 +123,7 @@ def _write(path: Path, pieces: list[bytes]) -> None:
     if struct.pack("<I", 1) != array("I", [1]).tobytes():
         lengths.byteswap()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(_MAGIC + struct.pack("<I", len(pieces)) + lengths.tobytes() + b"".join(pieces))
@@ -152,7 +153,7 @@ def _digest_of(model_path: Path, directory: Path) -> str:
     digest = vocab_digest(model_path, build)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(digest, encoding="ascii")
         os.replace(tmp, memo)
     except OSError:

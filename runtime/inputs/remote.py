@@ -14,6 +14,7 @@ client package to install on a board.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import mimetypes
 import statistics
@@ -84,7 +85,7 @@ def _request(ep: Endpoint, method: str, path: str, body: Optional[dict], timeout
         req.add_header("Authorization", f"Bearer {ep.api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
+            raw = r.read()                  # (IncompleteRead when the peer dies mid-body: a server failure)
     except urllib.error.HTTPError as e:
         try:
             doc = json.loads(e.read() or b"{}")
@@ -95,10 +96,10 @@ def _request(ep: Endpoint, method: str, path: str, body: Optional[dict], timeout
         if e.code in _RETRY_STATUS:
             ra = e.headers.get("Retry-After") if e.headers else None
             raise ServerFailed(msg, retry_after=float(ra) if ra and ra.isdigit() else None) from None
-        if e.code in _FATAL_STATUS:
-            raise ServerFailed(msg, fatal=True) from None
+        if e.code in _FATAL_STATUS or (e.code == 422 and "cannot read images" in msg):
+            raise ServerFailed(msg, fatal=True) from None       # (422: its model has no vision projector)
         raise ImageRefused(msg) from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
         raise ServerFailed(f"{ep.url}: {reason}") from None
     try:
@@ -171,8 +172,10 @@ def ask_one(ep: Endpoint, ask: Ask, path: str) -> dict:
     try:
         choice = doc["choices"][0]
         text = choice["message"]["content"] or ""
+        if not isinstance(text, str):
+            raise TypeError
     except (KeyError, IndexError, TypeError):
-        raise ServerFailed(f"{ep.url} answered without choices[0].message.content.") from None
+        raise ServerFailed(f"{ep.url} answered without a text choices[0].message.content.") from None
     u = doc.get("usage") or {}
     t = doc.get("timings") or {}
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", t.get("cache_n", 0)) or 0

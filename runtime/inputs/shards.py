@@ -159,10 +159,22 @@ def _read_part(path: str, rep: MergeReport) -> Iterable[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             rep.bad_lines += 1
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not _well_formed(rec):
             rep.bad_lines += 1
             continue
         yield rec
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _well_formed(rec: dict) -> bool:
+    """The fields merge keys and counts by have the types `vlm caption` writes (a foreign or damaged line
+    is counted as bad, never a crash)."""
+    sha = rec.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        return False
+    return all(rec.get(k) is None or isinstance(rec.get(k), str) for k in ("prompt", "model", "shard"))
 
 
 def _shard_count(records: Iterable[dict]) -> Optional[int]:

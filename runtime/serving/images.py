@@ -101,9 +101,12 @@ def _local(ref: str, settings: ServeSettings, param: str) -> bytes:
         raise APIError(400, f"{param}: local paths are off on this server (start it with --media-dir DIR).",
                        param=param, code="local_paths_disabled")
     path = unquote(urlsplit(ref).path) if ref.lower().startswith("file:") else ref
-    root = Path(settings.media_dir).expanduser().resolve()
-    p = Path(path).expanduser()
-    full = (p if p.is_absolute() else root / p).resolve()
+    try:                    # a NUL byte, an unknown ~user: not a path anywhere
+        root = Path(settings.media_dir).expanduser().resolve()
+        p = Path(path).expanduser()
+        full = (p if p.is_absolute() else root / p).resolve()
+    except (ValueError, RuntimeError, OSError):
+        raise _bad(f"{param}: not a valid path.", param) from None
     if not full.is_relative_to(root):
         raise APIError(403, f"{param}: only files under the server's media folder can be read.", param=param,
                        code="path_not_allowed", type="permission_error")

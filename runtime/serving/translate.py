@@ -349,7 +349,10 @@ def keep_alive(v: Any) -> Optional[float]:
     if isinstance(v, bool):
         raise _type_error("keep_alive", "a duration (\"5m\") or a number of seconds")
     if isinstance(v, (int, float)):
-        secs = float(v)
+        try:
+            secs = float(v)
+        except OverflowError:              # an integer of hundreds of digits: past any bound, i.e. forever
+            return None
     elif isinstance(v, str) and _DURATION.match(v):
         num, unit = _DURATION.match(v).groups()
         secs = float(num) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[unit]
