@@ -24,9 +24,8 @@ from typing import Optional, Union
 
 from ..errors import BackendError, BadMedia, BadModelFile
 from ..inputs.detail import Option, idefics3_ladder
-from ..inputs.planner import ImagePlanner, Planned, image_id
+from ..inputs.planner import IMG, ImagePlanner, Planned, image_id
 
-IMG = "img"  # key prefix for image positions in the KV bookkeeping: (IMG, image id, offset)
 
 # libmtmd cannot cut an image whose short side rounds to nothing at its resize (a 3000x1 strip fails with
 # error 2): such images are letterboxed to this aspect ratio first (black bars, content unchanged). At

@@ -18,10 +18,9 @@ from ..errors import BackendError, BadModelFile, UsageError, first_line
 from ..formats.onnx_files import vision_parts
 from ..generation.prompt import _compile, render_chat
 from ..inputs.detail import Option, idefics3_ladder
-from ..inputs.planner import ImagePlanner
+from ..inputs.planner import IMG, ImagePlanner
 from ..protocol import ChatRequest, ImageInput
 
-IMG = "img"               # key prefix of image positions in the KV bookkeeping: (IMG, image id, offset)
 _FEATURE_CACHE_BYTES = 256 * 1024 ** 2   # image features kept for re-use (most recent first)
 # Tiles per vision-encoder run: its activations and the float32 tiles scale with this, not with the image
 # (all 13 tiles of a photo in one run peaked at 2.5-3.2 GB on a SmolVLM-256M-shaped model).

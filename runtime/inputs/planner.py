@@ -25,6 +25,8 @@ from typing import Callable, Optional, Protocol, Sequence
 from ..protocol import ImageDetail, ImageInput
 from .detail import DEFAULT_BUDGET_S, Choice, EncodeSpeed, Option, choose
 
+IMG = "img"   # key prefix of an image position in a backend's KV bookkeeping: (IMG, image id, offset)
+
 
 class Encoder(Protocol):
     """What the planner needs to know of a backend's vision encoder."""
@@ -189,4 +191,4 @@ class ImagePlanner:
         return out
 
 
-__all__ = ["Encoder", "ImagePlanner", "ImageReport", "Planned", "image_id"]
+__all__ = ["IMG", "Encoder", "ImagePlanner", "ImageReport", "Planned", "image_id"]
