@@ -83,6 +83,12 @@ def vision_model(smollm2_gguf) -> dict:
     return vision_fixture(CACHE / "fixtures", smollm2_gguf)
 
 
+@pytest.fixture(scope="session")
+def vision_gguf(vision_model) -> str:
+    """The vision fixture's text GGUF as a `vlm serve` argument (its mmproj is found beside it)."""
+    return str(vision_model["gguf"])
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty VLM_HOME for the test."""

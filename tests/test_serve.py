@@ -96,11 +96,6 @@ def png_data_uri(size=(64, 48)) -> str:
 
 
 @pytest.fixture(scope="module")
-def vision_gguf(vision_model) -> str:
-    return str(vision_model["gguf"])
-
-
-@pytest.fixture(scope="module")
 def server(smollm2_gguf, vision_gguf, tmp_path_factory):
     """The main server: SmolLM2 (by its registry name) and the vision fixture, API key, CORS, small caps."""
     log = tmp_path_factory.mktemp("serve") / "server.log"

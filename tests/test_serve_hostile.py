@@ -30,11 +30,6 @@ DECODE_MP = 12_000_000          # --max-decode-pixels of the server below (all r
 
 
 @pytest.fixture(scope="module")
-def vision_gguf(vision_model) -> str:
-    return str(vision_model["gguf"])
-
-
-@pytest.fixture(scope="module")
 def hs(smollm2_gguf, vision_gguf, tmp_path_factory):
     """SmolLM2 and the vision fixture; image URLs allowed, loopback too (the slow peer is on 127.0.0.1)."""
     log = tmp_path_factory.mktemp("hostile") / "server.log"
