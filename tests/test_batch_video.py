@@ -62,6 +62,19 @@ def test_caption_only_good_images_exit_zero_and_stdout(vision_model, folder):
     assert len(recs) == 2 and all("answer" in x for x in recs)
 
 
+def test_file_name_not_utf8_is_recorded_not_a_crash(vision_model, tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    name = os.fsdecode(b"img-\xff.png")                  # a Latin-1 name from an old camera card
+    Image.new("RGB", (64, 48), (200, 0, 0)).save(d / name, format="PNG")
+    out = tmp_path / "caps.jsonl"
+    r = vlm("caption", str(d), "--out", str(out), "-n", "2", *_vm_args(vision_model))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    (rec,) = _lines(out)                                  # valid JSON, the name escaped as \udcff
+    assert os.fsencode(rec["path"]).endswith(b"img-\xff.png") and "answer" in rec
+
+
 def test_resume_after_kill(vision_model, tmp_path):
     d = tmp_path / "many"
     d.mkdir()

@@ -99,7 +99,10 @@ class JsonlWriter:
                 self.done.add(rec["key"])
 
     def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        # A file name that is not valid UTF-8 reaches us with lone surrogates (Python's surrogateescape);
+        # "backslashreplace" writes each as the JSON escape \udcXX, so the line stays valid JSON and
+        # reads back as the same str, which os.fsencode turns into the original bytes.
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
         n = os.write(self.fd, line)
         if n != len(line):                        # disk full mid-line: cut it back, say so
             if not self.to_stdout:
