@@ -43,6 +43,40 @@ def test_unknown_model_has_its_own_exit_code(cli):
     assert r.exit_code == 3 and "No model named 'no-such-model-anywhere'" in r.output and "Hint:" in r.output
 
 
+def test_a_sampling_flag_is_one_field_on_every_command(cli):
+    """The shared flag groups: each field of Sampling is a GenerationOptions field and a flag of ask, chat
+    and caption, with the command's own defaults where it has them."""
+    import dataclasses
+
+    import typer
+
+    from edgevlm.cli.common.options import Sampling
+    from edgevlm.runtime.protocol import GenerationOptions
+
+    engine = {f.name for f in dataclasses.fields(GenerationOptions)}
+    commands = typer.main.get_command(cli_app).commands
+    for cmd in ("ask", "chat", "caption"):
+        params = {p.name: p for p in commands[cmd].params}
+        for f in dataclasses.fields(Sampling):
+            assert f.name in engine and f.name in params, (cmd, f.name)
+    assert params["temperature"].default == 0.0 and params["max_tokens"].default == 128       # caption's own
+    assert {p.name: p.default for p in commands["chat"].params}["max_tokens"] == 1024
+    assert {p.name: p.default for p in commands["ask"].params}["max_tokens"] == 512
+
+
+def test_the_session_setup_builds_the_options_from_the_flags(cli):
+    from edgevlm.cli.common.options import Guarding, Images, Loading, Sampling
+    from edgevlm.cli.common.session import Setup
+
+    setup = Setup(sampling=Sampling(top_k=3, min_p=0.2, stop=["x"], max_tokens=9), loading=Loading(ctx=1024),
+                  images=Images(detail="low", no_cache=True), guarding=Guarding(), schema='{"type": "integer"}',
+                  quiet=True)
+    o = setup.options(raw=True)
+    assert (o.top_k, o.min_p, o.stop, o.max_tokens, o.raw) == (3, 0.2, ["x"], 9, True)
+    assert o.json_schema == {"type": "integer"} and o.image_detail.level == "low" and not o.image_detail.cache
+    assert setup.n_ctx == 1024 and setup.guard_plan() is None
+
+
 def test_help_lists_every_command(cli):
     r = cli("--help")
     assert r.exit_code == 0
