@@ -157,3 +157,59 @@ def test_local_image_paths_that_are_no_paths_are_400(tmp_path, ref):
     with pytest.raises(APIError) as e:
         _local(ref, ServeSettings(media_dir=tmp_path), "messages[0].content[0].image_url")
     assert 400 <= e.value.status < 500
+
+
+# ---------------------------------------------------------------------------------------------- the writers
+def _final(**kw):
+    from edgevlm.runtime.protocol import Chunk
+    from edgevlm.runtime.serving.answer import Final
+
+    last = Chunk(text="", finish_reason="stop", prompt_tokens=7, prompt_eval_tokens=5, completion_tokens=3)
+    return Final(**{"model": "m", "last": last, "finish_reason": "stop", "text": "ab", **kw})
+
+
+def _events(frames) -> list:
+    out = []
+    for f in frames:
+        f = f.decode() if isinstance(f, bytes) else f
+        assert f.startswith("data: ") and f.endswith("\n\n")
+        out.append(f[6:-2] if f[6:-2] == "[DONE]" else json.loads(f[6:-2]))
+    return out
+
+
+def test_openai_writer_whole_and_streamed():
+    """The one answer path's OpenAI writer: a chat.completion, or events: role, text, finish with timings,
+    usage (when asked), [DONE]; more of the message (Final.message) and a finish reason of the caller's."""
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.openai_api import OpenAIWriter, parse_openai
+    from edgevlm.runtime.serving.settings import ServeSettings
+
+    parsed = parse_openai(_chat(stream=True, stream_options={"include_usage": True}), ServeSettings())
+    w = OpenAIWriter(parsed)
+    doc = w.whole(_final(extra={"guard": {"input": "safe"}}))
+    assert doc["choices"][0]["message"] == {"role": "assistant", "content": "ab"} and doc["guard"] == {"input": "safe"}
+    assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == 2 and doc["choices"][0]["finish_reason"] == "stop"
+    ev = _events([*w.start("m"), w.text("a"), w.text("b\u00e9\n"), *w.end(_final(message={"x": [1]}, finish_reason="other"))])
+    assert ev[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"] for e in ev[1:3]] == [{"content": "a"}, {"content": "b\u00e9\n"}]
+    assert ev[3]["choices"][0]["delta"] == {"x": [1]}
+    assert ev[4]["choices"][0]["finish_reason"] == "other" and ev[4]["timings"]["predicted_n"] == 3
+    assert ev[5]["usage"]["total_tokens"] == 10 and ev[5]["choices"] == [] and ev[6] == "[DONE]"
+    assert w.whole(_final(message={"x": [1]}))["choices"][0]["message"] == {"role": "assistant", "content": "ab", "x": [1]}
+    assert _events([w.failed(APIError(503, "gone"))])[0]["error"]["message"] == "gone"
+
+
+def test_ollama_writer_whole_and_streamed():
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.ollama_api import OllamaWriter
+
+    chat, gen = OllamaWriter("message"), OllamaWriter("response")
+    doc = chat.whole(_final(total_s=1.5, load_s=0.5, extra={"guard": {}}))
+    assert doc["message"] == {"role": "assistant", "content": "ab"} and doc["done"] and doc["done_reason"] == "stop"
+    assert doc["total_duration"] == 1_500_000_000 and doc["load_duration"] == 500_000_000 and "guard" in doc
+    assert gen.whole(_final())["response"] == "ab"
+    assert list(chat.start("m")) == []
+    lines = [json.loads(x) for x in (chat.text("a"), *chat.end(_final(message={"x": 1}, finish_reason="other")))]
+    assert lines[0] == {**lines[0], "message": {"role": "assistant", "content": "a"}, "done": False, "model": "m"}
+    assert lines[1]["message"] == {"role": "assistant", "content": "", "x": 1} and lines[1]["done_reason"] == "other"
+    assert json.loads(gen.failed(APIError(400, "no")))["error"] == "no"
