@@ -46,7 +46,7 @@ class ServerContext:
     @classmethod
     def create(cls, settings: ServeSettings, pool: Optional[ModelPool] = None) -> "ServerContext":
         from ..config import load_config
-        from ..inputs.media import DEFAULT_MAX_PIXELS
+        from ..inputs.media_budget import DEFAULT_MAX_PIXELS
 
         metrics = Metrics()
         pool = pool or ModelPool(settings)
