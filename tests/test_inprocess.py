@@ -213,3 +213,16 @@ def test_ollama_writer_whole_and_streamed():
     assert lines[0] == {**lines[0], "message": {"role": "assistant", "content": "a"}, "done": False, "model": "m"}
     assert lines[1]["message"] == {"role": "assistant", "content": "", "x": 1} and lines[1]["done_reason"] == "other"
     assert json.loads(gen.failed(APIError(400, "no")))["error"] == "no"
+
+
+def test_the_backend_table_says_which_kv_types_each_format_takes():
+    """--kv-type is asked of the backend table (Capabilities.kv_types), not of the format's name."""
+    from edgevlm.runtime.backends import capabilities, check_kv_type, kv_type_for
+    from edgevlm.runtime.errors import UsageError
+
+    assert capabilities("gguf").kv_types == ("f16", "q8_0", "q4_0") and capabilities("onnx").kv_types == ("f16",)
+    assert (kv_type_for("onnx", "q8_0"), kv_type_for("gguf", "q4_0"), kv_type_for("no-such", "q8_0")) == \
+        ("f16", "q4_0", "f16")
+    check_kv_type("onnx", "f16")
+    with pytest.raises(UsageError, match="--kv-type q8_0 is for GGUF models: an ONNX model keeps its KV cache"):
+        check_kv_type("onnx", "q8_0")

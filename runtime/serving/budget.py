@@ -48,9 +48,12 @@ class MemoryBudget:
         return est.total + est.kv_cache * (self.n_slots(resolved) - 1)
 
     def kv_type(self, resolved: "ResolvedModel") -> str:
-        """--kv-type applies to GGUF models; an ONNX decoder keeps its KV cache in its own dtype."""
+        """--kv-type applies to the models whose backend takes it (the backend table); the others keep
+        their KV cache in their own dtype."""
+        from ..backends import kv_type_for
+
         art = resolved.artifact
-        return self.settings.kv_type if art is not None and art.format == "gguf" else "f16"
+        return kv_type_for(art.format, self.settings.kv_type) if art is not None else "f16"
 
     def prompt_cache_bytes(self, resolved: "ResolvedModel", need: int) -> int:
         """RAM for this model's saved conversations: --prompt-cache, or what the memory budget has left
