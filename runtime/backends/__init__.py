@@ -14,7 +14,7 @@ BACKENDS: dict[str, str] = {
 
 # format -> what its backend can do (answered without importing it)
 CAPABILITIES: dict[str, Capabilities] = {
-    "gguf": Capabilities(parallel_slots=True, rpc=True, gpu_offload=True, projector_vision=True),
+    "gguf": Capabilities(parallel_slots=True, rpc=True, gpu_offload=True, projector_vision=True, drafting=True),
     "onnx": Capabilities(),
 }
 
