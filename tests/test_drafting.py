@@ -208,3 +208,54 @@ def test_onnx_drafting_off(smollm2_hf):
             _answer(b, _prompt(b, "quote"), "ngram", max_tokens=4)
     finally:
         b.close()
+
+
+# ------------------------------------------------------------------ flags, config and the server's option
+@pytest.mark.parametrize("args", [("ask", "--draft", "fast", "hi"), ("chat", "--draft", "fast"),
+                                  ("caption", "x.jpg", "--out", "x.jsonl", "--draft", "fast"),
+                                  ("serve", "--draft", "fast"), ("bench", "smollm2-135m", "--draft", "fast"),
+                                  ("serve", "--draft", "ngram", "--parallel", "2")])
+def test_bad_draft_values_are_one_line_exit_2(tmp_path, monkeypatch, args):
+    from typer.testing import CliRunner
+
+    from edgevlm.cli.main import app
+
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    r = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert r.output.startswith("Error: --draft") and "Traceback" not in r.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_config_draft_key(tmp_path, monkeypatch):
+    from edgevlm.cli.common.acquire import resolve_draft
+    from edgevlm.runtime.errors import UsageError
+
+    monkeypatch.setenv("VLM_HOME", str(tmp_path))
+    assert resolve_draft(None) == "auto"
+    (tmp_path / "config.yaml").write_text("draft: off\n")          # YAML's bare off is a boolean
+    assert resolve_draft(None) == "off" and resolve_draft("ngram") == "ngram"
+    (tmp_path / "config.yaml").write_text("draft: sometimes\n")
+    with pytest.raises(UsageError, match="'draft' must be auto, off or ngram"):
+        resolve_draft(None)
+
+
+def test_server_draft_option(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from edgevlm.runtime.serving.app import create_app
+    from edgevlm.runtime.serving.settings import ServeSettings
+    from edgevlm.runtime.serving.translate import draft_mode
+
+    assert draft_mode({}, ServeSettings(draft="off"), "draft") == "off"              # vlm serve --draft off
+    assert draft_mode({"draft": " NGRAM "}, ServeSettings(), "draft") == "ngram"
+    monkeypatch.setenv("VLM_HOME", str(tmp_path / "home"))
+    app = create_app(ServeSettings(allowed_hosts=["testserver"], home=tmp_path / "home"))
+    msgs = [{"role": "user", "content": "hi"}]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for bad in ("fast", 3, True):
+            r = c.post("/v1/chat/completions", json={"model": "smollm2-135m", "messages": msgs, "draft": bad})
+            assert r.status_code == 400 and "`draft` must be one of auto, off, ngram" in r.text, r.text
+            r = c.post("/api/chat", json={"model": "smollm2-135m", "messages": msgs, "options": {"draft": bad}})
+            assert r.status_code == 400 and "`options.draft`" in r.text, r.text

@@ -9,6 +9,12 @@ Finish reasons: "stop" (end-of-generation token, stop string, or a complete cons
 "length" (``max_tokens`` or the context is full), "cancelled" (the consumer closed the generator).
 The last token of an answer cut at ``max_tokens`` is not evaluated: nothing would read its logits.
 
+Drafts (``--draft``, generation/draft.py): after a sampled token, tokens that followed the context's last
+n-gram before are evaluated with it in one batch (``Backend.eval_rows``: a logits row per position) and
+checked one row at a time below, with the same mask, penalty and sampler (``Sampler(logits, draft)``); the
+first one the model does not take ends the draft, its positions leave the KV cache (``drop_last``) and the
+token chosen in its place goes on as a sampled one. Greedy answers are plain decoding's, token for token.
+
 Forced runs: under a JSON schema most of a record's tokens are fixed by the schema (``{"``, a key,
 ``":``, the rest of an enum value). After each sampled token the constraint hands back the run of tokens
 it forces next (``JSONSchemaConstraint.forced``: each the one token its mask allows, so sampling could
@@ -49,6 +55,7 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
         pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-constraint")
         building = pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema)
         pool.shutdown(wait=False)
+    drafting = Drafting.start(backend, opts.draft)   # --draft: a bad mode or a refusal before the prefill
     pre = backend.prefill(request)                # (a failed prefill leaves the build to finish on its own)
     if building is not None:
         constraint = building.result()            # its errors (a schema the engine refuses) surface here
@@ -60,7 +67,8 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
     text = backend.text_stream()
     stops = StopFilter(opts.stop)
     generated: list[int] = []
-    drafting = Drafting.start(backend, opts.draft, generated)
+    if drafting is not None:
+        drafting.begin(backend.kv_keys(), generated)
     in_kv = False
     rows: list = []                               # logits rows evaluated ahead (a draft's verification) ...
     drafts: list[int] = []                        # ... and the drafted token each checks (the last row: none)

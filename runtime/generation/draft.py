@@ -93,10 +93,11 @@ class Drafting:
     length are not drafted for a pause that doubles with each failed retry (an answer that never follows
     its context checks a handful of drafts in all), then tried again with one token."""
 
-    def __init__(self, mode: str, max_draft: int, keys: list, generated: list[int]) -> None:
+    def __init__(self, mode: str, max_draft: int) -> None:
         self.mode, self.max_draft = mode, max_draft
         self.index: Optional[NgramIndex] = None
-        self._keys, self._generated = keys, generated
+        self._keys: list = []
+        self._generated: list[int] = []
         self.rate = dict.fromkeys(NGRAMS, PRIOR)
         self.skip = dict.fromkeys(NGRAMS, 0)        # auto: matches of length n left undrafted before a retry
         self.pause = dict.fromkeys(NGRAMS, PAUSE)
@@ -104,8 +105,9 @@ class Drafting:
         self.checked = self.accepted = 0
 
     @classmethod
-    def start(cls, backend, mode: str, generated: list[int]) -> Optional["Drafting"]:
-        """Drafting for an answer about to be generated on ``backend`` (after its prefill), or None."""
+    def start(cls, backend, mode: str) -> Optional["Drafting"]:
+        """Drafting for an answer about to be generated on ``backend`` (before its prefill, so that a refusal
+        costs nothing), or None; ``begin`` it after the prefill."""
         mode = check_mode(mode)
         if mode == "off":
             return None
@@ -116,7 +118,12 @@ class Drafting:
                                  hint="Drafting needs a GGUF model without recurrent layers, outside "
                                       "`vlm serve --parallel`; use --draft auto or off.")
             return None
-        return cls(mode, rows - 1, list(backend.kv_keys()), generated)
+        return cls(mode, rows - 1)
+
+    def begin(self, keys: list, generated: list[int]) -> None:
+        """The context after the prefill (a copy of ``keys``: ``Backend.kv_keys``), and the answer's token
+        list, which the loop grows (read, never written here)."""
+        self._keys, self._generated = list(keys), generated
 
     def _length(self, n: int) -> int:
         if self.mode == "ngram":
