@@ -62,7 +62,8 @@ def _request(b, question: str, schema, max_tokens: int):
     from edgevlm.runtime.protocol import ChatRequest, GenerationOptions, Message
 
     return ChatRequest([Message("user", question)], GenerationOptions(
-        temperature=0, max_tokens=max_tokens, json_schema=schema, raw=not b.chat_template))
+        temperature=0, max_tokens=max_tokens, json_schema=schema, raw=not b.chat_template,
+        draft="off"))                 # forced runs alone: drafting has its own benchmark (drafting.py)
 
 
 def _answer(b, req, forced_runs: bool = True):
@@ -162,7 +163,7 @@ def kv_q8(path: Path, rounds: int, threads: int) -> dict:
     try:
         quality = kv_quality(q8, q8.artifact, replace(_opts(threads), kv_type="q8_0"))
         req = ChatRequest([Message("user", "Write a long story about a lighthouse keeper and the sea.")],
-                          GenerationOptions(temperature=0, max_tokens=128, raw=not f16.chat_template))
+                          GenerationOptions(temperature=0, max_tokens=128, raw=not f16.chat_template, draft="off"))
         tps: dict[str, list[float]] = {"q8_0": [], "f16": []}
         for i in range(rounds):
             for name, b in ((("q8_0", q8), ("f16", f16)) if i % 2 == 0 else (("f16", f16), ("q8_0", q8))):

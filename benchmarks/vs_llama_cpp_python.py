@@ -22,7 +22,8 @@ def prompt_of(n_words: int) -> str:
 
 def run_ours(b, prompt: str, gen: int) -> tuple[float, float, int, int]:
     b.reset()
-    req = ChatRequest([Message("user", prompt)], GenerationOptions(raw=True, temperature=0, max_tokens=gen))
+    req = ChatRequest([Message("user", prompt)], GenerationOptions(raw=True, temperature=0, max_tokens=gen,
+                                                                   draft="off"))   # the engine's step, as llama-cpp-python's
     last = None
     for last in generate(b, req):
         pass

@@ -42,6 +42,9 @@ def bench(
     kv_type: Annotated[Optional[list[str]], typer.Option(
         "--kv-type", metavar="f16|q8_0|q4_0", help="KV cache types to measure, each against an f16 KV cache "
                                                   "(repeatable; speed, size, top-1 agreement and KL).")] = None,
+    draft: Annotated[str, typer.Option(
+        "--draft", metavar="off|auto|ngram", help="Drafting during the timed answers, and its acceptance (default "
+                                                 "off: decode tok/s is the engine's own step).")] = "off",
 ) -> None:
     """Measure models on this device: each in its own process, so peak memory is its own."""
     from edgevlm.runtime.reports.bench import device_summary, plot as draw, run_isolated
@@ -57,6 +60,9 @@ def bench(
     from edgevlm.runtime.device.memory import kv_type as check_kv_type
 
     kv_types = list(dict.fromkeys(check_kv_type(k) for k in kv_type)) if kv_type else [None]
+    from edgevlm.runtime.generation.draft import check_mode
+
+    draft = check_mode(draft)
     results = []
     for m in models:
         for kv in kv_types:
@@ -65,7 +71,8 @@ def bench(
             results.append(run_isolated(m, image=image, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                         **({"detail": [d.lower() for d in detail]} if detail else {}),
                                         repeat=repeat, threads=threads, n_ctx=ctx, **cluster,
-                                        **({"guard": guard} if guard else {}), **({"kv_type": kv} if kv else {})))
+                                        **({"guard": guard} if guard else {}), **({"kv_type": kv} if kv else {}),
+                                        **({"draft": draft} if draft != "off" else {})))
     report = {"device": device_summary(), "results": results}
     if plot is not None:
         draw(report, plot)
@@ -93,6 +100,11 @@ def bench(
     Console(highlight=False, width=None if console.err.is_terminal else 160).print(t)
     if kv_type:
         _kv_table(results)
+    for r in results if draft != "off" else []:
+        d = r.get("draft") or {}
+        share = f" ({d['accepted'] / d['checked']:.0%})" if d.get("checked") else ""
+        console.info(f"--draft {draft}: {r['model']} accepted {d.get('accepted', 0)} of {d.get('checked', 0)} "
+                     f"drafted tokens{share}")
     if image and any((r.get("image") or {}).get("levels") for r in results):
         d = Table(title="image detail levels (no embedding cache)", title_justify="left")
         for col in ("model", "detail", "tiles", "img tok", "encode ms", "TTFT s", "choice"):

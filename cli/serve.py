@@ -9,7 +9,7 @@ import typer
 from .common import console
 from .common.console import boundary
 from .common.options import GpuLayers, Guard, GuardCategories, GuardModel, Threads
-from .common.options import KvType
+from .common.options import Draft, KvType
 
 
 def _size(text: Optional[str], flag: str) -> Optional[int]:
@@ -77,6 +77,7 @@ def serve(
     guard_categories: GuardCategories = None,
     gpu_layers: GpuLayers = None,
     kv_type: KvType = None,
+    draft: Draft = None,
 ) -> None:
     """Serve models over HTTP: OpenAI's /v1/chat/completions and /v1/models, Ollama's /api/chat,
     /api/generate and /api/tags, /health and /metrics.
@@ -118,9 +119,13 @@ def serve(
     from .common.guard import plan_guard
 
     settings.gpu_layers = parse_gpu_layers(gpu_layers)      # a bad value fails before anything loads
-    from .common.acquire import resolve_kv_type
+    from .common.acquire import resolve_draft, resolve_kv_type
 
     settings.kv_type = resolve_kv_type(kv_type)
+    settings.draft = resolve_draft(draft)
+    if settings.draft == "ngram" and parallel > 1:
+        raise UsageError("--draft ngram does not go with --parallel: slots step one token per conversation.",
+                         hint="Use --draft auto (off in slots) or --parallel 1.")
 
     gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx, yes=False)
     if gplan is not None:     # the guard is one more pinned model of the pool (its ref: the resolved file)

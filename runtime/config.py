@@ -36,6 +36,7 @@ class Config:
     guard: Optional[str] = None                  # --guard by default: input, output, both (or off)
     guard_model: Optional[str] = None            # the guard model (default llama-guard3-1b)
     kv_type: Optional[str] = None                # --kv-type by default: f16, q8_0 or q4_0 (GGUF models)
+    draft: Optional[str] = None                  # --draft by default: auto, off or ngram (generation/draft.py)
 
 
 _TYPES: dict[str, type] = {
@@ -47,6 +48,7 @@ _TYPES: dict[str, type] = {
     "guard": str,
     "guard_model": str,
     "kv_type": str,
+    "draft": str,
 }
 
 
@@ -57,6 +59,8 @@ def _config_path(home: Optional[Path]) -> Path:
 def _check(key: str, value: Any, path: Path) -> Any:
     if value is None:
         return None
+    if key == "draft" and isinstance(value, bool):
+        value = "auto" if value else "off"         # YAML reads a bare off / on as a boolean
     want = _TYPES[key]
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -71,6 +75,9 @@ def _check(key: str, value: Any, path: Path) -> Any:
         if key == "kv_type" and value.lower() not in ("f16", "q8_0", "q4_0"):
             raise UsageError(f"{path}: 'kv_type' must be f16, q8_0 or q4_0 (got {value!r}).",
                              hint=f"Fix or remove 'kv_type' in {path}.")
+        if key == "draft" and value.lower() not in ("auto", "off", "ngram"):
+            raise UsageError(f"{path}: 'draft' must be auto, off or ngram (got {value!r}).",
+                             hint=f"Fix or remove 'draft' in {path}.")
         if key == "guard" and value.lower() not in ("input", "output", "both", "off"):
             raise UsageError(f"{path}: 'guard' must be input, output, both or off (got {value!r}).",
                              hint=f"Fix or remove 'guard' in {path}.")

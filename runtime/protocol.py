@@ -77,6 +77,7 @@ class GenerationOptions:
     stop: list[str] = field(default_factory=list)
     json_schema: Optional[dict] = None           # constrain output to this schema
     raw: bool = False                            # plain completion: no chat template
+    draft: str = "auto"                          # --draft: auto | off | ngram (generation/draft.py)
     image_detail: ImageDetail = field(default_factory=ImageDetail)   # images: detail and cache
 
 
@@ -111,6 +112,8 @@ class Chunk:
     ttft_s: float = 0.0           # from stream() call to first token
     finish_reason: Optional[str] = None   # "stop" | "length" | "cancelled"
     token_ids: Optional[list[int]] = None  # last chunk only: the generated ids (no end-of-generation token)
+    draft_tokens: int = 0         # last chunk only: drafted tokens checked against the model (--draft)
+    draft_accepted: int = 0       # ... and how many of them it accepted
 
 
 # The context when none is asked for (capped at the model's trained context), everywhere.
@@ -163,6 +166,7 @@ class Capabilities:
                                      # mmproj): known before loading
     kv_types: tuple = ("f16",)       # what LoadOptions.kv_type (--kv-type) may ask its KV cache to store; f16
                                      # alone: the engine keeps the KV cache in the dtype the model was exported with
+    drafting: bool = False           # verifies drafted tokens (--draft; per model: Backend.draft_rows)
 
 
 class TextStream(Protocol):
@@ -214,6 +218,28 @@ class Backend(Protocol):
         """Append ``tokens`` to the KV cache and evaluate them in one batch (tokens a constraint forces);
         afterwards ``logits()`` is the distribution after the last one, as after ``eval`` of each (up to
         the float rounding of a batched matrix product)."""
+        ...
+
+    def draft_rows(self) -> int:
+        """The most tokens ``eval_rows`` evaluates in one call, each with its logits row exactly as a step by
+        step evaluation would give it (the drafted tokens one verification checks, plus one); 0 when this
+        backend cannot verify drafts (ONNX exports that return the last row only, a recurrent memory that
+        cannot cut back, a ``--parallel`` slot)."""
+        ...
+
+    def eval_rows(self, tokens: list[int]) -> "numpy.ndarray":
+        """Append ``tokens`` (at most ``draft_rows()``) to the KV cache and evaluate them in one batch;
+        returns float32 [n, n_vocab]: row i is the distribution after ``tokens[i]`` (rows modifiable in place,
+        valid until the next evaluation). ``logits()`` is then the last row."""
+        ...
+
+    def drop_last(self, n: int) -> None:
+        """Forget the last ``n`` positions of the KV cache (drafted tokens the model did not accept)."""
+        ...
+
+    def kv_keys(self) -> list:
+        """What each KV position holds, in order: a token id (an int), or a key of another type for an image
+        position. The caller only reads it."""
         ...
 
     def kv_used(self) -> int: ...

@@ -55,7 +55,8 @@ def _answer(backend, question: str, *, schema=None, forced_runs=True, temperatur
     backend.reset()
     req = ChatRequest([Message("user", question)],
                       GenerationOptions(temperature=temperature, seed=seed, max_tokens=max_tokens, json_schema=schema,
-                                        raw=not backend.chat_template))        # Gemma 3 270M: a base model
+                                        raw=not backend.chat_template,         # Gemma 3 270M: a base model
+                                        draft="off"))     # forced runs alone (drafting: test_drafting.py)
     parts, last = [], None
     for chunk in generate(backend, req, forced_runs=forced_runs):
         parts.append(chunk.text)

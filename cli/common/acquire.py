@@ -79,6 +79,14 @@ def resolve_kv_type(value: Optional[str]) -> str:
     return kv_type(value if value is not None else load_config().kv_type)
 
 
+def resolve_draft(value: Optional[str]) -> str:
+    """--draft, else the config's `draft`, else auto; a bad value is one line."""
+    from edgevlm.runtime.config import load_config
+    from edgevlm.runtime.generation.draft import check_mode
+
+    return check_mode(value if value is not None else (load_config().draft or "auto"))
+
+
 def cluster_args(rpc: Optional[str], tensor_split: Optional[str]) -> tuple[list[str], Optional[list[float]]]:
     """--rpc / --tensor-split (or the config's `rpc` key for a standing cluster) -> endpoints, shares."""
     from edgevlm.runtime.backends import ggml_rpc

@@ -66,6 +66,11 @@ KvType = Annotated[Optional[str], typer.Option(
     "--kv-type", metavar="f16|q8_0|q4_0", help="What the KV cache stores (GGUF models): q8_0 halves it at almost no "
                                               "quality cost, q4_0 quarters it (default: the config's `kv_type`, else f16).")]
 
+Draft = Annotated[Optional[str], typer.Option(
+    "--draft", metavar="auto|off|ngram", help="Draft tokens from the prompt and verify them in one batch (same "
+                                               "answers, faster when the answer copies its input): auto while it "
+                                               "pays, ngram always, off never (default: the config's `draft`, else auto).")]
+
 Frames = Annotated[Optional[int], typer.Option("--frames", min=1, help="Video: number of frames to sample (default: chosen for the context).")]
 Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sample this many frames per second instead.")]
 
@@ -88,11 +93,15 @@ class Sampling:
     max_tokens: MaxTokens = 512
     seed: Seed = None
     stop: Stop = None
+    draft: Draft = None
 
     def fields(self) -> dict:
-        """As GenerationOptions' keyword arguments (and an HTTP body's keys)."""
+        """As GenerationOptions' keyword arguments (and an HTTP body's keys); ``draft`` only when given (the
+        session setup fills in the config's)."""
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop or [])
+        if d["draft"] is None:
+            del d["draft"]
         return d
 
 

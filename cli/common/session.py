@@ -40,6 +40,9 @@ class Setup:
         console.set_quiet(quiet)
         self.sampling, self.loading, self.guarding, self.quiet = sampling, loading, guarding, quiet
         self.json_schema = load_schema(schema) if schema else None       # a bad schema fails before the model loads
+        from .acquire import resolve_draft
+
+        self.draft = resolve_draft(sampling.draft)                         # so does a bad --draft
         self.detail = image_detail(images.detail, images.image_tokens, images.image_budget, images.no_cache)
         self._guard_plan = _UNPLANNED
 
@@ -84,8 +87,8 @@ class Setup:
         """The GenerationOptions of every answer: the sampling flags, the schema, the image detail."""
         from edgevlm.runtime.protocol import GenerationOptions
 
-        return GenerationOptions(**self.sampling.fields(), raw=raw, json_schema=self.json_schema,
-                                 image_detail=self.detail)
+        return GenerationOptions(**{**self.sampling.fields(), "draft": self.draft}, raw=raw,
+                                 json_schema=self.json_schema, image_detail=self.detail)
 
     def session(self, opened: Opened, *, system: Optional[str] = None, raw: bool = False):
         """The ChatSession over the opened model; the schema compiled now, with the one-line note of what it

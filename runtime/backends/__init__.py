@@ -16,7 +16,7 @@ BACKENDS: dict[str, str] = {
 # format -> what its backend can do (answered without importing it)
 CAPABILITIES: dict[str, Capabilities] = {
     "gguf": Capabilities(parallel_slots=True, rpc=True, gpu_offload=True, projector_vision=True,
-                         kv_types=tuple(KV_TYPES)),
+                         kv_types=tuple(KV_TYPES), drafting=True),
     "onnx": Capabilities(),
 }
 

@@ -20,26 +20,11 @@ from .gguf_context import context_params
 from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun
 from .llamacpp import field_type as _field_type, import_llama as _import_llama, score_batch, silence_native_logs
 from .prompt_cache import common_prefix
+from .text_streams import PieceStream
 from ..generation.prompt import render_chat
-from ..generation.text import Utf8Stream
 from ..protocol import Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 
 _EXACT_RUN = 3  # tokens per llama_decode in eval_tokens (see there)
-
-
-class PieceStream:
-    """Generated token ids -> text through llama.cpp's pieces (special tokens render as nothing)."""
-
-    def __init__(self, llama_cpp, vocab, buf) -> None:
-        self._lc, self._vocab, self._buf = llama_cpp, vocab, buf
-        self._utf8 = Utf8Stream()
-
-    def feed(self, token: int) -> str:
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._buf, 256, 0, False)
-        return self._utf8.feed(self._buf.raw[: max(n, 0)])
-
-    def flush(self) -> str:
-        return self._utf8.flush()
 
 
 class GGUFBackend:
@@ -128,7 +113,7 @@ class GGUFBackend:
         self._n_seq = max(1, opts.n_seq)
         self._kv_type = opts.kv_type
         cparams = context_params(llama_cpp, n_ctx, self._n_seq, self.n_batch, self.n_threads, opts.kv_type, info,
-                                 artifact.path.name)
+                                 artifact.path.name, rows=_EXACT_RUN)
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx and opts.kv_type != "f16":
             self.close()
@@ -143,6 +128,9 @@ class GGUFBackend:
             )
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
+        # drafts are verified in exact runs (eval_tokens), but a recurrent memory (LFM2, Qwen3.5) cannot cut one back
+        self._draft_rows = 0 if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model) \
+            else _EXACT_RUN
         self.n_ctx = llama_cpp.llama_n_ctx(ctx) // self._n_seq
         self._n_swa = llama_cpp.llama_model_n_swa(model)
         if opts.prompt_cache_bytes > 0:
@@ -309,7 +297,7 @@ class GGUFBackend:
             self._forget_seq()
         self._keys = []
 
-    def _decode_tokens(self, toks: list[int], logits_last: bool, keys: Optional[list] = None) -> None:
+    def _decode_tokens(self, toks: list[int], logits_last: bool, keys: Optional[list] = None, all_rows=False) -> None:
         lc = self._llama_cpp
         b = self._batch
         for s in range(0, len(toks), self.n_batch):
@@ -321,7 +309,7 @@ class GGUFBackend:
                 b.pos[i] = pos0 + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = self._seq
-                b.logits[i] = False
+                b.logits[i] = all_rows
             last = s + self.n_batch >= len(toks)
             b.logits[len(part) - 1] = logits_last and last
             rc = lc.llama_decode(self._ctx, b)
@@ -390,15 +378,13 @@ class GGUFBackend:
                        image_encode_s=image_s)
 
     def logits(self):
-        """llama.cpp's own logits buffer for the last evaluated position, as a numpy view (no copy).
+        """llama.cpp's own logits buffer for the last evaluated position, as a numpy view (no copy). numpy is
+        imported here, at the first token, not on a thread during the load or the prefill: measured, both
+        made the answer later (llama.cpp calls our log callback ~2,000 times while loading, each call then
+        waiting for the GIL; the prefill's threads lose their core)."""
+        from numpy.ctypeslib import as_array
 
-        numpy is imported here, at the first token, not on a thread during the load or the prefill:
-        measured, both made the answer later (llama.cpp calls our log callback ~2,000 times while
-        loading, each call then waiting for the GIL; the prefill's threads lose their core)."""
-        import numpy as np
-
-        ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return as_array(self._llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
 
     def eval(self, token: int) -> None:
         self._tok_one[0] = token
@@ -409,13 +395,30 @@ class GGUFBackend:
 
     def eval_tokens(self, tokens: list[int]) -> None:
         """Several tokens (a run the constraint forces) in llama_decodes of at most ``_EXACT_RUN``: from 4
-        activation rows on, ggml's CPU matmul switches to its batched kernels for some weight types, whose
-        results differ from one-row steps (measured on Gemma 3 270M Q4_K_M, which has Q5_0 and Q8_0
-        tensors: logits up to ~2 apart after 4-8 tokens, identical after 2-3; SmolLM2 Q4_1 identical at
-        any size), and an answer must not depend on how its tokens were evaluated."""
+        rows on, ggml's CPU matmul takes batched kernels for some weight types, whose results differ from
+        one-row steps (Gemma 3 270M Q4_K_M: logits ~1 apart; docs/decode-less.md), and an answer must not
+        depend on how its tokens were evaluated."""
         toks = [int(t) for t in tokens]
         for s in range(0, len(toks), _EXACT_RUN):
             self._decode_tokens(toks[s: s + _EXACT_RUN], logits_last=s + _EXACT_RUN >= len(toks))
+
+    def draft_rows(self) -> int:
+        return self._draft_rows
+
+    def eval_rows(self, tokens: list[int]):
+        """One llama_decode with every position's logits; the rows are a view of llama.cpp's buffer."""
+        from numpy.ctypeslib import as_array
+
+        self._decode_tokens([int(t) for t in tokens], logits_last=True, all_rows=True)
+        return as_array(self._llama_cpp.llama_get_logits(self._ctx), shape=(len(tokens), self._n_vocab))
+
+    def drop_last(self, n: int) -> None:
+        if n > 0:
+            self._llama_cpp.llama_memory_seq_rm(self._mem, self._seq, len(self._keys) - n, -1)
+            del self._keys[-n:]
+
+    def kv_keys(self) -> list:
+        return self._keys
 
     def kv_used(self) -> int:
         return len(self._keys)
@@ -442,17 +445,17 @@ class GGUFBackend:
 
     def score(self, token_ids: list[int], *, batched: bool = True):
         """Logits after each token, from an empty cache. Batched: one llama_decode with every position's
-        logits, in a context of its own sized to the text (ours reserves one logits row)."""
+        logits, in a context of its own sized to the text (ours reserves only a draft's rows)."""
         import numpy as np
 
         self.reset()
         if not batched:
-            out = np.empty((len(token_ids), self._n_vocab), dtype=np.float32)
-            for i, t in enumerate(token_ids):
+            rows = []
+            for t in token_ids:
                 self._decode_tokens([int(t)], logits_last=True)
-                out[i] = self.logits()
+                rows.append(self.logits().copy())
             self.reset()
-            return out
+            return np.stack(rows)
         return score_batch(self._llama_cpp, self._model, token_ids, self.n_threads, self._n_vocab)
 
     def slots(self) -> list:
@@ -482,12 +485,10 @@ class GGUFBackend:
         if self._slot_step is not None:
             self._slot_step.close()
             self._slot_step = self._slots = None
-        if self._batch is not None:
-            lc.llama_batch_free(self._batch)
-            self._batch = None
-        if self._embd_batch is not None:
-            lc.llama_batch_free(self._embd_batch)
-            self._embd_batch = None
+        for name in ("_batch", "_embd_batch"):
+            if getattr(self, name) is not None:
+                lc.llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
         if self._ctx is not None:
             lc.llama_free(self._ctx)
             self._ctx = None
@@ -513,8 +514,7 @@ class GGUFBackend:
 
     def describe(self) -> dict:
         return {"n_ctx": self.n_ctx, "n_threads": self.n_threads, "vision": self.has_vision,
-                "kv_type": getattr(self, "_kv_type", "f16"),
-                "extra_bufts": not avoid_amx_buffers()}
+                "kv_type": getattr(self, "_kv_type", "f16"), "extra_bufts": not avoid_amx_buffers()}
 
 
 __all__ = ["GGUFBackend"]

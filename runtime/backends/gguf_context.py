@@ -7,9 +7,9 @@ from ..formats.gguf_file import GGUFInfo
 
 
 def context_params(llama_cpp, n_ctx: int, n_seq: int, n_batch: int, n_threads: int, kv_type: str, info: GGUFInfo,
-                   name: str):
+                   name: str, rows: int = 1):
     """``llama_context_params`` for ``n_seq`` sequences of ``n_ctx`` positions each (``name``: the model file,
-    for messages)."""
+    for messages), reserving logits for ``rows`` positions of one batch (a draft's verification)."""
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx * n_seq       # n_ctx positions for each sequence (gguf_slots enforces it)
     cparams.n_seq_max = n_seq
@@ -33,7 +33,10 @@ def context_params(llama_cpp, n_ctx: int, n_seq: int, n_batch: int, n_threads: i
         # reserves its compute buffer for n_batch rows of logits: 98 MiB instead of 16 MiB on a
         # SmolVLM-256M-shaped model. On CPU the untouched pages never become RSS, but the
         # allocation is real on GPU backends and where overcommit is off.
-        cparams.n_outputs_max = n_seq   # slots read one row each per shared decode step
+        # Slots read one row each per shared decode step; a draft's verification one per drafted token
+        # (llama.cpp asserts when a batch asks for more rows than reserved): 3 rows of Gemma 3's 262k
+        # vocabulary are 3 MiB.
+        cparams.n_outputs_max = max(n_seq, rows)
     return cparams
 
 

@@ -177,6 +177,18 @@ class GGUFSlot:
     def kv_used(self) -> int:
         return len(self.keys)
 
+    def draft_rows(self) -> int:
+        return 0       # a shared step carries one token per sequence: no drafting in slots (see docs/decode-less.md)
+
+    def eval_rows(self, tokens):
+        raise BackendError("A --parallel slot does not verify drafts.", hint="This is a bug: draft_rows() is 0.")
+
+    def drop_last(self, n: int) -> None:
+        raise BackendError("A --parallel slot does not verify drafts.", hint="This is a bug: draft_rows() is 0.")
+
+    def kv_keys(self) -> list:
+        return self.keys
+
     def reset(self) -> None:
         with self._step.cond:
             self._swap_in()

@@ -66,6 +66,7 @@ from ..formats.onnx_sidecar import read_sidecar
 from ..protocol import DEFAULT_CTX, Artifact, ChatRequest, LoadOptions, Prefill, ProgressCallback
 from .onnx_images import ONNXImages
 from .onnx_kv import ConcatKV, SharedKV
+from .text_streams import TextStream as _TextStream
 from .prompt_cache import common_prefix
 
 
@@ -85,43 +86,6 @@ def _want_spinning() -> bool:
     cannot tell our own spinning from other work -- so spin by default and let ``VLM_ORT_SPIN=0``
     turn it off on shared machines."""
     return os.environ.get("VLM_ORT_SPIN", "1") != "0"
-
-
-class _TextStream:
-    """Token ids -> text pieces, correct across multi-byte characters and byte-fallback tokens."""
-
-    def __init__(self, tokenizer, context: list[int]) -> None:
-        self._tok = tokenizer
-        self._ds = None
-        try:
-            from tokenizers.decoders import DecodeStream
-        except ImportError:  # tokenizers < 0.21
-            DecodeStream = None
-        if DecodeStream is not None:
-            try:   # context ids let sentencepiece-style decoders keep a leading space (tokenizers >= 0.22)
-                self._ds = DecodeStream(ids=list(context[-4:]), skip_special_tokens=True)
-            except TypeError:
-                self._ds = DecodeStream(skip_special_tokens=True)
-        self._ids: list[int] = []
-        self._sent = ""
-
-    def feed(self, tok: int) -> str:
-        if self._ds is not None:
-            return self._ds.step(self._tok, tok) or ""
-        self._ids.append(tok)   # fallback: decode everything, send what is new and complete
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self._sent):
-            return ""
-        out, self._sent = text[len(self._sent):], text
-        return out
-
-    def flush(self) -> str:
-        if self._ds is not None:
-            return ""
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        out = text[len(self._sent):] if text.startswith(self._sent) else ""
-        self._sent = text
-        return out
 
 
 class ONNXBackend:
@@ -450,6 +414,17 @@ class ONNXBackend:
 
     def kv_used(self) -> int:
         return len(self._keys)
+
+    def draft_rows(self) -> int:
+        return 0    # our exports return the last position's logits only (docs/decode-less.md: drafting)
+
+    def eval_rows(self, tokens: list[int]):
+        raise BackendError("This ONNX model does not verify drafts.", hint="This is a bug: draft_rows() is 0.")
+
+    drop_last = eval_rows
+
+    def kv_keys(self) -> list:
+        return self._keys
 
     def is_eog(self, token: int) -> bool:
         return token in self.eos_ids

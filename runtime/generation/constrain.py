@@ -264,6 +264,10 @@ class JSONSchemaConstraint:
                                f"{_first_line(self._m.get_error())}",
                                hint="This is a bug: mask() must be applied to the logits before sampling.")
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` the grammar would accept in a row from here (nothing is consumed)."""
+        return int(self._m.validate_tokens([int(t) for t in tokens])) if not self._m.is_error() else 0
+
     def is_done(self) -> bool:
         """The document is complete and nothing but an end-of-text token may follow."""
         return self._m.is_stopped() and not self._m.is_error()

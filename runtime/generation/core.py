@@ -9,6 +9,12 @@ Finish reasons: "stop" (end-of-generation token, stop string, or a complete cons
 "length" (``max_tokens`` or the context is full), "cancelled" (the consumer closed the generator).
 The last token of an answer cut at ``max_tokens`` is not evaluated: nothing would read its logits.
 
+Drafts (``--draft``, generation/draft.py): after a sampled token, tokens that followed the context's last
+n-gram before are evaluated with it in one batch (``Backend.eval_rows``: a logits row per position) and
+checked one row at a time below, with the same mask, penalty and sampler (``Sampler(logits, draft)``); the
+first one the model does not take ends the draft, its positions leave the KV cache (``drop_last``) and the
+token chosen in its place goes on as a sampled one. Greedy answers are plain decoding's, token for token.
+
 Forced runs: under a JSON schema most of a record's tokens are fixed by the schema (``{"``, a key,
 ``":``, the rest of an enum value). After each sampled token the constraint hands back the run of tokens
 it forces next (``JSONSchemaConstraint.forced``: each the one token its mask allows, so sampling could
@@ -24,6 +30,7 @@ import time
 from typing import Iterator
 
 from ..protocol import Backend, ChatRequest, Chunk
+from .draft import Drafting
 from .sampling import Sampler
 from .text import StopFilter
 
@@ -48,6 +55,7 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
         pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-constraint")
         building = pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema)
         pool.shutdown(wait=False)
+    drafting = Drafting.start(backend, opts.draft)   # --draft: a bad mode or a refusal before the prefill
     pre = backend.prefill(request)                # (a failed prefill leaves the build to finish on its own)
     if building is not None:
         constraint = building.result()            # its errors (a schema the engine refuses) surface here
@@ -59,28 +67,45 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
     text = backend.text_stream()
     stops = StopFilter(opts.stop)
     generated: list[int] = []
+    if drafting is not None:
+        drafting.begin(backend.kv_keys(), generated)
+    in_kv = False
+    rows: list = []                               # logits rows evaluated ahead (a draft's verification) ...
+    drafts: list[int] = []                        # ... and the drafted token each checks (the last row: none)
     finish = "length"
     hit_stop_string = False
     t_first = None
     is_eog, n_ctx = backend.is_eog, backend.n_ctx
     try:
         while len(generated) < opts.max_tokens:
-            logits = backend.logits()
+            if rows:
+                logits, draft = rows.pop(0), (drafts.pop(0) if drafts else None)
+            else:
+                logits, draft = backend.logits(), None
             if constraint is not None:
                 constraint.mask(logits)           # in place: forbidden tokens -> -inf (EOS only once complete)
-            tok = sampler(logits)
+            tok = sampler(logits, draft)
             if t_first is None:
                 t_first = time.perf_counter()
             if constraint is not None:
                 constraint.advance(tok)           # BackendError if the sampler ignored the mask
+            in_kv = False                         # ``tok`` is a drafted token already evaluated
+            if draft is not None:
+                drafting.record(tok == draft)
+                if tok == draft:
+                    in_kv = bool(rows)
+                else:                             # the rest of the draft goes: its positions leave the KV cache
+                    backend.drop_last(len(rows))
+                    rows, drafts = [], []
             if is_eog(tok):
                 finish = "stop"
                 break
             run = [tok]
-            if constraint is not None and forced_runs:
+            kv_now = backend.kv_used() - len(rows)        # positions before ``tok``
+            if constraint is not None and forced_runs and not in_kv:
                 # what the schema forces next (keys, quotes, braces): taken without sampling, since the mask
                 # would allow nothing else, and evaluated with ``tok`` in one batch
-                room = min(opts.max_tokens - len(generated), n_ctx - 1 - backend.kv_used()) - 1
+                room = min(opts.max_tokens - len(generated), n_ctx - 1 - kv_now) - 1
                 run += constraint.forced(room)
                 for t in run[1:]:
                     sampler.note(t)
@@ -95,22 +120,43 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
                     break
             if end is None and constraint is not None and constraint.is_done():
                 end = "stop"                      # the document is complete: only EOS could follow
-            elif end is None and (len(generated) >= opts.max_tokens or backend.kv_used() + len(run) >= n_ctx):
+            elif end is None and (len(generated) >= opts.max_tokens or kv_now + len(run) >= n_ctx):
                 end = "length"
             if end is not None:
                 finish = end
                 break
+            if in_kv:
+                continue
+            if len(run) == 1 and drafting is not None:
+                # tokens that followed the context's last n-gram before: evaluated with ``tok`` in one batch,
+                # a logits row each, checked one by one above
+                room = min(opts.max_tokens - len(generated), n_ctx - 1 - kv_now) - 1
+                drafts = drafting.propose(room, constraint)
+                if drafts:
+                    rows = list(backend.eval_rows([tok] + drafts))
+                    continue
             if len(run) == 1:
                 backend.eval(tok)
             else:
                 backend.eval_tokens(run)
     except GeneratorExit:
         finish = "cancelled"
+        _drop_drafted(backend, rows, in_kv)
         raise
+    _drop_drafted(backend, rows, in_kv)
     tail = "" if hit_stop_string else stops.feed(text.flush())[0] + stops.flush()
     t_end = time.perf_counter()
     yield Chunk(text=tail, completion_tokens=len(generated), finish_reason=finish, token_ids=generated,
-                ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end), **base)
+                ttft_s=(t_first or t_end) - t_start, decode_s=t_end - (t_first or t_end),
+                draft_tokens=drafting.checked if drafting else 0, draft_accepted=drafting.accepted if drafting else 0,
+                **base)
+
+
+def _drop_drafted(backend: Backend, rows: list, in_kv: bool) -> None:
+    """An answer that ends inside a verified draft leaves the KV cache as plain decoding would: without the
+    drafted positions after its last token, nor that token itself (the last token is never evaluated)."""
+    if rows or in_kv:
+        backend.drop_last(len(rows) + in_kv)
 
 
 def complete(backend: Backend, request: ChatRequest) -> tuple[str, Chunk]:

@@ -163,11 +163,13 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             repeat: int = 3, threads: Optional[int] = None, n_ctx: Optional[int] = None,
             rpc: Optional[list[str]] = None, tensor_split: Optional[list[float]] = None,
             guard: Optional[str] = None, detail: Optional[list[str]] = None,
-            gpu_layers: Optional[int] = None, kv_type: str = "f16") -> dict:
+            gpu_layers: Optional[int] = None, kv_type: str = "f16", draft: str = "off") -> dict:
     """Measure one model in this process (called in the child). With an image, ``detail`` lists the image
     detail levels to measure (default: auto); the first one is also the image of the TTFT rows. The
     embedding cache is off: every repeat encodes. A ``kv_type`` other than f16 also measures its quality
-    against an f16 KV cache (``kv_quality``)."""
+    against an f16 KV cache (``kv_quality``). ``draft``: --draft for the timed answers (off by default: the
+    decode figure is the engine's own step; with drafting the drafted tokens checked and accepted are
+    counted)."""
     from ..loader import estimate_memory, load_backend, resolve
     from ..inputs.media import load_image
     from ..generation.core import complete
@@ -199,14 +201,18 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
             raise BackendError(f"{resolved.alias_ref} has no vision projector.", hint="Benchmark images with a vision model.")
 
         levels = list(detail or ["auto"])
+        drafted = [0, 0]                                # drafted tokens checked, accepted
 
         def run(text: str, images: list, reset: bool = True, level: Optional[str] = None):
             if reset:
                 b.reset()
             req = ChatRequest([Message("user", text, images)], GenerationOptions(
-                raw=True, temperature=0, max_tokens=gen_tokens,
+                raw=True, temperature=0, max_tokens=gen_tokens, draft=draft,
                 image_detail=ImageDetail(level=level or levels[0], cache=False)))
-            return complete(b, req)[1]
+            last = complete(b, req)[1]
+            drafted[0] += last.draft_tokens
+            drafted[1] += last.draft_accepted
+            return last
 
         run(prompt[:200], [], True)                     # warm-up: first-touch of weights, thread pools
         ttft, pp, tg, enc, follow = [], [], [], [], []
@@ -274,6 +280,7 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
                 "encode_ms": _stat([e * 1000 for e in enc]), "followup_ttft_s": _stat(follow),
                 "detail": levels[0], "levels": per_level,
             },
+            "draft": {"mode": draft, "checked": drafted[0], "accepted": drafted[1]},
             "peak_rss_bytes": rss, "weights_bytes": weights, "kv_type": kv_type, "kv_quality": quality, "kv_cache_bytes": kv, "estimate_bytes": est,
             "gpu_layers": opts.n_gpu_layers if capabilities(resolved.artifact.format).gpu_offload else None,
             "gpu_offload": gpu.device if gpu is not None else None,

@@ -26,6 +26,7 @@ class ServeSettings:
     parallel: int = 1
     gpu_layers: Optional[int] = None                     # GGUF layers on the GPU; None: all that fit (reports.gpu)
     kv_type: str = "f16"                                 # --kv-type of GGUF models (ONNX keep their own dtype)
+    draft: str = "auto"                                  # --draft: a request's default (its `draft` overrides it)
     memory_budget: Optional[int] = None                  # bytes; None: memory available at start
     keep_alive_s: Optional[float] = 300.0                # idle unload of models loaded on demand; None: never
     max_models: int = 0                                  # 0: the memory budget alone decides

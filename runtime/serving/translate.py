@@ -160,7 +160,20 @@ def sampling(body: dict, settings: ServeSettings, *, prefix: str = "") -> dict:
         out["seed"] = None
     elif "seed" in out:
         out["seed"] = int(out["seed"]) & 0xFFFFFFFF
+    out["draft"] = draft_mode(body, settings, prefix + "draft")
     return out
+
+
+def draft_mode(body: dict, settings: ServeSettings, param: str) -> str:
+    """``draft``: auto, off or ngram (generation/draft.py); absent: the server's --draft."""
+    from ..generation.draft import DRAFT_MODES
+
+    v = body.get("draft")
+    if v is None:
+        return settings.draft
+    if not isinstance(v, str) or v.strip().lower() not in DRAFT_MODES:
+        raise APIError(400, f"`{param}` must be one of {', '.join(DRAFT_MODES)}.", param=param, code="invalid_value")
+    return v.strip().lower()
 
 
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
