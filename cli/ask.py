@@ -7,14 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 
-from . import console
-from .console import boundary
-from .options import GpuLayers, Rpc, TensorSplit
-from .options import KvType
-from .options import Guard, GuardCategories, GuardModel
-from .options import Detail, ImageBudget, ImageTokens, NoCache
-from .options import (Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, OneShotCtx, Quiet, Raw, Seed, Stop, System,
-                      Temperature, Threads, MinP, RepeatPenalty, TopK, TopP, Yes)
+from .common import console
+from .common.console import boundary
+from .common.options import Guarding, Images, Loading, OneShotCtx, Quiet, Raw, Sampling, System, Video, flag_groups
 
 
 # Template text a chat format may add around one question (role markers, a default system prompt
@@ -27,46 +22,25 @@ def one_shot_ctx(texts: list[str], max_tokens: int) -> int:
     least one UTF-8 byte, so its bytes bound its tokens) plus the template and the answer, rounded up to
     256 and never above the usual default. A 4096-token context costs llama.cpp ~40 ms to set up and
     ~94 MB of KV cache on SmolLM2; one question rarely needs a fifth of it."""
-    from .options import DEFAULT_CTX
+    from .common.options import DEFAULT_CTX
 
     need = sum(len(t.encode("utf-8")) for t in texts) + _TEMPLATE_SLACK + max(0, max_tokens)
     return min(DEFAULT_CTX, max(512, -(-need // 256) * 256))
 
 
 @boundary
+@flag_groups(ctx=OneShotCtx)
 def ask(
     args: Annotated[Optional[list[str]], typer.Argument(help="Images (files, URLs, - for stdin) then the question.", show_default=False)] = None,
-    model: Model = None,
-    mmproj: MMProj = None,
+    sampling: Sampling = None,
+    loading: Loading = None,
     system: System = None,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.95,
-    top_k: TopK = 40,
-    min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0,
-    max_tokens: MaxTokens = 512,
-    seed: Seed = None,
-    ctx: OneShotCtx = None,
-    threads: Threads = None,
-    stop: Stop = None,
     raw: Raw = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, usage, timings.")] = False,
     schema: Annotated[Optional[str], typer.Option("--schema", help="JSON schema (file or JSON text): the answer is constrained to it and validated.")] = None,
-    frames: Frames = None,
-    fps: Fps = None,
-    detail: Detail = "auto",
-    image_tokens: ImageTokens = None,
-    image_budget: ImageBudget = None,
-    no_cache: NoCache = False,
-    yes: Yes = False,
-    ignore_memory: IgnoreMemory = False,
-    rpc: Rpc = None,
-    tensor_split: TensorSplit = None,
-    gpu_layers: GpuLayers = None,
-    kv_type: KvType = None,
-    guard: Guard = None,
-    guard_model: GuardModel = None,
-    guard_categories: GuardCategories = None,
+    video: Video = None,
+    image_flags: Images = None,
+    guarding: Guarding = None,
     quiet: Quiet = False,
 ) -> None:
     """Ask one question, about images or text, and print the answer.
@@ -74,46 +48,28 @@ def ask(
     Examples: vlm ask photo.jpg "How many people are here?" ; vlm ask "Why is the sky blue?" ;
     cat notes.txt | vlm ask "Summarize this"
     """
-    from edgevlm.runtime.generation.session import ChatSession
-    from edgevlm.runtime.inputs.attachments import load_media
-    from edgevlm.runtime.protocol import GenerationOptions
+    from edgevlm.runtime.generation.schema import parse_and_validate
 
-    from .acquire import open_model, warn_unenforced
-    from .detail import image_detail, notice_images
-    from .inputs import combine, read_stdin_text, split_args
+    from .common.detail import notice_images
+    from .common.guard import holds_answer, judge_answer, judge_question
+    from .common.inputs import combine, read_stdin_text, split_args
+    from .common.session import Setup
 
-    from edgevlm.runtime.generation.schema import load_schema, parse_and_validate
-
-    from .options import DEFAULT_CTX
-
-    console.set_quiet(quiet)
-    json_schema = load_schema(schema) if schema else None       # a bad schema fails before the model loads
-    idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
+    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet)
+    json_schema = setup.json_schema
+    max_tokens = sampling.max_tokens
     inp = split_args(list(args or []))
     context = None if "-" in inp.media else read_stdin_text()
     prompt = combine(inp.prompt, context)
-    images = load_media(inp.media, frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX) if inp.media else []
-    if ctx is None and not images:
-        ctx = one_shot_ctx([prompt, system or ""], max_tokens)
-    from .guard import holds_answer, judge_answer, judge_question, load_guard, memory_pair, plan_guard
-
-    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
-    backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
-                                   yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
-                                       gpu_layers=gpu_layers, kv_type=kv_type,
-                                   with_model=memory_pair(gplan))
-    runner = None
-    try:
-        runner = load_guard(gplan, threads=threads, quiet=quiet)
+    images = setup.media(inp.media, video) if inp.media else []
+    if loading.ctx is None and not images:
+        loading.ctx = one_shot_ctx([prompt, system or ""], max_tokens)
+    with setup.open(want_vision=bool(images)) as opened:
+        backend, resolved, runner = opened.backend, opened.resolved, opened.runner
         completion_only = (resolved.model is not None and resolved.model.completion_only) or not backend.chat_template
         if completion_only and not raw and not quiet:
             console.info(f"[dim]{resolved.name} has no chat template: running as plain completion.[/]")
-        opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 min_p=min_p, repeat_penalty=repeat_penalty,
-                                 seed=seed, stop=list(stop or []), raw=raw or completion_only, json_schema=json_schema,
-                                 image_detail=idetail)
-        session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
-        warn_unenforced(backend, json_schema)
+        session = setup.session(opened, system=system, raw=raw or completion_only)
         image_docs = [{"source": i.source, "sha256": i.sha256, "width": i.width, "height": i.height,
                        **({"label": i.label} if i.label else {})} for i in images]
         asked = session.pending_messages(prompt, images)
@@ -150,7 +106,3 @@ def ask(
                 console.write_out("\n")
         if last is not None and last.finish_reason == "length" and not quiet:
             console.info(f"[dim](stopped at --max-tokens {max_tokens} or the context limit)[/]")
-    finally:
-        if runner is not None:
-            runner.close()
-        backend.close()

@@ -9,9 +9,9 @@ import typer
 
 from edgevlm.runtime.device.memory import fmt_bytes
 
-from . import console
-from .console import boundary
-from .options import GpuLayers, Rpc, TensorSplit
+from .common import console
+from .common.console import boundary
+from .common.options import GpuLayers, Rpc, TensorSplit
 
 
 def _fmt(stat: dict, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
@@ -46,7 +46,7 @@ def bench(
     """Measure models on this device: each in its own process, so peak memory is its own."""
     from edgevlm.runtime.reports.bench import device_summary, plot as draw, run_isolated
 
-    from .acquire import cluster_args
+    from .common.acquire import cluster_args
 
     from edgevlm.runtime.reports.gpu import parse_gpu_layers
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from . import console
-from .console import boundary
+from .common import console
+from .common.console import boundary
 
 app = typer.Typer(help="The image-embedding cache: encoder output reused by later questions about the same image.",
                   no_args_is_help=False, invoke_without_command=True, add_completion=False)

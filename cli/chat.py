@@ -9,14 +9,9 @@ import typer
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-from . import console
-from .console import boundary
-from .options import GpuLayers, Rpc, TensorSplit
-from .options import KvType
-from .options import Guard, GuardCategories, GuardModel
-from .options import Detail, ImageBudget, ImageTokens, NoCache
-from .options import (Ctx, Fps, Frames, IgnoreMemory, MaxTokens, MMProj, Model, Quiet, Raw, Seed, Stop, System, Temperature,
-                      Threads, MinP, RepeatPenalty, TopK, TopP, Yes)
+from .common import console
+from .common.console import boundary
+from .common.options import Guarding, Images, Loading, Quiet, Raw, Sampling, System, Video, flag_groups
 
 HELP = """Commands:
   /image PATH   add an image (file, URL) to your next message
@@ -65,7 +60,7 @@ def _stream_answer(session, text: str, images) -> None:
     try:
         for chunk in session.send(text, images):
             if last is None:
-                from .detail import notice_images
+                from .common.detail import notice_images
 
                 notice_images(session.backend)          # the prefill is done: before the answer
             if chunk.text:
@@ -124,99 +119,52 @@ def _command(session, line: str, tty: bool) -> bool:
 
 
 @boundary
+@flag_groups(max_tokens=1024)
 def chat(
     media: Annotated[Optional[list[str]], typer.Argument(help="Images to talk about (files, URLs).", show_default=False)] = None,
-    model: Model = None,
-    mmproj: MMProj = None,
+    sampling: Sampling = None,
+    loading: Loading = None,
     system: System = None,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.95,
-    top_k: TopK = 40,
-    min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0,
-    max_tokens: MaxTokens = 1024,
-    seed: Seed = None,
-    ctx: Ctx = None,
-    threads: Threads = None,
-    stop: Stop = None,
     raw: Raw = False,
     schema: Annotated[Optional[str], typer.Option("--schema", help="Constrain every answer to this JSON schema (file or JSON text).")] = None,
-    frames: Frames = None,
-    fps: Fps = None,
-    detail: Detail = "auto",
-    image_tokens: ImageTokens = None,
-    image_budget: ImageBudget = None,
-    no_cache: NoCache = False,
-    yes: Yes = False,
-    ignore_memory: IgnoreMemory = False,
-    rpc: Rpc = None,
-    tensor_split: TensorSplit = None,
-    gpu_layers: GpuLayers = None,
-    kv_type: KvType = None,
-    guard: Guard = None,
-    guard_model: GuardModel = None,
-    guard_categories: GuardCategories = None,
+    video: Video = None,
+    image_flags: Images = None,
+    guarding: Guarding = None,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model; give images to talk about them. /help inside lists the commands."""
-    from edgevlm.runtime.generation.session import ChatSession
-    from edgevlm.runtime.protocol import GenerationOptions
+    from .common.guard import chat_turn
+    from .common.session import Setup
 
-    from .acquire import open_model, warn_unenforced
-    from .detail import image_detail
-    from edgevlm.runtime.inputs.attachments import load_media
-
-    from edgevlm.runtime.generation.schema import load_schema
-
-    from .options import DEFAULT_CTX
-
-    console.set_quiet(quiet)
-    json_schema = load_schema(schema) if schema else None
-    idetail = image_detail(detail, image_tokens, image_budget, no_cache)       # a bad --detail too
-    images = load_media(list(media or []), frames=frames, fps=fps, n_ctx=ctx or DEFAULT_CTX)
-    from .guard import chat_turn, load_guard, memory_pair, plan_guard
-
-    gplan = plan_guard(guard, guard_model, guard_categories, main_ctx=ctx or DEFAULT_CTX, yes=yes)
-    backend, resolved = open_model(model, want_vision=bool(images), mmproj=mmproj, ctx=ctx, threads=threads,
-                                   yes=yes, ignore_memory=ignore_memory, rpc=rpc, tensor_split=tensor_split,
-                                       gpu_layers=gpu_layers, kv_type=kv_type,
-                                   with_model=memory_pair(gplan))
+    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet)
+    images = setup.media(list(media or []), video)
     tty = sys.stdin.isatty()
-    runner = None
-    try:
-        runner = load_guard(gplan, threads=threads, quiet=quiet)
-        opts = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 min_p=min_p, repeat_penalty=repeat_penalty,
-                                 seed=seed, stop=list(stop or []), raw=raw, json_schema=json_schema,
-                                 image_detail=idetail)
-        session = ChatSession(backend, resolved.alias_ref, system=system, options=opts)
-        warn_unenforced(backend, json_schema)
-        for img in images:
-            session.add_image(img)
-        if tty:
-            _setup_readline()
-            console.info(f"[bold]{resolved.alias_ref}[/] ready. /help for commands, Ctrl-D to leave.")
-        while True:
-            try:
-                line = _read_line(tty)
-            except KeyboardInterrupt:
-                console.err.print("")
-                continue
-            except EOFError:
-                break
-            if line is None:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not _command(session, line, tty):
+    with setup.open(want_vision=bool(images)) as opened:
+        try:
+            session = setup.session(opened, system=system, raw=raw)
+            for img in images:
+                session.add_image(img)
+            if tty:
+                _setup_readline()
+                console.info(f"[bold]{opened.name}[/] ready. /help for commands, Ctrl-D to leave.")
+            while True:
+                try:
+                    line = _read_line(tty)
+                except KeyboardInterrupt:
+                    console.err.print("")
+                    continue
+                except EOFError:
                     break
-                continue
-            chat_turn(session, runner, line, [], _stream_answer)
-    finally:
-        if tty:
-            console.err.print("")
-        if runner is not None:
-            runner.close()
-        backend.close()
+                if line is None:
+                    break
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not _command(session, line, tty):
+                        break
+                    continue
+                chat_turn(session, opened.runner, line, [], _stream_answer)
+        finally:
+            if tty:
+                console.err.print("")

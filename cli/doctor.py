@@ -8,9 +8,9 @@ import typer
 
 from edgevlm.runtime.device.memory import fmt_bytes
 
-from . import console
-from .console import boundary
-from .options import DEFAULT_CTX, KvType, Rpc
+from .common import console
+from .common.console import boundary
+from .common.options import DEFAULT_CTX, KvType, Rpc
 
 
 @boundary
@@ -25,7 +25,7 @@ def doctor(
 
     from edgevlm.runtime.backends import ggml_rpc
 
-    from .acquire import resolve_kv_type
+    from .common.acquire import resolve_kv_type
 
     r = report(ctx, rpc=ggml_rpc.parse_endpoints(rpc), kv_type=resolve_kv_type(kv_type))
     if as_json:

@@ -13,7 +13,7 @@ from . import quantize as _quantize
 from . import cache as _cache
 from . import serve as _serve
 from . import worker as _worker
-from .console import install_signal_handlers
+from .common.console import install_signal_handlers
 
 app = typer.Typer(
     name="vlm",

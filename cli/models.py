@@ -9,9 +9,9 @@ import typer
 
 from edgevlm.runtime.device.memory import fmt_bytes
 
-from . import console
-from .console import boundary
-from .options import DEFAULT_CTX
+from .common import console
+from .common.console import boundary
+from .common.options import DEFAULT_CTX
 
 ModelRef = Annotated[str, typer.Argument(help="Registry name (alias or alias:quant).", show_default=False)]
 

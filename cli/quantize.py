@@ -9,8 +9,8 @@ import typer
 
 from edgevlm.runtime.device.memory import fmt_bytes
 
-from . import console
-from .console import boundary
+from .common import console
+from .common.console import boundary
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:

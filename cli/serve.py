@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import console
-from .console import boundary
-from .options import GpuLayers, Guard, GuardCategories, GuardModel, Threads
-from .options import KvType
+from .common import console
+from .common.console import boundary
+from .common.options import GpuLayers, Guard, GuardCategories, GuardModel, Threads
+from .common.options import KvType
 
 
 def _size(text: Optional[str], flag: str) -> Optional[int]:
@@ -115,10 +115,10 @@ def serve(
         decode_pixels_total=2 * max_decode_pixels)
     from edgevlm.runtime.reports.gpu import parse_gpu_layers
 
-    from .guard import plan_guard
+    from .common.guard import plan_guard
 
     settings.gpu_layers = parse_gpu_layers(gpu_layers)      # a bad value fails before anything loads
-    from .acquire import resolve_kv_type
+    from .common.acquire import resolve_kv_type
 
     settings.kv_type = resolve_kv_type(kv_type)
 

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import console
-from .console import boundary
+from .common import console
+from .common.console import boundary
 
 DEFAULT_PORT = 50052
 

@@ -202,8 +202,9 @@ def plan_cluster(resolved: ResolvedModel, n_ctx: int, endpoints: list[str], spli
 
 
 def load_backend(artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> Backend:
-    from .backends import backend_for
+    from .backends import backend_for, check_kv_type
 
+    check_kv_type(artifact.format, opts.kv_type)        # before anything loads (the backend table says)
     if opts.mmproj is not None and artifact.mmproj is None:
         artifact.mmproj = opts.mmproj
     backend = backend_for(artifact.format)

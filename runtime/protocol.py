@@ -168,6 +168,8 @@ class Capabilities:
     gpu_offload: bool = False        # LoadOptions.n_gpu_layers on a CUDA / Metal build
     projector_vision: bool = False   # reads images exactly when a projector file comes with the model (GGUF's
                                      # mmproj): known before loading
+    kv_types: tuple = ("f16",)       # what LoadOptions.kv_type (--kv-type) may ask its KV cache to store; f16
+                                     # alone: the engine keeps the KV cache in the dtype the model was exported with
 
 
 class TextStream(Protocol):

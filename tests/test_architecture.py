@@ -113,6 +113,27 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_cli_rooms():
+    """A command module imports cli/common and no other command; cli/common imports no command."""
+    common, bad = "edgevlm.cli.common", []
+    commands = {m for m in MODULES if m.startswith("edgevlm.cli.") and not m.startswith(common)
+                and m != "edgevlm.cli.main"}
+    for mod, deps in GRAPH.items():
+        if mod in commands or mod.startswith(common):
+            bad += [f"{mod} -> {d}" for d in deps & commands]
+    assert not bad, "cli rooms broken:\n" + "\n".join(sorted(bad))
+
+
+def test_serving_rooms():
+    """The API families call the answer path and the context; they import neither each other nor are
+    imported by anything but the app."""
+    families = {"edgevlm.runtime.serving.openai_api", "edgevlm.runtime.serving.ollama_api"}
+    assert families <= set(MODULES)
+    bad = [f"{mod} -> {d}" for mod, deps in GRAPH.items() for d in deps & families
+           if mod != "edgevlm.runtime.serving.app"]
+    assert not bad, "serving rooms broken:\n" + "\n".join(sorted(bad))
+
+
 def test_modules_stay_small():
     """No module over ~500 lines unless docs/architecture.md says why (listed there by path)."""
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")

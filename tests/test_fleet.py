@@ -334,6 +334,7 @@ class Stub:
     def __init__(self, mode: str, slots: int = 2, delay: float = 60.0):
         stub = self
         self.hits = 0
+        self.bodies: list[dict] = []
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -356,7 +357,7 @@ class Stub:
                     self._json(404, {"error": {"message": "no"}})
 
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stub.bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
                 stub.hits += 1
                 if mode == "slow":
                     time.sleep(delay)
@@ -522,6 +523,27 @@ def test_no_server_answers(tmp_path):
                 "--server-timeout", "3")
         assert_clean_error(r, 10, "No server has answered for 3 s", "engine exploded", "--resume")
         assert time.monotonic() - t0 < 30 and (tmp_path / "o.jsonl").read_text() == ""
+    finally:
+        broken.close()
+
+
+def test_server_requests_carry_the_sampling_flags_given(tmp_path):
+    """caption --server sends temperature, max_tokens and seed always, and the other sampling flags (top_k,
+    min_p, stop...) only when the command line moved them off the engine's defaults; flags that shape a
+    model loaded here are refused."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    broken = Stub("error")
+    try:
+        r = vlm("caption", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.jsonl"), "--server", broken.url,
+                "--server-timeout", "2", "--top-k", "5", "--stop", "END", "-n", "7", "--seed", "3")
+        assert r.returncode == 10, r.stderr
+        body = broken.bodies[0]
+        assert (body["top_k"], body["stop"], body["max_tokens"], body["temperature"], body["seed"]) == \
+            (5, ["END"], 7, 0.0, 3)
+        assert not {"top_p", "min_p", "repeat_penalty"} & set(body)
+        r = vlm("caption", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.jsonl"), "--server", broken.url,
+                "--kv-type", "q8_0", "--no-cache")
+        assert_clean_error(r, 2, "--kv-type, --no-cache: they apply to a model loaded here")
     finally:
         broken.close()
 

@@ -159,9 +159,6 @@ class ONNXBackend:
     # ------------------------------------------------------------------ loading
     def load(self, artifact: Artifact, opts: LoadOptions, on_progress: Optional[ProgressCallback] = None) -> None:
         t0 = time.perf_counter()
-        if opts.kv_type != "f16":
-            raise UsageError(f"--kv-type {opts.kv_type} is for GGUF models: an ONNX decoder keeps its KV cache in "
-                             "the dtype it was exported with.", hint="Drop --kv-type, or use the model's GGUF artifact.")
         if on_progress is not None:
             on_progress("load", 0, 3)
         model_file = pick_model_file(Path(artifact.path))

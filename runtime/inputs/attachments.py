@@ -10,7 +10,8 @@ from ..protocol import DEFAULT_CTX, ImageInput
 def load_media(refs: list[str], *, frames: Optional[int] = None, fps: Optional[float] = None, n_ctx: int = DEFAULT_CTX) -> list[ImageInput]:
     """Images as they are; videos as sampled frames labelled with their timestamps."""
     from ..config import load_config
-    from .media import load_image, sniff_kind
+    from .media import load_image
+    from .media_sniff import sniff_kind
 
     limit = load_config().max_image_pixels
     kw = {"max_pixels": limit} if limit else {}

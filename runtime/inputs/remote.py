@@ -138,6 +138,7 @@ class Ask:
     max_tokens: int = 128
     temperature: float = 0.0
     seed: Optional[int] = None
+    extra: dict = field(default_factory=dict)   # more sampling keys for the body (top_p, stop...), as given
     detail: Optional[str] = None          # low / auto / high, sent as OpenAI's image_url.detail
     json_schema: Optional[dict] = None
     timeout: float = 600.0
@@ -163,6 +164,7 @@ def ask_one(ep: Endpoint, ask: Ask, path: str) -> dict:
         body["model"] = ask.model
     if ask.seed is not None:
         body["seed"] = ask.seed
+    body.update(ask.extra)
     if ask.json_schema is not None:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "caption", "schema": ask.json_schema, "strict": True}}

@@ -11,7 +11,8 @@ from typing import Optional
 
 from ..digest import sha256_file
 from ..errors import BadMedia, UsageError, missing_extra
-from .media import DEFAULT_MAX_PIXELS, image_from_pil
+from .media import image_from_pil
+from .media_budget import DEFAULT_MAX_PIXELS
 from ..protocol import DEFAULT_CTX, ImageInput
 
 MAX_FRAMES = 64

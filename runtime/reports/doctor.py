@@ -68,6 +68,7 @@ def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None, kv_typ
     """Every registry artifact with its memory estimate (GGUF: KV cache in ``kv_type``) and whether it fits in
     available memory now; a GGUF one that does not fit but would with a smaller KV cache type gets that type
     in ``fits_with_kv_type`` (q8_0 before q4_0)."""
+    from ..backends import capabilities, kv_type_for
     from ..loader import ResolvedModel, estimate_memory
     from ..models.registry import Registry
     from ..models.store import Store
@@ -81,9 +82,9 @@ def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None, kv_typ
             if any(f.size is None for f in a.files):
                 est = None
             else:
-                est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx), kv_type if a.format == "gguf" else "f16").total
+                est = estimate_memory(r, min(n_ctx, m.context_length or n_ctx), kv_type_for(a.format, kv_type)).total
             smaller = None
-            if est is not None and est > avail and a.format == "gguf":
+            if est is not None and est > avail and len(capabilities(a.format).kv_types) > 1:
                 smaller = next((t for t in ("q8_0", "q4_0") if KV_TYPES[t] < KV_TYPES[kv_type]
                                 and estimate_memory(r, min(n_ctx, m.context_length or n_ctx), t).total <= avail), None)
             weights = sum(f.size for f in a.files if f.size) or None

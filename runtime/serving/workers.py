@@ -123,7 +123,7 @@ class Workers:
     async def images(self, parsed: "Parsed", max_pixels: Optional[int]) -> list[list["ImageInput"]]:
         """Every image of ``parsed``, per message: read (fetched by one deadline), admitted against the
         pixel budgets from their headers, then decoded."""
-        from ..inputs.media import decode_cost
+        from ..inputs.media_budget import decode_cost
         from .images import image_bytes, is_url
 
         s = self.settings

@@ -1,7 +1,6 @@
 """Resolve -m, make sure the model is on disk (asking before a download), check memory, load it."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,7 +10,7 @@ from edgevlm.runtime.device.memory import fmt_bytes
 from edgevlm.runtime.protocol import Backend, LoadOptions
 
 from . import console
-from .options import DEFAULT_CTX
+from .options import DEFAULT_CTX, Loading
 
 
 def ensure_installed(resolved, *, yes: bool) -> None:
@@ -37,20 +36,20 @@ def ensure_installed(resolved, *, yes: bool) -> None:
     resolved.artifact = store.artifact(resolved.model, resolved.artifact_spec)
 
 
-def open_model(model: Optional[str], *, want_vision: bool, mmproj: Optional[Path], ctx: Optional[int],
-               threads: Optional[int], yes: bool, ignore_memory: bool, rpc: Optional[str] = None,
-               tensor_split: Optional[str] = None, with_model=None,
-               gpu_layers: Optional[str] = None, kv_type: Optional[str] = None) -> tuple[Backend, object]:
-    """``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
+def open_model(loading: Loading, *, want_vision: bool, with_model=None) -> tuple[Backend, object]:
+    """The model --model and the other loading flags name, installed, checked against memory and loaded.
+    ``with_model``: (resolved, n_ctx) of a model loaded beside this one (--guard), counted by the memory check."""
     from edgevlm.runtime import loader
     from edgevlm.runtime.backends import capabilities
     from edgevlm.runtime.reports.gpu import parse_gpu_layers, plan as gpu_plan
 
-    requested_gpu = parse_gpu_layers(gpu_layers)         # a bad --gpu-layers fails before anything loads
-    kv = resolve_kv_type(kv_type)                        # a bad --kv-type too
+    model, mmproj, ctx, threads = loading.model, loading.mmproj, loading.ctx, loading.threads
+    yes, ignore_memory, rpc = loading.yes, loading.ignore_memory, loading.rpc
+    requested_gpu = parse_gpu_layers(loading.gpu_layers)         # a bad --gpu-layers fails before anything loads
+    kv = resolve_kv_type(loading.kv_type)                       # a bad --kv-type too
     resolved = loader.resolve(model, want_vision=want_vision, mmproj=mmproj)
     n_ctx = ctx or DEFAULT_CTX
-    endpoints, split = cluster_args(rpc, tensor_split)
+    endpoints, split = cluster_args(rpc, loading.tensor_split)
     if not ignore_memory and not endpoints:
         loader.check_memory(resolved, n_ctx, with_model=with_model, kv_type=kv)     # before downloading: refuse early
     ensure_installed(resolved, yes=yes)

@@ -26,9 +26,15 @@ def owned(files: list[str], shard) -> list[tuple[str, Optional[str]]]:
     return work
 
 
-def refuse_local_options(**given) -> None:
-    """Options that shape a model loaded here mean nothing with --server: say so instead of ignoring them."""
-    bad = [k for k, v in given.items() if v not in (None, False)]
+def refuse_local_options(*groups) -> None:
+    """Flags that shape a model loaded here (the Loading, Images and Guarding groups, but --model, which names
+    the servers' model, --yes and --detail, which the request carries) mean nothing with --server: say so
+    instead of ignoring them."""
+    import dataclasses
+
+    keep = {"model", "yes", "detail"}
+    bad = [f.name for g in groups for f in dataclasses.fields(g)
+           if f.name not in keep and getattr(g, f.name) != f.default]
     if bad:
         flags = ", ".join("--" + k.replace("_", "-") for k in bad)
         raise UsageError(f"{flags}: {'it applies' if len(bad) == 1 else 'they apply'} to a model loaded here, "
@@ -36,10 +42,12 @@ def refuse_local_options(**given) -> None:
 
 
 def caption_remote(server: str, files: list[str], shard, *, out: str, resume: bool, prompt: str,
-                   schema: Optional[dict], model: Optional[str], detail: Optional[str], max_tokens: int,
-                   temperature: float, seed: Optional[int], slots: Optional[int], timeout: float,
+                   schema: Optional[dict], model: Optional[str], detail: Optional[str], sampling,
+                   slots: Optional[int], timeout: float,
                    api_key: Optional[str]) -> int:
-    """Caption ``files`` (this shard's) on the servers; the same records as a local run, plus ``server``."""
+    """Caption ``files`` (this shard's) on the servers; the same records as a local run, plus ``server``.
+    ``sampling``: the command line's Sampling flags; those left at the engine's defaults beyond temperature,
+    max_tokens and seed are not sent (an OpenAI-compatible server need not know top_k, min_p...)."""
     from edgevlm.runtime.errors import EdgeVLMError
     from edgevlm.runtime.generation.schema import parse_and_validate
     from edgevlm.runtime.inputs.batch import JsonlWriter, file_sha256, record_key
@@ -68,8 +76,13 @@ def caption_remote(server: str, files: list[str], shard, *, out: str, resume: bo
                 skipped += 1
             else:
                 todo.append((path, sha, key))
-        ask = Ask(prompt=prompt, model=name, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                  detail=detail, json_schema=schema, timeout=timeout)
+        from edgevlm.runtime.protocol import GenerationOptions
+
+        given, engine = sampling.fields(), GenerationOptions()
+        extra = {k: v for k, v in given.items()
+                 if k not in ("max_tokens", "temperature", "seed") and v != getattr(engine, k)}
+        ask = Ask(prompt=prompt, model=name, max_tokens=given["max_tokens"], temperature=given["temperature"],
+                  seed=given["seed"], extra=extra, detail=detail, json_schema=schema, timeout=timeout)
         disp = Dispatcher(eps, ask, on_event=lambda msg: console.info(f"[dim]{msg}[/]"))
         t_start = time.perf_counter()
         with console.progress("Captioning", unit="items") as cb:

@@ -1,10 +1,16 @@
 """Shared option types, so every command spells its flags the same way."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
+
+from edgevlm.runtime.protocol import DEFAULT_CTX  # noqa: F401  (re-exported for the commands)
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (alias or alias:quant) or a path to a .gguf file.")]
 MMProj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector (mmproj .gguf) for a model given by path.")]
@@ -63,4 +69,114 @@ KvType = Annotated[Optional[str], typer.Option(
 Frames = Annotated[Optional[int], typer.Option("--frames", min=1, help="Video: number of frames to sample (default: chosen for the context).")]
 Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sample this many frames per second instead.")]
 
-from edgevlm.runtime.protocol import DEFAULT_CTX  # noqa: E402,F401  (re-exported for the commands)
+
+
+# ------------------------------------------------------------------------------------------ flag groups
+# The flags ask, chat and caption share, declared once. A command names a group as one parameter
+# (``sampling: Sampling``) and ``@flag_groups`` puts the group's flags on its command line; the command
+# receives them as one object and hands it to the session setup (common/session.py). A new sampling
+# flag is one field of ``Sampling`` (named as in GenerationOptions and the HTTP APIs' bodies).
+
+@dataclasses.dataclass
+class Sampling:
+    """How to generate: the GenerationOptions fields a person sets on the command line."""
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
+    top_k: TopK = 40
+    min_p: MinP = 0.05
+    repeat_penalty: RepeatPenalty = 1.0
+    max_tokens: MaxTokens = 512
+    seed: Seed = None
+    stop: Stop = None
+
+    def fields(self) -> dict:
+        """As GenerationOptions' keyword arguments (and an HTTP body's keys)."""
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop or [])
+        return d
+
+
+@dataclasses.dataclass
+class Loading:
+    """Which model, and how to load it here."""
+    model: Model = None
+    mmproj: MMProj = None
+    ctx: Ctx = None
+    threads: Threads = None
+    yes: Yes = False
+    ignore_memory: IgnoreMemory = False
+    rpc: Rpc = None
+    tensor_split: TensorSplit = None
+    gpu_layers: GpuLayers = None
+    kv_type: KvType = None
+
+
+@dataclasses.dataclass
+class Images:
+    """Image detail and the embedding cache."""
+    detail: Detail = "auto"
+    image_tokens: ImageTokens = None
+    image_budget: ImageBudget = None
+    no_cache: NoCache = False
+
+
+@dataclasses.dataclass
+class Guarding:
+    """--guard and its model and categories."""
+    guard: Guard = None
+    guard_model: GuardModel = None
+    guard_categories: GuardCategories = None
+
+
+@dataclasses.dataclass
+class Video:
+    """How to sample a video's frames."""
+    frames: Frames = None
+    fps: Fps = None
+
+
+GROUPS = (Sampling, Loading, Images, Guarding, Video)
+
+
+def flag_groups(**overrides) -> Callable:
+    """Expand the command's parameters typed with a flag group into the group's flags (Typer reads the
+    signature), and pack them back into the group when the command runs. ``overrides``: per flag, this
+    command's default value, or an ``Annotated`` type (other help text), e.g. ``max_tokens=128``."""
+
+    def decorate(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        sig = inspect.signature(fn)
+        params: list[inspect.Parameter] = []
+        groups: dict[str, tuple[type, list[str]]] = {}
+        for p in sig.parameters.values():
+            cls = hints.get(p.name)
+            if cls not in GROUPS:
+                params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+                continue
+            types = typing.get_type_hints(cls, include_extras=True)
+            names = []
+            for f in dataclasses.fields(cls):
+                ann, default = types[f.name], f.default
+                o = overrides.get(f.name, dataclasses.MISSING)
+                if typing.get_origin(o) is Annotated:
+                    ann = o
+                elif o is not dataclasses.MISSING:
+                    default = o
+                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+                names.append(f.name)
+            groups[p.name] = (cls, names)
+        unknown = set(overrides) - {n for _, names in groups.values() for n in names}
+        assert not unknown, f"{fn.__name__}: no flag {sorted(unknown)} in its groups"
+        # keyword-only throughout: Typer calls with keywords, and a default before a required one is fine
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            for pname, (cls, names) in groups.items():
+                kwargs[pname] = cls(**{n: kwargs.pop(n) for n in names})
+            return fn(**kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+    return decorate
