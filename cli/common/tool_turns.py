@@ -76,9 +76,7 @@ def earlier_calls(arg: Optional[str], results: list[str], tools) -> list[tuple[d
 
 def judged_text(answer) -> str:
     """What --guard judges as the answer: the text, then each call as name(arguments)."""
-    parts = [answer.content] if answer.content else []
-    parts += [f"{c.name}({c.arguments})" for c in answer.calls]
-    return "\n".join(parts)
+    return answer.judged_text()
 
 
 def calls_json(answer) -> str:

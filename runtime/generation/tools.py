@@ -192,6 +192,10 @@ class ToolAnswer:
     content: str                     # the free text (before the calls)
     calls: list[ToolCall] = field(default_factory=list)
 
+    def judged_text(self) -> str:
+        """What a safety filter (--guard) judges as the answer: the text, then each call as name(arguments)."""
+        return "\n".join(([self.content] if self.content else []) + [f"{c.name}({c.arguments})" for c in self.calls])
+
 
 def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
