@@ -201,3 +201,16 @@ def test_cli_ask_tools_errors_before_loading(tmp_path):
     assert_clean_error(vlm("ask", "--tools", json.dumps(TOOLS), "--tool-choice", "nope", "hi"), 2, "not in the tool list")
     assert_clean_error(vlm("ask", "--tools", json.dumps(TOOLS), "--tool-result", "get_weather=1", "hi"), 2,
                        "needs --tool-calls")
+
+
+def test_cli_chat_tools_reads_results_without_prompting(smollm2_gguf, tmp_path):
+    """stdin not a terminal: each call is a JSON line on stdout and its result is the next input line; no
+    prompt is written anywhere; input ending before a result ends the chat cleanly."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    r = vlm("chat", "-m", "smollm2-135m", "--tools", str(tools), "--tool-choice", "get_weather", "-t", "0", "-n", "60",
+            input='What is the weather in Paris?\n{"temperature_c": 18}\n')
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(calls) == 2 and all(c["call"] == "get_weather" and c["arguments"]["city"] for c in calls)
+    assert "Result of" not in r.stderr and ">>>" not in r.stdout
