@@ -19,8 +19,11 @@ gorilla repository (berkeley-function-call-leaderboard/bfcl_eval/data, Apache-2.
 ("dict", "float", "tuple", "any") become JSON Schema's and "." in names becomes "_", as BFCL does for
 OpenAI-style models.
 
-    python benchmarks/tool_calls.py --data DIR --gguf MODEL.gguf [--onnx ONNX_DIR] \\
-        [--llama-server PATH] [--items 30] [--choice required] [--speed-rounds 6]
+    python benchmarks/tool_calls.py --data DIR --gguf MODEL.gguf [--onnx ONNX_DIR/model_q4.onnx] \\
+        [--llama-server PATH [--llama-template TEMPLATE.jinja]] [--items 30] [--choice required] [--speed-rounds 6]
+
+The speed rows count every token of the answer, including those the grammar forces and the decode loop
+evaluates in one batch (core.py): the decode speed a client sees while a call is written.
 """
 from __future__ import annotations
 
@@ -244,6 +247,9 @@ def main() -> None:
     ap.add_argument("--gguf", action="append", default=[], help="a GGUF model (repeatable)")
     ap.add_argument("--onnx", action="append", default=[], help="an ONNX model folder (repeatable; ours only)")
     ap.add_argument("--llama-server")
+    ap.add_argument("--llama-template", help="also run llama-server with this chat template file (e.g. Qwen 2.5's "
+                                             "ChatML + tools template for a ChatML model): its own tool-call path")
+    ap.add_argument("--only-template", action="store_true", help="with --llama-template: run only that side")
     ap.add_argument("--items", type=int, default=30, help="items per category (the first N)")
     ap.add_argument("--choice", default="required", help="tool_choice sent to both servers")
     ap.add_argument("--max-tokens", type=int, default=96)
@@ -266,6 +272,14 @@ def main() -> None:
             sides["llama-server"] = (f"http://127.0.0.1:{lport}",
                                      [args.llama_server, "-m", model, "--jinja", "-t", str(args.threads), "-c", "4096",
                                       "--port", str(lport), "--host", "127.0.0.1", "--no-webui", "-np", "1"])
+        if args.llama_server and args.llama_template and model in args.gguf:
+            tport = free_port()     # llama-server with a tool-capable template of the model's chat format
+            sides["llama-server+template"] = (f"http://127.0.0.1:{tport}",
+                                              [args.llama_server, "-m", model, "--jinja", "--chat-template-file",
+                                               args.llama_template, "-t", str(args.threads), "-c", "4096",
+                                               "--port", str(tport), "--host", "127.0.0.1", "--no-webui", "-np", "1"])
+            if args.only_template:
+                sides = {"llama-server+template": sides["llama-server+template"]}
         procs = {}
         try:
             for side, (url, cmd) in sides.items():
@@ -276,7 +290,7 @@ def main() -> None:
                     row[side] = run_side(url, its, args.choice, args.max_tokens)
                     print(json.dumps({**row, side: row[side]}), file=sys.stderr)
                 results.append(row)
-            if args.speed_rounds and model in args.gguf:
+            if args.speed_rounds and model in args.gguf and "ours" in sides:
                 sp = speed(sides["ours"][0], items["simple"], args.speed_rounds, args.max_tokens)
                 results.append({"model": Path(model).name, "speed": sp})
                 print(json.dumps(results[-1]), file=sys.stderr)
