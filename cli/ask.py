@@ -9,7 +9,8 @@ import typer
 
 from .common import console
 from .common.console import boundary
-from .common.options import Guarding, Images, Loading, OneShotCtx, Quiet, Raw, Sampling, System, Video, flag_groups
+from .common.options import (Guarding, Images, Loading, OneShotCtx, Quiet, Raw, Sampling, System, Tooling, Video,
+                             flag_groups)
 
 
 # Template text a chat format may add around one question (role markers, a default system prompt
@@ -41,6 +42,11 @@ def ask(
     video: Video = None,
     image_flags: Images = None,
     guarding: Guarding = None,
+    tooling: Tooling = None,
+    tool_calls: Annotated[Optional[str], typer.Option(
+        "--tool-calls", help="With --tool-result: the calls an earlier `vlm ask --tools` printed (JSON or a file).")] = None,
+    tool_result: Annotated[Optional[list[str]], typer.Option(
+        "--tool-result", help="NAME=VALUE (or ID=VALUE; VALUE @FILE reads a file): a call's result, to continue (repeatable).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Ask one question, about images or text, and print the answer.
@@ -55,8 +61,18 @@ def ask(
     from .common.inputs import combine, read_stdin_text, split_args
     from .common.session import Setup
 
-    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet)
+    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet,
+                  tooling=tooling)
     json_schema = setup.json_schema
+    if setup.tools is None and (tool_calls or tool_result):
+        from edgevlm.runtime.errors import UsageError
+
+        raise UsageError("--tool-calls and --tool-result need --tools.", hint="Give the same --tools as the first call.")
+    earlier = []
+    if setup.tools is not None:
+        from .common.tool_turns import earlier_calls
+
+        earlier = earlier_calls(tool_calls, list(tool_result or []), setup.tools)    # checked before loading
     max_tokens = sampling.max_tokens
     inp = split_args(list(args or []))
     context = None if "-" in inp.media else read_stdin_text()
@@ -74,6 +90,10 @@ def ask(
                        **({"label": i.label} if i.label else {})} for i in images]
         asked = session.pending_messages(prompt, images)
         judge_question(runner, asked, json_base={"model": resolved.alias_ref, "images": image_docs} if as_json else None)
+        if session.tools is not None:
+            _tool_turn(session, prompt, images, earlier, runner, asked, as_json=as_json,
+                       base={"model": resolved.alias_ref, "images": image_docs})
+            return
         if as_json or json_schema is not None or holds_answer(runner):
             result = session.ask(prompt, images)
             rep = notice_images(backend, quiet)
@@ -106,3 +126,44 @@ def ask(
                 console.write_out("\n")
         if last is not None and last.finish_reason == "length" and not quiet:
             console.info(f"[dim](stopped at --max-tokens {max_tokens} or the context limit)[/]")
+
+
+def _tool_turn(session, prompt: str, images, earlier, runner, asked, *, as_json: bool, base: dict) -> None:
+    """An answer that may call the tools: generated whole, its calls validated, then judged by the guard (the
+    calls as the answer). Calls go to stdout as OpenAI's JSON (--json: the `tool_calls` field) and exit 15."""
+    from edgevlm.runtime.protocol import Message
+
+    from .common.detail import notice_images
+    from .common.guard import judge_answer
+    from .common.tool_turns import TOOL_CALL_EXIT, calls_json, judged_text
+
+    if earlier:                   # the question, the calls made, their results; then the answer that follows
+        session.history.append(Message("user", prompt, list(images)))
+        for call, _ in earlier:
+            session.add_tool_call(call)
+        for call, value in earlier:
+            session.add_tool_result(call["id"], call["function"]["name"], value)
+        result = session.ask(None)
+    else:
+        result = session.ask(prompt, images)
+    rep = notice_images(session.backend, console.QUIET)
+    timings = result.timings
+    if rep:
+        timings["images"] = rep["images"]
+    answer = session.tool_answer(result)
+    judge_answer(runner, asked, judged_text(answer),
+                 json_base={**base, "usage": result.usage, "timings": timings} if as_json else None)
+    finish = "tool_calls" if answer.calls else result.final.finish_reason
+    if as_json:
+        doc = {"answer": answer.content if (answer.content or not answer.calls) else None,
+               "tool_calls": [c.openai() for c in answer.calls], **{"model": base["model"]}, "finish_reason": finish,
+               "usage": result.usage, "timings": timings, "images": base["images"]}
+        if runner is not None:
+            doc["guard"] = runner.public()
+        console.write_out(json.dumps(doc, ensure_ascii=False) + "\n")
+    elif answer.calls:
+        console.write_out(calls_json(answer) + "\n")
+    else:
+        console.write_out(answer.content + "\n")
+    if answer.calls:
+        raise typer.Exit(TOOL_CALL_EXIT)

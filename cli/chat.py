@@ -11,7 +11,7 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 from .common import console
 from .common.console import boundary
-from .common.options import Guarding, Images, Loading, Quiet, Raw, Sampling, System, Video, flag_groups
+from .common.options import Guarding, Images, Loading, Quiet, Raw, Sampling, System, Tooling, Video, flag_groups
 
 HELP = """Commands:
   /image PATH   add an image (file, URL) to your next message
@@ -75,6 +75,57 @@ def _stream_answer(session, text: str, images) -> None:
         console.info("[dim](stopped at --max-tokens or the context limit)[/]")
 
 
+MAX_TOOL_ROUNDS = 8     # calls answered in one turn before the chat hands the turn back
+
+
+def _tool_turn(session, runner, text: str, tty: bool) -> None:
+    """A turn with --tools: each call is shown (stdout, one JSON line) and its result asked for: on a terminal
+    with a prompt on stderr; otherwise read from the next input line, without a prompt. Nothing is run here.
+    The answer that follows the results may call again, up to MAX_TOOL_ROUNDS times. --guard judges the
+    question, and each answer with its calls as the answer."""
+    import json
+
+    from .common.tool_turns import judged_text
+
+    asked = session.pending_messages(text, [])
+    if runner is not None:
+        runner.fresh()
+        v = runner.check_input(asked)
+        if v is not None and not v.safe:
+            session.withhold_question()
+            console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
+            return
+    user: Optional[str] = text
+    for _ in range(MAX_TOOL_ROUNDS):
+        try:
+            result = session.ask(user)
+        except KeyboardInterrupt:
+            console.err.print("[dim](answer stopped; the conversation continues)[/]")
+            return
+        user = None
+        answer = session.tool_answer(result)
+        if runner is not None and runner.plan.checks_output:
+            v = runner.check_output(asked, judged_text(answer))
+            if v is not None and not v.safe:
+                session.withhold_answer()
+                console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
+                return
+        if answer.content:
+            console.write_out(answer.content + "\n")
+        if not answer.calls:
+            return
+        for call in answer.calls:
+            console.write_out(json.dumps({"call": call.name, "arguments": call.args, "id": call.id},
+                                         ensure_ascii=False) + "\n")
+            if tty:
+                console.err.print(f"[dim]Result of {call.name} (one line; the chat runs nothing itself):[/]")
+            line = _read_line(tty)
+            if line is None:               # end of input: the call stays unanswered
+                return
+            session.add_tool_result(call.id, call.name, line)
+    console.info(f"[dim](stopped after {MAX_TOOL_ROUNDS} rounds of calls)[/]")
+
+
 def _command(session, line: str, tty: bool) -> bool:
     """Handle a /command. Returns False to leave the chat."""
     from edgevlm.runtime.inputs.attachments import load_media
@@ -130,13 +181,16 @@ def chat(
     video: Video = None,
     image_flags: Images = None,
     guarding: Guarding = None,
+    tooling: Tooling = None,
     quiet: Quiet = False,
 ) -> None:
-    """Chat with a model; give images to talk about them. /help inside lists the commands."""
+    """Chat with a model; give images to talk about them. /help inside lists the commands. With --tools each
+    call is shown and its result asked for (read from the next input line when stdin is not a terminal)."""
     from .common.guard import chat_turn
     from .common.session import Setup
 
-    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet)
+    setup = Setup(sampling=sampling, loading=loading, images=image_flags, guarding=guarding, schema=schema, quiet=quiet,
+                  tooling=tooling)
     images = setup.media(list(media or []), video)
     tty = sys.stdin.isatty()
     with setup.open(want_vision=bool(images)) as opened:
@@ -164,7 +218,10 @@ def chat(
                     if not _command(session, line, tty):
                         break
                     continue
-                chat_turn(session, opened.runner, line, [], _stream_answer)
+                if session.tools is not None:
+                    _tool_turn(session, opened.runner, line, tty)
+                else:
+                    chat_turn(session, opened.runner, line, [], _stream_answer)
         finally:
             if tty:
                 console.err.print("")

@@ -43,9 +43,14 @@ class ImageInput:
 
 @dataclass
 class Message:
-    role: str                                   # "system" | "user" | "assistant"
+    role: str                                   # "system" | "user" | "assistant" | "tool"
     content: str
     images: list[ImageInput] = field(default_factory=list)
+    # tool calling (generation/tools.py): an assistant turn's calls, in OpenAI's shape ({"id", "type",
+    # "function": {"name", "arguments"}}); a "tool" turn's call id and function name
+    tool_calls: list[dict] = field(default_factory=list)
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,14 @@ class GenerationOptions:
     raw: bool = False                            # plain completion: no chat template
     draft: str = "auto"                          # --draft: auto | off | ngram (generation/draft.py)
     image_detail: ImageDetail = field(default_factory=ImageDetail)   # images: detail and cache
+    tools: Optional[object] = None               # a generation.tools.ToolPlan: constrain to its call syntax
 
 
 @dataclass
 class ChatRequest:
     messages: list[Message]
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    tools: Optional[list[dict]] = None           # OpenAI tool list for the chat template's `tools` variable
 
 
 @dataclass

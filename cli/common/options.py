@@ -144,7 +144,26 @@ class Video:
     fps: Fps = None
 
 
-GROUPS = (Sampling, Loading, Images, Guarding, Video)
+Tools = Annotated[Optional[str], typer.Option(
+    "--tools", help="Functions the model may call: OpenAI's tool list (a .json file or the JSON text). A call is "
+                    "printed as JSON and exits 15; see docs/tools.md.")]
+ToolChoice = Annotated[str, typer.Option(
+    "--tool-choice", help="With --tools: auto (text or calls), required (a call), none (text), or a function's name.")]
+
+
+@dataclasses.dataclass
+class Tooling:
+    """--tools and --tool-choice (ask, chat)."""
+    tools: Tools = None
+    tool_choice: ToolChoice = "auto"
+
+    def choice(self):
+        """--tool-choice as OpenAI's tool_choice: a mode, or a named function."""
+        c = self.tool_choice
+        return c if c in ("auto", "none", "required") else {"type": "function", "function": {"name": c}}
+
+
+GROUPS = (Sampling, Loading, Images, Guarding, Video, Tooling)
 
 
 def flag_groups(**overrides) -> Callable:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from . import console
-from .options import DEFAULT_CTX, Guarding, Images, Loading, Sampling, Video
+from .options import DEFAULT_CTX, Guarding, Images, Loading, Sampling, Tooling, Video
 
 _UNPLANNED = object()
 
@@ -32,7 +32,7 @@ class Setup:
     ChatSession with the sampling flags."""
 
     def __init__(self, *, sampling: Sampling, loading: Loading, images: Images, guarding: Guarding,
-                 schema: Optional[str], quiet: bool):
+                 schema: Optional[str], quiet: bool, tooling: Optional[Tooling] = None):
         from edgevlm.runtime.generation.schema import load_schema
 
         from .detail import image_detail
@@ -40,6 +40,20 @@ class Setup:
         console.set_quiet(quiet)
         self.sampling, self.loading, self.guarding, self.quiet = sampling, loading, guarding, quiet
         self.json_schema = load_schema(schema) if schema else None       # a bad schema fails before the model loads
+        self.tooling, self.tools = tooling, None
+        if tooling is not None and tooling.tools:                          # a bad tool list too
+            from edgevlm.runtime.errors import UsageError
+            from edgevlm.runtime.generation.tools import check_choice, load_tools
+
+            if schema:
+                raise UsageError("--tools and --schema cannot be used together.",
+                                 hint="A tool's parameters are its schema; drop --schema.")
+            self.tools = load_tools(tooling.tools)
+            check_choice(tooling.choice(), self.tools, "--tool-choice")
+        elif tooling is not None and tooling.tool_choice != "auto":
+            from edgevlm.runtime.errors import UsageError
+
+            raise UsageError("--tool-choice needs --tools.", hint="Give the tool list with --tools FILE.")
         from .acquire import resolve_draft
 
         self.draft = resolve_draft(sampling.draft)                         # so does a bad --draft
@@ -99,4 +113,11 @@ class Setup:
 
         session = ChatSession(opened.backend, opened.name, system=system, options=self.options(raw=raw))
         warn_unenforced(opened.backend, self.json_schema)
+        if self.tools is not None:
+            from edgevlm.runtime.generation.tools import plan_tools
+
+            session.tools = plan_tools(opened.backend, self.tools, self.tooling.choice(), param="--tool-choice")
+            if not self.quiet:
+                how = "its chat template" if session.tools.native else "the generic preamble (docs/tools.md)"
+                console.info(f"[dim]Tools: {session.tools.fmt.name} calls, offered through {how}.[/]")
         return session

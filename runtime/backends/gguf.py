@@ -203,7 +203,7 @@ class GGUFBackend:
                 parts.append("".join((img.label + marker) for img in m.images) + m.content)
             return "".join(parts) if len(parts) == 1 else "\n".join(parts)
         return render_chat(self.chat_template, request.messages, bos_token=self._bos_text(),
-                           eos_token=self._eos_text(), marker=marker)
+                           eos_token=self._eos_text(), marker=marker, tools=request.tools)
 
     def _add_special(self, text: str) -> bool:
         bos = self._bos_text()

@@ -262,7 +262,8 @@ class ONNXBackend:
         if request.options.raw or not self.chat_template:
             parts = [m.content for m in request.messages if m.role != "system"]
             return parts[0] if len(parts) == 1 else "\n".join(parts)
-        return render_chat(self.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token)
+        return render_chat(self.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                           tools=request.tools)
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
         text = self.render(request)

@@ -172,12 +172,16 @@ class UnsatisfiableSchema(UsageError):
     """No JSON document satisfies the schema (the matcher ran out of allowed tokens)."""
 
 
-class JSONSchemaConstraint:
-    """Keeps a sampler's output inside a JSON schema (see the module docstring)."""
+class GrammarConstraint:
+    """Keeps a sampler's output inside a compiled llguidance grammar (a JSON schema's, or a tool set's:
+    ``tools.py``); see the module docstring for the protocol."""
 
-    def __init__(self, ll_tokenizer: Any, schema: dict, eos_ids: Iterable[int] = ()) -> None:
-        """``ll_tokenizer``: an ``llguidance.LLTokenizer`` as wide as the logits row; ``eos_ids``: the ids
-        that end the answer (allowed, and accepted by ``advance``, once the document is complete)."""
+    what = "The grammar"      # how messages name it
+
+    def __init__(self, ll_tokenizer: Any, grammar: str, eos_ids: Iterable[int] = ()) -> None:
+        """``ll_tokenizer``: an ``llguidance.LLTokenizer`` as wide as the logits row; ``grammar``: what
+        ``LLMatcher`` takes; ``eos_ids``: the ids that end the answer (allowed, and accepted by ``advance``,
+        once the grammar is complete)."""
         llg = import_llguidance()
         import numpy as np
 
@@ -185,22 +189,32 @@ class JSONSchemaConstraint:
         self._llg_np = llg.numpy
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self._tok = ll_tokenizer
-        grammar, self.unenforced = compile_schema(schema, ll_tokenizer)
+        self.unenforced: list[str] = []
         self._m = llg.LLMatcher(self._tok, grammar, log_level=0)
         if self._m.is_error():
-            raise UsageError(f"--schema cannot be used to constrain the output: {_first_line(self._m.get_error())}",
+            raise UsageError(f"{self.what} cannot be used to constrain the output: {_first_line(self._m.get_error())}",
                              hint="Simplify the schema.")
-        self._bits = llg.numpy.allocate_token_bitmask(1, self._tok.vocab_size)
+        self._buffers()
+
+    def copy(self) -> "GrammarConstraint":
+        """A fresh constraint in this one's state, sharing nothing mutable: a compiled grammar serves many
+        answers (llguidance's ``deep_copy`` of the matcher; no recompilation)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._m = self._m.deep_copy()
+        new.unenforced = list(self.unenforced)
+        new._buffers()
+        return new
+
+    def _buffers(self) -> None:
+        np, llg_np = self._np, self._llg_np
+        self._bits = llg_np.allocate_token_bitmask(1, self._tok.vocab_size)
         self._bytes = self._bits.view(np.uint8).reshape(-1)   # bit i of the little-endian words = token i
         self._masked = False                                   # _bits holds a mask the engine filled
         self._words = self._bits.reshape(-1).view(np.uint32)
         # population count of the mask: numpy >= 2 counts bits natively, older ones by unpacking
         self._popcount = ((lambda: int(np.bitwise_count(self._words).sum())) if hasattr(np, "bitwise_count")
                           else (lambda: int(np.unpackbits(self._bytes).sum())))
-
-    @classmethod
-    def for_backend(cls, backend, schema: dict) -> "JSONSchemaConstraint":
-        return cls(backend.constraint_tokenizer(), schema, backend.eog_ids())
 
     def mask(self, logits):
         """Set the logits of the tokens the grammar forbids next to ``-inf``, in place; returns ``logits``
@@ -260,7 +274,7 @@ class JSONSchemaConstraint:
                     f"The JSON schema cannot be satisfied ({_first_line(self._m.get_error())}): a required "
                     "property that recurses forever has no finite document.",
                     hint="Make the recursion optional, or give it an end.")
-            raise BackendError(f"The sampler chose token {token}, which the JSON schema does not allow here: "
+            raise BackendError(f"The sampler chose token {token}, which the constraint does not allow here: "
                                f"{_first_line(self._m.get_error())}",
                                hint="This is a bug: mask() must be applied to the logits before sampling.")
 
@@ -277,8 +291,23 @@ class JSONSchemaConstraint:
         return self._m.is_accepting()
 
 
+class JSONSchemaConstraint(GrammarConstraint):
+    """Keeps a sampler's output inside a JSON schema (see the module docstring)."""
+
+    what = "--schema"
+
+    def __init__(self, ll_tokenizer: Any, schema: dict, eos_ids: Iterable[int] = ()) -> None:
+        grammar, unenforced = compile_schema(schema, ll_tokenizer)
+        super().__init__(ll_tokenizer, grammar, eos_ids)
+        self.unenforced = unenforced
+
+    @classmethod
+    def for_backend(cls, backend, schema: dict) -> "JSONSchemaConstraint":
+        return cls(backend.constraint_tokenizer(), schema, backend.eog_ids())
+
+
 def _first_line(msg: str) -> str:
     return (msg or "unknown error").strip().splitlines()[0][:300]
 
 
-__all__ = ["JSONSchemaConstraint", "JSON_OPTIONS", "UnsatisfiableSchema"]
+__all__ = ["GrammarConstraint", "JSONSchemaConstraint", "JSON_OPTIONS", "UnsatisfiableSchema"]

@@ -42,7 +42,7 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
     opts = request.options
     t_start = time.perf_counter()
     constraint = building = None
-    if opts.json_schema is not None:
+    if opts.json_schema is not None or opts.tools is not None:
         # Built beside the prefill: the first constrained answer of a process builds llguidance's view of
         # the vocabulary (pieces from the disk cache for GGUF, then ~0.1-0.4 s of llguidance's own work,
         # without the GIL) and imports the schema checker while the prompt is evaluated; later answers find
@@ -53,7 +53,8 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
         from .constrain import JSONSchemaConstraint
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-constraint")
-        building = pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema)
+        building = (pool.submit(opts.tools.constraint, backend) if opts.tools is not None     # tools.ToolPlan
+                    else pool.submit(JSONSchemaConstraint.for_backend, backend, opts.json_schema))
         pool.shutdown(wait=False)
     drafting = Drafting.start(backend, opts.draft)   # --draft: a bad mode or a refusal before the prefill
     pre = backend.prefill(request)                # (a failed prefill leaves the build to finish on its own)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import BackendError
 from ..protocol import Message
@@ -31,10 +31,36 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+def _tool_fields(m: Message) -> dict[str, Any]:
+    """An assistant turn's calls (arguments as an object, as templates expect) and a tool turn's ids."""
+    import json
+
+    out: dict[str, Any] = {}
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            fn = dict(c.get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass
+            calls.append({**c, "function": fn, **fn})     # (some templates read tool_call.name directly)
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
 def _as_template_messages(messages: list[Message], marker: str, list_form: bool) -> list[dict[str, Any]]:
     out = []
     for m in messages:
-        if m.images and list_form:
+        extra = _tool_fields(m) if (m.tool_calls or m.tool_call_id is not None or m.name is not None) else {}
+        if extra:
+            out.append({"role": m.role, "content": m.content, **extra})
+        elif m.images and list_form:
             parts: list[dict[str, Any]] = []
             for img in m.images:
                 if img.label:
@@ -51,8 +77,10 @@ def _as_template_messages(messages: list[Message], marker: str, list_form: bool)
 
 
 def render_chat(template: str, messages: list[Message], *, bos_token: str, eos_token: str,
-                marker: str = "<__media__>", add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with ``template``. Tries list-form content for images, then string form."""
+                marker: str = "<__media__>", add_generation_prompt: bool = True,
+                tools: Optional[list[dict]] = None) -> str:
+    """Render ``messages`` with ``template``. Tries list-form content for images, then string form.
+    ``tools``: OpenAI's tool list for the template's ``tools`` variable (templates that support tools)."""
     import jinja2
 
     tmpl = _compile(template)
@@ -64,6 +92,7 @@ def render_chat(template: str, messages: list[Message], *, bos_token: str, eos_t
                 messages=_as_template_messages(messages, marker, list_form),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token, eos_token=eos_token,
+                **({"tools": tools} if tools is not None else {}),
             )
         except jinja2.exceptions.TemplateError as e:
             errors.append(str(e))

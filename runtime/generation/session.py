@@ -60,11 +60,13 @@ class ChatSession:
         self.options = options or GenerationOptions()
         self.history: list[Message] = []
         self.pending_images: list[ImageInput] = []
+        self.tools = None              # a tools.ToolPlan: every answer may call these (see tool_answer)
 
     # --- conversation state
-    def messages_for(self, user_text: str, images: list[ImageInput]) -> list[Message]:
+    def messages_for(self, user_text: Optional[str], images: list[ImageInput]) -> list[Message]:
+        """``user_text`` None: no new user turn (the answer that follows tool results)."""
         msgs = [Message("system", self.system)] if self.system else []
-        return msgs + self.history + [Message("user", user_text, list(images))]
+        return msgs + self.history + ([Message("user", user_text, list(images))] if user_text is not None else [])
 
     def add_image(self, image: ImageInput) -> None:
         self.pending_images.append(image)
@@ -100,11 +102,12 @@ class ChatSession:
             self.history[-1] = Message("assistant", BLOCKED_ANSWER)
 
     # --- one turn
-    def send(self, user_text: str, images: Optional[list[ImageInput]] = None) -> Iterator[Chunk]:
+    def send(self, user_text: Optional[str], images: Optional[list[ImageInput]] = None) -> Iterator[Chunk]:
         """Stream the answer to ``user_text``; images given here plus any added with add_image()."""
         imgs = self.pending_images + list(images or [])
         self.pending_images = []
-        req = ChatRequest(messages=self.messages_for(user_text, imgs), options=self.options)
+        msgs = self.messages_for(user_text, imgs)
+        req = self.tools.request(msgs, self.options) if self.tools is not None else ChatRequest(msgs, self.options)
         answer: list[str] = []
         completed = False
         try:
@@ -116,10 +119,30 @@ class ChatSession:
             # record the turn even if interrupted, so history matches what the model saw
             text = "".join(answer)
             if completed or text:
-                self.history.append(Message("user", user_text, imgs))
+                if user_text is not None:
+                    self.history.append(Message("user", user_text, imgs))
                 self.history.append(Message("assistant", text))
 
-    def ask(self, user_text: str, images: Optional[list[ImageInput]] = None) -> TurnResult:
+    # --- tool calling (generation/tools.py)
+    def tool_answer(self, result: "TurnResult"):
+        """The last answer read as text and calls (``ToolCallViolation`` when a call does not validate); the
+        history keeps the calls in OpenAI's shape, so the next prompt renders them in the family's syntax."""
+        answer = self.tools.parse(result.text, result.final.finish_reason)
+        if answer.calls and self.history and self.history[-1].role == "assistant":
+            self.history[-1] = Message("assistant", answer.content, tool_calls=[c.openai() for c in answer.calls])
+        return answer
+
+    def add_tool_call(self, call: dict) -> None:
+        """A call made earlier (OpenAI's shape), as an assistant turn of the history (``vlm ask --tool-calls``)."""
+        if self.history and self.history[-1].role == "assistant" and self.history[-1].tool_calls:
+            self.history[-1].tool_calls.append(call)
+        else:
+            self.history.append(Message("assistant", "", tool_calls=[call]))
+
+    def add_tool_result(self, call_id: str, name: str, content: str) -> None:
+        self.history.append(Message("tool", content, tool_call_id=call_id, name=name))
+
+    def ask(self, user_text: Optional[str], images: Optional[list[ImageInput]] = None) -> TurnResult:
         t0 = time.perf_counter()
         parts, final = [], None
         for chunk in self.send(user_text, images):
@@ -132,6 +155,10 @@ class ChatSession:
     def to_dict(self) -> dict:
         def msg(m: Message) -> dict:
             d: dict = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                d["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                d.update(tool_call_id=m.tool_call_id, name=m.name)
             if m.images:
                 d["images"] = [{"path": _abs(i.source), "sha256": i.sha256, "width": i.width, "height": i.height,
                                 **({"label": i.label} if i.label else {})} for i in m.images]

@@ -25,6 +25,7 @@ from .apierror import APIError
 from .context import ClientGone, ServerContext, server, stream_error
 from .guarding import record as guard_record
 from .pool import ChunkStream, Lease
+from .tool_calls import plan_for, read_answer
 from .translate import Parsed, build_request, check_image_count, finish
 
 Frame = Union[str, bytes]
@@ -117,9 +118,9 @@ class ChunkStreamingResponse(StreamingResponse):
 
 
 async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
-                 verdicts: dict) -> tuple[Lease, ChunkStream, Chunk, float, Any]:
+                 verdicts: dict) -> tuple[Lease, ChunkStream, Chunk, float, Any, Any]:
     """Images decoded, the question judged, the model's turn, the first chunk: (lease, stream, first
-    chunk, start time, the ChatRequest)."""
+    chunk, start time, the ChatRequest, the tool plan or None)."""
     pool, guard = ctx.pool, ctx.guard
     t0 = time.perf_counter()
     if parsed.n_images:             # fetching and decoding: in their own pools, within the pixel budgets
@@ -142,13 +143,20 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     spec = entry.resolved.model
     if (spec is not None and spec.completion_only) or not lease.backend.chat_template:
         chat.options.raw = True
+    plan = None
+    if parsed.tools is not None:    # the model's template decides where the tools go and the call syntax
+        try:
+            plan, chat = plan_for(parsed.tools, lease.backend, chat)
+        except BaseException:
+            lease.release()
+            raise
     stream = lease.stream(chat, whole=not parsed.stream)
     try:
         first = await until_disconnect(request, stream.__anext__())
     except BaseException:
         stream.cancel()
         raise
-    return lease, stream, first, t0, chat
+    return lease, stream, first, t0, chat, plan
 
 
 async def _judged(ctx: ServerContext, request: Request, chat, text: str, last: Chunk, verdicts: dict):
@@ -177,7 +185,7 @@ async def answer(request: Request, parsed: Parsed, writer: Writer) -> Response:
     verdicts: dict = {}
     extra = (lambda: {"guard": guard_record(verdicts)}) if guard is not None else dict
     try:
-        lease, stream, first, t0, chat = await _start(ctx, request, parsed, verdicts)
+        lease, stream, first, t0, chat, plan = await _start(ctx, request, parsed, verdicts)
     except Blocked as b:
         request.scope["vlm.model"] = b.model
         none = Chunk(text="", finish_reason="content_filter")
@@ -190,6 +198,9 @@ async def answer(request: Request, parsed: Parsed, writer: Writer) -> Response:
         finally:
             stream.cancel()
         ctx.metrics.observe_answer(model, last)
+        if plan is not None:
+            return JSONResponse(writer.whole(await _tool_final(ctx, request, chat, writer, plan, text, last, verdicts,
+                                                               model=model, extra=extra(), t0=t0, load_s=load_s)))
         text, last = await _judged(ctx, request, chat, text, last, verdicts)
         return JSONResponse(writer.whole(Final(model, last, finish(last), text, extra=extra(),
                                                total_s=time.perf_counter() - t0, load_s=load_s)))
@@ -221,4 +232,69 @@ async def answer(request: Request, parsed: Parsed, writer: Writer) -> Response:
                                       total_s=time.perf_counter() - t0, load_s=load_s)):
             yield frame
 
-    return ChunkStreamingResponse(frames(), stream, media_type=writer.media_type, headers=writer.headers)
+    async def tool_frames() -> AsyncIterator[Frame]:
+        """Streamed with tools: free text as text, each call as the writer's tool deltas while it is written
+        (writers without them, Ollama's, get the calls in their last object); judged first with --guard."""
+        chunk = first
+        for frame in writer.start(model):
+            yield frame
+        ts = plan.stream()
+        live = hasattr(writer, "tool_delta")
+        try:
+            while True:
+                if chunk.text:
+                    for ev in ts.feed(chunk.text):
+                        if judge:
+                            continue
+                        if ev[0] == "content":
+                            yield writer.text(ev[1])
+                        elif live:
+                            yield writer.tool_delta(ev)
+                if chunk.finish_reason is not None:
+                    break
+                chunk = await stream.__anext__()
+            fin = await _tool_final(ctx, request, chat, writer, plan, ts.text, chunk, verdicts, model=model,
+                                    extra=extra(), t0=t0, load_s=load_s, stream=ts)
+            if judge and fin.finish_reason != "content_filter":
+                if fin.text:
+                    yield writer.text(fin.text)
+                if live:
+                    for i, c in enumerate(fin.answer.calls):
+                        yield writer.tool_delta(("call", i, c.id, c.name))
+                        yield writer.tool_delta(("arguments", i, c.arguments))
+            if live:
+                fin.message = {}        # (the calls went out as deltas)
+        except Exception as e:          # noqa: BLE001 - after the headers, errors travel in the stream
+            yield writer.failed(stream_error(e))
+            return
+        ctx.metrics.observe_answer(model, chunk)
+        for frame in writer.end(fin):
+            yield frame
+
+    return ChunkStreamingResponse(tool_frames() if plan is not None else frames(), stream,
+                                  media_type=writer.media_type, headers=writer.headers)
+
+
+async def _tool_final(ctx: ServerContext, request: Request, chat, writer, plan, text: str, last: Chunk,
+                      verdicts: dict, *, model: str, extra: dict, t0: float, load_s: float, stream=None) -> Final:
+    """An answer with tools as a ``Final``: its text and validated calls (a call cut off by the token limit
+    is dropped), judged by the guard with the calls as the answer, finish_reason "tool_calls" with calls."""
+    from ..generation.tools import ToolCallViolation
+
+    answer = None
+    if stream is not None:
+        try:
+            answer = stream.finish(last.finish_reason)       # (the ids the deltas carried)
+        except ToolCallViolation:
+            answer = None
+    if answer is None:
+        answer = read_answer(plan, text, last.finish_reason)
+    _, last = await _judged(ctx, request, chat, answer.judged_text(), last, verdicts)
+    if last.finish_reason == "content_filter":
+        fin = Final(model, last, "content_filter", "", extra=extra, total_s=time.perf_counter() - t0, load_s=load_s)
+    else:
+        fin = Final(model, last, "tool_calls" if answer.calls else finish(last), answer.content,
+                    message=writer.tool_message(answer) if answer.calls else {}, extra=extra,
+                    total_s=time.perf_counter() - t0, load_s=load_s)
+    fin.answer = answer
+    return fin

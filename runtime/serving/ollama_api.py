@@ -16,6 +16,7 @@ from .answer import Final, Frame, answer
 from .apierror import APIError, bad_request
 from .context import endpoint, installed, mtime, read_body, server
 from .settings import ServeSettings
+from .tool_calls import history_fields, ollama_message, parse_tools
 from .translate import (ImageRef, Parsed, RawMessage, boolean, check_schema, dumps, keep_alive, model_name,
                         number, sampling, stop_strings, token_limit, type_error)
 
@@ -55,8 +56,6 @@ def _ollama_common(body: Any) -> str:
     model = model_name(body)
     if not model:
         raise bad_request("`model` is required.", "model")
-    if body.get("tools"):
-        raise bad_request("Tool calling is not supported by this server.", "tools")
     return model
 
 
@@ -65,18 +64,26 @@ def parse_ollama_chat(body: Any, settings: ServeSettings) -> Parsed:
     msgs = body.get("messages") or []
     if not isinstance(msgs, list):
         raise type_error("messages", "a list")
+    tools = parse_tools(body, ollama=True)         # a bad tool list is a 400 before anything runs
     out = []
+    ids: dict = {}
     for mi, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise type_error(f"messages[{mi}]", "an object with `role` and `content`")
         role, content = m.get("role"), m.get("content", "")
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"`messages[{mi}].role` must be system, user or assistant.", param=f"messages[{mi}].role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"`messages[{mi}].role` must be system, user, assistant or tool.", param=f"messages[{mi}].role")
+        if content is None:
+            content = ""
         if not isinstance(content, str):
             raise type_error(f"messages[{mi}].content", "a string")
-        out.append(RawMessage(role, content, _ollama_images(m.get("images"), f"messages[{mi}].images")))
-    return Parsed(model=model, messages=out, options=_ollama_options(body, settings), stream=boolean(body, "stream", True),
-                  keep_alive_s=keep_alive(body.get("keep_alive")))
+        out.append(RawMessage(role, content, _ollama_images(m.get("images"), f"messages[{mi}].images"),
+                              history_fields(m, mi, role, ids, ollama=True)))
+    opts = _ollama_options(body, settings)
+    if tools is not None and opts.json_schema is not None:
+        raise bad_request("`tools` and `format` cannot be used together.", "format")
+    return Parsed(model=model, messages=out, options=opts, stream=boolean(body, "stream", True),
+                  keep_alive_s=keep_alive(body.get("keep_alive")), tools=tools)
 
 
 def parse_ollama_generate(body: Any, settings: ServeSettings) -> Parsed:
@@ -86,6 +93,8 @@ def parse_ollama_generate(body: Any, settings: ServeSettings) -> Parsed:
         raise type_error("prompt", "a string")
     if system is not None and not isinstance(system, str):
         raise type_error("system", "a string")
+    if body.get("tools"):
+        raise bad_request("Tool calling is on /api/chat, not /api/generate.", "tools")
     if body.get("suffix"):
         raise bad_request("`suffix` (fill-in-the-middle) is not supported by this server.", "suffix")
     opts = _ollama_options(body, settings)
@@ -148,6 +157,9 @@ class OllamaWriter:
     def start(self, model: str) -> Iterable[Frame]:
         self.model = model
         return ()
+
+    def tool_message(self, answer) -> dict:
+        return ollama_message(answer)
 
     def text(self, piece: str) -> Frame:
         return dumps(ollama_piece(self.model, piece, key=self.key)) + "\n"

@@ -16,6 +16,7 @@ from .answer import Final, Frame, answer
 from .apierror import APIError, bad_request
 from .context import endpoint, installed, mtime, read_body, server
 from .settings import ServeSettings
+from .tool_calls import history_fields, openai_message, parse_tools
 from .translate import (DETAILS, ImageRef, Parsed, RawMessage, boolean, check_schema, dumps, model_name, number,
                         sampling, stop_strings, token_limit, type_error)
 
@@ -102,24 +103,24 @@ def parse_openai(body: Any, settings: ServeSettings) -> Parsed:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad_request("`messages` must be a non-empty list.", "messages")
-    if body.get("tools"):
-        raise bad_request("Tool calling is not supported by this server.", "tools")
+    tools = parse_tools(body)          # a bad tool list is a 400 before anything runs
     if body.get("logprobs") or body.get("top_logprobs"):
         raise bad_request("logprobs are not supported by this server.", "logprobs")
     n = number(body, "n", 1, 1, integer=True)
     del n
     out: list[RawMessage] = []
+    ids: dict = {}
     for mi, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise type_error(f"messages[{mi}]", "an object with `role` and `content`")
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"`messages[{mi}].role` must be system, developer, user or assistant (got {role!r}).",
-                           param=f"messages[{mi}].role", code="invalid_value")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"`messages[{mi}].role` must be system, developer, user, assistant or tool "
+                                f"(got {role!r}).", param=f"messages[{mi}].role", code="invalid_value")
         text, images = _openai_content(m.get("content"), mi, role)
-        out.append(RawMessage(role, text, images))
+        out.append(RawMessage(role, text, images, history_fields(m, mi, role, ids)))
     mt = number(body, "max_completion_tokens", 1, 1 << 31, integer=True)
     if mt is None:
         mt = number(body, "max_tokens", 1, 1 << 31, integer=True)
@@ -129,8 +130,11 @@ def parse_openai(body: Any, settings: ServeSettings) -> Parsed:
     stream = boolean(body, "stream", False)
     opts = GenerationOptions(max_tokens=token_limit(mt, "max_tokens", settings), stop=stop_strings(body.get("stop"), "stop"),
                              json_schema=_response_format(body), **sampling(body, settings))
+    if tools is not None and opts.json_schema is not None:
+        raise bad_request("`tools` and `response_format` cannot be used together.", "response_format")
     return Parsed(model=model, messages=out, options=opts, stream=stream,
-                  include_usage=bool(so and boolean(so, "include_usage", False, "stream_options.include_usage")))
+                  include_usage=bool(so and boolean(so, "include_usage", False, "stream_options.include_usage")),
+                  tools=tools)
 
 
 
@@ -219,6 +223,20 @@ class OpenAIWriter:
 
     def text(self, piece: str) -> Frame:
         return self._content(piece)
+
+    def tool_message(self, answer) -> dict:
+        return openai_message(answer)
+
+    def tool_delta(self, event: tuple) -> Frame:
+        """One event of a streamed call (generation.tools.ToolStream) as a ``delta.tool_calls`` chunk: the
+        call's index, id, type and name first, then its arguments in fragments (what the openai SDK joins)."""
+        if event[0] == "call":
+            _, i, cid, name = event
+            call = {"index": i, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}
+        else:
+            _, i, fragment = event
+            call = {"index": i, "function": {"arguments": fragment}}
+        return f"data: {dumps(openai_chunk(self.rid, self.model, self.created, {'tool_calls': [call]}))}\n\n"
 
     def end(self, final: Final) -> Iterable[Frame]:
         rid, model, created = self.rid, self.model, self.created

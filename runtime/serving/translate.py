@@ -41,6 +41,7 @@ class RawMessage:
     role: str
     text: str
     images: list[ImageRef] = field(default_factory=list)
+    tool: dict = field(default_factory=dict)     # Message's tool fields (tool_calls, tool_call_id, name)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Parsed:
     stream: bool
     include_usage: bool = False
     keep_alive_s: Optional[float] = KEEP
+    tools: Optional[Any] = None      # tool_calls.ToolRequest
 
     @property
     def n_images(self) -> int:
@@ -233,7 +235,7 @@ def build_request(parsed: Parsed, settings: ServeSettings, max_pixels: Optional[
     for mi, m in enumerate(parsed.messages):
         imgs: list[ImageInput] = images[mi] if images is not None else [
             load_image_ref(ref.ref, settings, max_pixels, ref.param, base64_only=ref.base64_only) for ref in m.images]
-        messages.append(Message(m.role, m.text, imgs))
+        messages.append(Message(m.role, m.text, imgs, **m.tool))
     details = [ref.detail for m in parsed.messages for ref in m.images if ref.detail]
     opts = parsed.options
     if details and _OPTIONS_HAVE_DETAIL:

@@ -1,0 +1,299 @@
+"""Tool calling (runtime/generation/tools.py, tool_formats.py): the tool list's checks, which templates render
+tools themselves, each family's syntax read back, and the guarantee: whatever the model samples, a call it
+emits parses and validates against its tool's parameters.
+
+Adversaries: random logits under the real SmolLM2 vocabulary (the grammar alone decides what is left), SmolLM2
+sampled at temperature 2 through the real decode loop, and (slow) the random-weight vision fixture on both
+backends.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+from edgevlm.runtime.generation.tools import (  # noqa: E402
+    ToolCallViolation, ToolListError, ToolPlan, check_choice, check_tools, plan_tools, template_format)
+from edgevlm.runtime.generation.tool_formats import FORMATS  # noqa: E402
+from edgevlm.runtime.protocol import GenerationOptions, Message  # noqa: E402
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": -100, "maximum": 100},
+                                                    "b": {"type": "integer", "minimum": -100, "maximum": 100}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
+FLAGS = {"type": "function", "function": {
+    "name": "set-flags", "parameters": {"type": "object", "properties": {
+        "on": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
+                                            "minItems": 1, "maxItems": 3},
+        "level": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["on", "tags"], "additionalProperties": False}}}
+NOARGS = {"type": "function", "function": {"name": "now"}}
+TOOLS = [WEATHER, ADD, FLAGS, NOARGS]
+
+
+# ------------------------------------------------------------------------------------------ the tool list
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"type": "function"}, "must be a list"),
+    ([], "empty list"),
+    ("weather", "must be a list"),
+    ([{"type": "function"}], "tools[0]"),
+    ([{"type": "retrieval", "function": {"name": "x"}}], "tools[0].type"),
+    ([{"type": "function", "function": {"name": "has space"}}], "tools[0].function.name"),
+    ([{"type": "function", "function": {"name": "x" * 65}}], "1 to 64"),
+    ([WEATHER, WEATHER], "two tools are named 'get_weather'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}], "not a valid JSON Schema"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "a"}}}],
+     "not a valid JSON Schema"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "must describe an object"),
+    ([{"type": "function", "function": {"name": "f", "parameters": [1]}}], "JSON Schema object"),
+])
+def test_bad_tool_lists_are_one_clear_error(bad, needle):
+    with pytest.raises(ToolListError) as e:
+        check_tools(bad)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+    assert e.value.param.startswith("tools")
+
+
+def test_tool_choice_forms():
+    tools = check_tools(TOOLS)
+    assert check_choice(None, tools) == ("auto", None)
+    assert check_choice("required", tools) == ("required", None)
+    assert check_choice({"type": "function", "function": {"name": "add"}}, tools) == ("function", "add")
+    for bad in ("sometimes", {"type": "function", "function": {"name": "nope"}}, {"function": "add"}, 3):
+        with pytest.raises(ToolListError):
+            check_choice(bad, tools)
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+@pytest.mark.parametrize("name, fmt, native", [
+    ("meta-llama-Llama-3.2-3B-Instruct", "llama3", True),
+    ("Qwen-Qwen2.5-7B-Instruct", "hermes", True),
+    ("LFM2-8B-A1B", "lfm2", True),
+    ("google-gemma-2-2b-it", "hermes", False),        # no tool support: the preamble
+    ("HuggingFaceTB-SmolLM3-3B", "hermes", False),    # its tools go in `xml_tools`, not `tools`: the preamble
+])
+def test_which_templates_render_tools(name, fmt, native):
+    found, is_native = template_format((TEMPLATES / f"{name}.jinja").read_text())
+    assert (found.name, is_native) == (fmt, native)
+
+
+class _TemplateOnly:
+    """What plan_tools reads of a backend: its chat template."""
+
+    def __init__(self, template):
+        self.chat_template = template
+
+
+def _history():
+    return [Message("user", "Weather in Paris?"),
+            Message("assistant", "", tool_calls=[{"id": "c1", "type": "function",
+                                                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]),
+            Message("tool", "18 C, clear", tool_call_id="c1", name="get_weather")]
+
+
+@pytest.mark.parametrize("name", ["meta-llama-Llama-3.2-3B-Instruct", "Qwen-Qwen2.5-7B-Instruct", "LFM2-8B-A1B",
+                                  "google-gemma-2-2b-it", None])
+def test_history_with_calls_and_results_renders(name):
+    from edgevlm.runtime.generation.prompt import render_chat
+
+    template = (TEMPLATES / f"{name}.jinja").read_text() if name else None
+    plan = plan_tools(_TemplateOnly(template), check_tools(TOOLS))
+    req = plan.request(_history(), GenerationOptions())
+    if template is None:                           # plain completion: the preamble leads the first user turn
+        assert req.messages[0].role == "user" and req.messages[0].content.startswith("You can call functions")
+        return
+    text = render_chat(template, req.messages, bos_token="", eos_token="", tools=req.tools)
+    assert "get_weather" in text and "Paris" in text and "18 C, clear" in text
+    assert "set-flags" in text                     # the tools are in the prompt
+    if not plan.native:
+        assert "<tool_call>" in text and "<tool_response>" in text
+
+
+# ------------------------------------------------------------------------------------------ reading calls
+
+def _plan(fmt, mode="auto", name=None, tools=TOOLS):
+    return ToolPlan(check_tools(tools), FORMATS[fmt], False, True, mode, name)
+
+
+def test_parse_each_family():
+    h = _plan("hermes").parse('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+                              '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>', "stop")
+    assert h.content == "Sure." and [(c.name, c.args) for c in h.calls] == [("add", {"a": 1, "b": 2}), ("now", {})]
+    l3 = _plan("llama3").parse('{"name": "get_weather", "parameters": {"city": "Oslo"}}', "stop")
+    assert [(c.name, c.args) for c in l3.calls] == [("get_weather", {"city": "Oslo"})]
+    lf = _plan("lfm2").parse('<|tool_call_start|>[add(a=1, b=-2), now()]<|tool_call_end|>', "stop")
+    assert [(c.name, c.args) for c in lf.calls] == [("add", {"a": 1, "b": -2}), ("now", {})]
+    assert _plan("hermes").parse("just text", "stop").calls == []
+    with pytest.raises(ToolCallViolation, match="do not match"):     # never returned: validated first
+        _plan("hermes").parse('<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>', "stop")
+    with pytest.raises(ToolCallViolation, match="cut off"):
+        _plan("hermes").parse('<tool_call>\n{"name": "add", "argum', "length")
+
+
+def test_stream_events_assemble_to_the_parsed_answer():
+    plan = _plan("hermes")
+    text = 'Let me see.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome {x}"}}\n</tool_call>\n' \
+           '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>'
+    stream = plan.stream()
+    events = []
+    for i in range(0, len(text), 3):               # pieces that split the marker and the JSON anywhere
+        events += stream.feed(text[i:i + 3])
+    answer = stream.finish("stop")
+    content = "".join(e[1] for e in events if e[0] == "content")
+    calls: dict = {}
+    for e in events:
+        if e[0] == "call":
+            calls[e[1]] = [e[2], e[3], ""]
+        elif e[0] == "arguments":
+            calls[e[1]][2] += e[2]
+    assert content.strip() == answer.content == "Let me see."
+    assert [tuple(v) for v in calls.values()] == [(c.id, c.name, c.arguments) for c in answer.calls]
+    assert json.loads(calls[0][2]) == {"city": "Rome {x}"}
+
+
+# ------------------------------------------------------------------------------------------ the guarantee
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from edgevlm.runtime.loader import artifact_from_path, load_backend
+    from edgevlm.runtime.protocol import LoadOptions
+
+    b = load_backend(artifact_from_path(smollm2_gguf, None, False), LoadOptions(n_ctx=2048, n_threads=2))
+    yield b
+    b.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "lfm2"])
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_random_logits_never_write_an_invalid_call(smollm2, fmt, mode):
+    """The grammar alone against random logits over SmolLM2's real vocabulary: 40 answers per family and
+    mode; every call that comes out parses and validates, and required/named answers are always calls."""
+    import numpy as np
+
+    plan = ToolPlan(check_tools(TOOLS), FORMATS[fmt], False, True, mode)
+    rng = np.random.default_rng(7)
+    trigger = smollm2.tokenize(plan.fmt.trigger, add_special=False, parse_special=False)
+    n_calls = 0
+    for run in range(40):
+        c = plan.constraint(smollm2)
+        out: list[int] = []
+        start = 0 if fmt == "llama3" else run % 5     # where half the auto runs are pushed to open a call
+        for step in range(400):
+            logits = rng.standard_normal(smollm2._n_vocab).astype(np.float32) * 4
+            if run % 2 and mode == "auto" and 0 <= step - start < len(trigger):
+                logits[trigger[step - start]] += 50
+            c.mask(logits)
+            tok = int(np.argmax(logits))
+            c.advance(tok)
+            if tok in c.eos_ids:
+                break
+            out.append(tok)
+            if c.is_done():
+                break
+        else:
+            continue                             # cut by the limit: nothing returned as a call (see parse)
+        answer = plan.parse(smollm2.detokenize(out), "stop")
+        n_calls += len(answer.calls)
+        if mode == "required":
+            assert answer.calls
+        for call in answer.calls:
+            tool = next(t for t in TOOLS if t["function"]["name"] == call.name)
+            jsonschema.validate(call.args, tool["function"].get("parameters", {"type": "object"}))
+    assert n_calls > 0
+
+
+@pytest.mark.model
+def test_sampled_hot_every_call_is_valid(smollm2):
+    """SmolLM2 at temperature 2 through the real decode loop: forced calls are always complete and valid."""
+    from edgevlm.runtime.generation.core import complete
+
+    tools = check_tools(TOOLS)
+    for seed in range(4):
+        choice = ["required", {"type": "function", "function": {"name": "set-flags"}}][seed % 2]
+        plan = plan_tools(smollm2, tools, choice, parallel=False)     # (parallel calls: the test above)
+        req = plan.request([Message("user", "Do something useful.")],
+                           GenerationOptions(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed, max_tokens=200))
+        smollm2.reset()
+        text, last = complete(smollm2, req)
+        answer = plan.parse(text, last.finish_reason)
+        assert answer.calls, text
+        if seed % 2:
+            assert [c.name for c in answer.calls] == ["set-flags"]
+
+
+@pytest.mark.model
+def test_auto_leaves_text_free_and_required_calls(smollm2):
+    from edgevlm.runtime.generation.core import complete
+
+    tools = check_tools([WEATHER])
+    texts = {}
+    for choice in ("auto", "none", "required"):
+        plan = plan_tools(smollm2, tools, choice)
+        assert (plan.fmt.name, plan.native) == ("hermes", False)   # SmolLM2's template has no tools: preamble
+        req = plan.request([Message("user", "What is the weather in Paris?")],
+                           GenerationOptions(temperature=0, max_tokens=40, seed=1))
+        smollm2.reset()
+        text, last = complete(smollm2, req)
+        texts[choice] = plan.parse(text, last.finish_reason)
+    assert texts["auto"].content and not texts["auto"].calls        # this model answers in prose
+    assert not texts["none"].calls
+    (call,) = texts["required"].calls
+    assert call.name == "get_weather" and call.args["city"] == "Paris"
+
+
+@pytest.mark.model
+def test_grammar_compiled_once_per_tool_set(smollm2):
+    from edgevlm.runtime.generation import tools as tools_mod
+
+    plan = plan_tools(smollm2, check_tools(TOOLS), "required")
+    plan.constraint(smollm2)
+    n = len(tools_mod._MATCHERS)
+    a, b = plan.constraint(smollm2), plan.constraint(smollm2)
+    assert len(tools_mod._MATCHERS) == n and a._m is not b._m
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gguf", "onnx"])
+def test_random_weight_model_never_writes_an_invalid_call(vision_model, kind):
+    """The random-weight fixture on both backends, sampled at temperature 1, 30 answers each."""
+    from edgevlm.runtime.generation.core import complete
+    from edgevlm.runtime.loader import artifact_from_path, load_backend
+    from edgevlm.runtime.protocol import LoadOptions
+
+    art = (artifact_from_path(vision_model["gguf"], vision_model["mmproj"], True) if kind == "gguf" else
+           artifact_from_path(vision_model["onnx"] / "decoder_model_merged_int8.onnx", None, True))
+    b = load_backend(art, LoadOptions(n_ctx=4096, n_threads=2))
+    try:
+        tools = check_tools(TOOLS)
+        for seed in range(30):
+            plan = plan_tools(b, tools, ["auto", "required"][seed % 2])
+            req = plan.request([Message("user", "Call something.")],
+                               GenerationOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed, max_tokens=400))
+            b.reset()
+            text, last = complete(b, req)
+            try:
+                answer = plan.parse(text, last.finish_reason)
+            except ToolCallViolation:
+                assert last.finish_reason == "length"   # only a call the token limit cut; never returned
+                continue
+            if seed % 2:
+                assert answer.calls
+    finally:
+        b.close()
