@@ -124,7 +124,8 @@ class ImagePlanner:
         return key is not None and self.cache.has(key)
 
     def seconds_per_tile(self) -> Optional[float]:
-        """This encoder's measured seconds per tile here; calibrated by the backend once when unknown."""
+        """This encoder's measured seconds per calibration unit (a tile, or a 256-token image for a
+        dynamic-resolution encoder) here; calibrated by the backend once when unknown."""
         speed = EncodeSpeed()
         spt = speed.get(self.speed_key)
         if spt is None:
@@ -161,9 +162,10 @@ class ImagePlanner:
         """The cached encoder output of ``p`` (arrays, meta), or None."""
         return self.cache.get(p.key) if p.key is not None else None
 
-    def encoded_now(self, p: Planned, arrays: list, meta: dict, tiles: int, seconds: float) -> None:
-        """A real encode of ``p``: refine the measured speed, keep the output in the cache, report it."""
-        EncodeSpeed().record(self.speed_key, tiles, seconds)
+    def encoded_now(self, p: Planned, arrays: list, meta: dict, units: float, seconds: float) -> None:
+        """A real encode of ``p`` (``units``: its work in the encoder's calibration units, a tile or a
+        256-token image): refine the measured speed, keep the output in the cache, report it."""
+        EncodeSpeed().record(self.speed_key, units, seconds)
         p.report.encode_s = round(seconds, 4)
         p.report.cache = "miss" if p.key is not None else "off"
         self.store(p, arrays, meta)

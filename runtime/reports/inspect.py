@@ -219,15 +219,12 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
 
 
 def _gguf_detail(mm) -> str:
-    """What --detail / --image-tokens / the embedding cache do for this projector (`vlm info`)."""
-    if str(mm.get("clip.projector_type", "")).lower() == "idefics3":
-        tile = mm.get("clip.vision.image_size")
-        le = mm.get("clip.vision.preproc_image_size") or tile
-        try:
-            most = (int(le) // int(tile)) ** 2 + 1
-        except (TypeError, ValueError, ZeroDivisionError):
-            most = "?"
-        return (f"low (the {tile}-px overview tile), auto, high (longest edge {le} px: up to {most} tiles, "
-                "libmtmd's own tiling); --image-tokens; embedding cache")
-    return ("the projector's own preprocessing only (libmtmd); --detail and the embedding cache apply to "
-            "Idefics3 / SmolVLM projectors")
+    """What --detail / --image-tokens / the embedding cache do for this projector (`vlm info`): the family's
+    ladder (inputs/ladders.py) with its token counts for a 12 MP photo, or that its input is fixed."""
+    from ..inputs.ladders import family_of
+
+    fam = family_of(mm)
+    if fam is None:
+        return ("the projector's own preprocessing only (libmtmd's whole prompt): --detail, --image-tokens and "
+                "the embedding cache do not apply to this projector type")
+    return fam.summary()
