@@ -179,9 +179,15 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
         else:
             fx[f] = family_fixture(f, CACHE / "fixtures", gguf, variant="real")
         home = work / f"speed-{f}"
+        from edgevlm.runtime.formats.gguf_file import read_gguf
+        from edgevlm.runtime.inputs.ladders import family_of
+
+        kind = family_of(read_gguf(fx[f]["mmproj"]).metadata)
+        speed[f] = home / "cache" / "encode-speed.json"
+        if kind is None or kind.fixed:
+            continue                                         # one input: nothing to calibrate
         ask(["-m", str(fx[f]["gguf"]), "--mmproj", str(fx[f]["mmproj"])], str(blank), home, "--detail", "auto",
             "--no-cache", *extra, n=1)                       # calibrates this encoder's speed here
-        speed[f] = home / "cache" / "encode-speed.json"
         print(f"{f}: calibrated", file=sys.stderr, flush=True)
     rows: dict = {}
     for rnd in range(rounds):

@@ -8,7 +8,8 @@ tiles first) plus the model's own full tiling (``high``); ``choose`` picks one f
 * ``low``: the smallest input the model accepts (Idefics3 / SmolVLM: the whole image as one tile, the
   ``longest_edge = 1 x tile`` setting its authors document);
 * ``auto`` (the default): the most detail whose encode fits the budget on this device: the ladder's
-  largest option whose tiles x measured seconds per tile is within ``budget_s`` (an option whose
+  largest option whose encode units (tiles, or 256-token images for a dynamic-resolution encoder:
+  ``Option.units``) x measured seconds per unit is within ``budget_s`` (an option whose
   embeddings are already in the cache costs nothing). Never a constant: the seconds per tile are
   measured on this device for this encoder, build and thread count (``EncodeSpeed``), once, and
   refined by every real encode.

@@ -218,7 +218,11 @@ class Family:
             k = max(1, c * r)
             gc, gr = mtmd_capped_grid(w, h, longest, tile, k)
             return gc * gr + 1, f"mtmd:cap{k * seq}"
-        return idefics3_ladder(w, h, tile, longest, tiles_at, seq), high
+        ladder = idefics3_ladder(w, h, tile, longest, tiles_at, seq)
+        fewer = [o for o in ladder if o.tokens < high.tokens]     # (a capped grid of an extreme aspect ratio
+        if len(fewer) < len(ladder):                              # can hold more tiles than the full one)
+            fewer.append(high)
+        return fewer, high
 
     def units_of(self, chunks: int, tokens: int) -> float:
         """Calibration units of a real encode of ``chunks`` image chunks holding ``tokens`` tokens."""

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Protocol, Sequence
 from ..protocol import ImageDetail, ImageInput
 from .detail import DEFAULT_BUDGET_S, Choice, EncodeSpeed, Option, choose
 
+MIN_SAMPLE_UNITS = 0.5
 IMG = "img"   # key prefix of an image position in a backend's KV bookkeeping: (IMG, image id, offset)
 
 
@@ -164,8 +165,11 @@ class ImagePlanner:
 
     def encoded_now(self, p: Planned, arrays: list, meta: dict, units: float, seconds: float) -> None:
         """A real encode of ``p`` (``units``: its work in the encoder's calibration units, a tile or a
-        256-token image): refine the measured speed, keep the output in the cache, report it."""
-        EncodeSpeed().record(self.speed_key, units, seconds)
+        256-token image): refine the measured speed, keep the output in the cache, report it. An encode of
+        under half a unit (a thumbnail-sized image) is not a speed sample: a fixed cost (the first encode
+        of a context also sizes its graph) would dominate it and inflate the seconds per unit many times."""
+        if units >= MIN_SAMPLE_UNITS:
+            EncodeSpeed().record(self.speed_key, units, seconds)
         p.report.encode_s = round(seconds, 4)
         p.report.cache = "miss" if p.key is not None else "off"
         self.store(p, arrays, meta)
