@@ -13,7 +13,8 @@ that before the rounds, so "cold" means "empty embedding cache", not "first run 
 
 ``--families lfm2_vl,qwen3_vl,...`` measures every llama.cpp vision family instead, on random weights of
 its real vision tower (tests/fixtures/tiny_vlms.py, variant "real"; the text model is tiny, so TTFT is the
-image's cost): per family, --detail auto and high, each from an empty embedding cache (cold) and again
+image's cost; ``smolvlm-256m`` is SmolVLM-256M's shape from benchmarks/random_smolvlm.py, whose encoder
+the previous default smolvlm-500m shares): per family, --detail auto and high, each from an empty embedding cache (cold) and again
 with it (cached), in rounds that rotate the family order; then the ratios auto/high and cached/cold.
 Every run gets a new VLM_HOME holding only the encoder's calibrated speed (measured once per family on a
 blank input, as the first `auto` run on a device does):
@@ -101,8 +102,9 @@ def main() -> None:
     ap.add_argument("--decode-home", type=Path, help="VLM_HOME for the decode part (reuse a warm embedding cache)")
     a = ap.parse_args()
     if a.families:
+        levels = [x for x in a.levels.split(",") if x in ("auto", "high")] or ["auto", "high"]
         families_table([f for f in a.families.split(",") if f], a.photo, a.photo_size, a.rounds, a.threads or 2,
-                       a.prebuilt)
+                       a.prebuilt, levels)
         return
     if not a.photo:
         raise SystemExit("--photo is required (or --families)")
@@ -153,13 +155,13 @@ def ttft_table(backends: dict, photo: str, levels: list[str], rounds: int, extra
 
 
 def families_table(families: list[str], photo: str | None, size: str, rounds: int, threads: int,
-                   prebuilt: Path | None = None) -> None:
+                   prebuilt: Path | None = None, levels: list[str] = ("auto", "high")) -> None:
     import shutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fixtures.tiny_vlms import FAMILIES, family_fixture
-    from vlm_families import CACHE, photo_12mp, smollm2
+    from vlm_families import CACHE, photo_12mp, smollm2, smolvlm_reference
 
     work = Path(tempfile.mkdtemp(prefix="vlm-detail-families-"))
     if not photo:
@@ -174,7 +176,9 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
     Image.new("RGB", (64, 48), (90, 120, 200)).save(blank)
     for f in families:
         found = sorted(prebuilt.glob(f"{f}-real-*/quantized/real-*-Q8_0.gguf")) if prebuilt else []
-        if found:
+        if f == "smolvlm-256m":                                 # the previous default's shape (Idefics3)
+            fx[f] = smolvlm_reference(gguf)
+        elif found:
             fx[f] = {"gguf": found[-1], "mmproj": next(found[-1].parent.glob("mmproj-*.gguf"))}
         else:
             fx[f] = family_fixture(f, CACHE / "fixtures", gguf, variant="real")
@@ -194,7 +198,7 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
         order = families[rnd % len(families):] + families[:rnd % len(families)]
         for f in order:
             margs = ["-m", str(fx[f]["gguf"]), "--mmproj", str(fx[f]["mmproj"])]
-            for level in ("auto", "high"):
+            for level in levels:
                 home = work / f"r{rnd}-{f}-{level}"
                 if speed[f].is_file():
                     (home / "cache").mkdir(parents=True, exist_ok=True)
@@ -211,6 +215,7 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
     print(f"photo {Path(photo).name}; {threads} threads; {rounds} round(s); load avg {os.getloadavg()[0]:.1f}")
     print("| family (real model) | tokens low / auto / high | TTFT auto s | TTFT high s | auto / high | "
           "cached auto s | cached / cold (auto) | cached / cold (high) | auto chose |")
+    print("(TTFT: medians over rounds; ratios: the median of each round's ratio)", file=sys.stderr)
     print("|---|---|---|---|---|---|---|---|---|")
     med = {k: statistics.median(v["ttft"]) for k, v in rows.items()}
     for f in families:
@@ -220,11 +225,28 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
         w, h = Image.open(photo).size
         fam = family_of(read_gguf(fx[f]["mmproj"]).metadata)
         low = fam.ladder(w, h)[0][0].tokens if fam else "-"
-        a_tok, h_tok = rows[(f, "auto", "cold")]["im"]["tokens"], rows[(f, "high", "cold")]["im"]["tokens"]
-        ac, hc = med[(f, "auto", "cold")], med[(f, "high", "cold")]
-        print(f"| {f} ({FAMILIES[f]['real']}) | {low} / {a_tok} / {h_tok} | {ac:.2f} | {hc:.2f} | {ac / hc:.3f} | "
-              f"{med[(f, 'auto', 'cached')]:.2f} | {med[(f, 'auto', 'cached')] / ac:.3f} | "
-              f"{med[(f, 'high', 'cached')] / hc:.3f} | {rows[(f, 'auto', 'cold')]['im'].get('reason', '')} |")
+        real = FAMILIES[f]["real"] if f in FAMILIES else "SmolVLM-256M's shape, the previous default's encoder"
+
+        def get(level, kind, what="ttft"):
+            r = rows.get((f, level, kind))
+            return None if r is None else (r["im"]["tokens"] if what == "tokens" else med[(f, level, kind)])
+
+        def paired(a, b):
+            """Median of the per-round ratios (each round ran both back to back)."""
+            ra, rb = rows.get((f, *a)), rows.get((f, *b))
+            if ra is None or rb is None:
+                return None
+            return statistics.median(x / y for x, y in zip(ra["ttft"], rb["ttft"]) if y > 0)
+
+        def num(x, fmt=".2f"):
+            return "-" if x is None else format(x, fmt)
+
+        ac, hc, acc = get("auto", "cold"), get("high", "cold"), get("auto", "cached")
+        reason = rows[(f, "auto", "cold")]["im"].get("reason", "") if (f, "auto", "cold") in rows else ""
+        print(f"| {f} ({real}) | {low} / {num(get('auto', 'cold', 'tokens'), 'd')} / {num(get('high', 'cold', 'tokens'), 'd')} "
+              f"| {num(ac)} | {num(hc)} | {num(paired(('auto', 'cold'), ('high', 'cold')), '.3f')} | {num(acc)} "
+              f"| {num(paired(('auto', 'cached'), ('auto', 'cold')), '.3f')} "
+              f"| {num(paired(('high', 'cached'), ('high', 'cold')), '.3f')} | {reason} |")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def test_ask_about_an_image(family, photo, tmp_path):
 
 
 def test_follow_up_evaluates_only_new_tokens(family, photo):
-    """A second question about the same image neither encodes the image again nor re-evaluates the prompt."""
+    """A second question about the same image neither encodes the image again nor re-evaluates the prompt
+    (the embedding cache is off: the first question must encode; test_vlm_ladders.py covers the cache)."""
     from edgevlm.runtime.generation.session import ChatSession, GenerationOptions
     from edgevlm.runtime.inputs.media import load_image
     from edgevlm.runtime.loader import artifact_from_path, load_backend
@@ -109,7 +110,7 @@ def test_follow_up_evaluates_only_new_tokens(family, photo):
     backend = load_backend(art, LoadOptions(n_ctx=4096, n_threads=2))
     try:
         s = ChatSession(backend, name, options=GenerationOptions(temperature=0, max_tokens=4,
-                                                                 image_detail=ImageDetail(level="high")))
+                                                                 image_detail=ImageDetail(level="high", cache=False)))
         first = s.ask("Describe the photo.", [load_image(photo)])
         f1 = first.final
         assert f1.image_tokens == EXPECTED_IMAGE_TOKENS[name]

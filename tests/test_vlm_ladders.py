@@ -149,14 +149,23 @@ def test_units_equal_libmtmds_whole_prompt(loaded, photo):
     assert (ours, n_ours) == (theirs, n_theirs)
 
 
-def test_info_names_the_ladder_or_the_fixed_input(loaded, tmp_path):
-    name, fx, _ = loaded
-    r = vlm("info", str(fx["gguf"]), "--mmproj", str(fx["mmproj"]), "--no-hash", "--json", home=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_info_names_the_ladder_or_the_fixed_input(loaded, photo):
+    """`vlm info`: the family's ladder (or "fixed input"), and once an `auto` answer has measured the
+    encoder here, its estimated encode seconds per level."""
     import json
+    import os
+    from pathlib import Path
 
-    detail = json.loads(r.stdout)["image_detail"]
+    name, fx, b = loaded
+    _ask(b, photo, "auto", cache=False)                    # measures the encoder's speed (not for a fixed input)
+    r = vlm("info", str(fx["gguf"]), "--mmproj", str(fx["mmproj"]), "--no-hash", "--json",
+            home=Path(os.environ["VLM_HOME"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    detail = doc["image_detail"]
     if name == "gemma3":
         assert detail.startswith("fixed input (Gemma 3: one 896-px image, 256 tokens")
+        assert "image_encode_estimate" not in doc
     else:
         assert "low " in detail and "high " in detail and "fixed input" not in detail and "embedding cache" in detail
+        assert "low ~" in doc["image_encode_estimate"] and "high ~" in doc["image_encode_estimate"]

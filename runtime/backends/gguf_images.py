@@ -11,9 +11,9 @@ Two paths:
   encoded with ``mtmd_encode_chunk`` and evaluated from float32 embeddings, so that the detail is chosen
   per image and the embeddings can come from / go to the persistent cache, which then needs neither
   libmtmd's preprocessing nor the encoder. Plain positions are evaluated here (llama_decode with
-  batch.embd); where the model places image tokens itself (M-RoPE, non-causal attention) libmtmd's
-  ``mtmd_helper_decode_image_chunk`` does it, from the live chunk or, on a cache hit, from the chunk's
-  metadata (``mtmd_input_chunk_save``: its token grid) kept with the embeddings.
+  batch.embd); where the model places image tokens itself (M-RoPE, non-causal attention) they are
+  evaluated as libmtmd's ``mtmd_helper_decode_image_chunk`` does it (backends/gguf_units.py), with the
+  positions of the chunk's token grid, kept with the embeddings in the cache (``mtmd_input_chunk_save``).
 * **libmtmd's whole prompt** (a projector ``ladders.family_of`` does not know): libmtmd tokenizes and
   evaluates the prompt's images itself.
 
@@ -92,6 +92,26 @@ def _prompt_ids(images: list, detail) -> list:
     return [(img.sha256, img.width, img.height, detail) for img in images]
 
 
+def encoder_id(mmproj) -> str:
+    """What names a projector's encoder for the embedding cache and the measured speed: the projector file's
+    identity, llama-cpp-python's version and its libmtmd build."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from ..inputs.embed_cache import file_identity
+
+    try:
+        ver = version("llama_cpp_python")
+    except PackageNotFoundError:  # pragma: no cover
+        ver = "?"
+    spec = find_spec("llama_cpp")            # (without loading the native libraries)
+    pkg = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    libs = sorted(pkg.glob("lib/libmtmd*")) if pkg else []
+    build = file_identity(libs[0]) if libs else "?"
+    return f"gguf:{file_identity(mmproj)}:{ver}:{build}"
+
+
 class GGUFImages(UnitPath):
     """libmtmd for one loaded model: its context(s), the image path of each prompt, the encoder's identity."""
 
@@ -149,18 +169,7 @@ class GGUFImages(UnitPath):
     @property
     def encoder_id(self) -> str:
         if self._enc_id is None:
-            from importlib.metadata import PackageNotFoundError, version
-            from pathlib import Path
-
-            from ..inputs.embed_cache import file_identity
-
-            try:
-                ver = version("llama_cpp_python")
-            except PackageNotFoundError:  # pragma: no cover
-                ver = "?"
-            libs = sorted(Path(self.b._mtmd_cpp.__file__).parent.glob("lib/libmtmd*"))
-            build = file_identity(libs[0]) if libs else "?"
-            self._enc_id = f"gguf:{file_identity(self.b.artifact.mmproj)}:{ver}:{build}"
+            self._enc_id = encoder_id(self.b.artifact.mmproj)
         return self._enc_id
 
     @property

@@ -5,9 +5,12 @@ the evaluation. A mixin of ``gguf_images.GGUFImages`` (which owns the libmtmd co
 tokenize helpers and the prompt's plan): the unit half of it, kept apart to stay readable.
 
 Evaluation: plain positions go through the backend (llama_decode with batch.embd); where the model places
-image tokens itself (M-RoPE, non-causal attention) libmtmd's ``mtmd_helper_decode_image_chunk`` does it,
-from the live chunk or, on a cache hit, from the chunk's metadata (``mtmd_input_chunk_save``: its token
-grid) that the cache entry keeps with the embeddings, so a cached answer is the uncached one.
+image tokens itself (M-RoPE, non-causal attention) ``_decode_placed`` does what libmtmd's
+``mtmd_helper_decode_image_chunk`` does, but without a libmtmd context (loading one costs the projector's
+weights: seconds for Qwen3-VL's, on every cache hit from a new process): the positions come from the live
+chunk or, on a cache hit, from the chunk's metadata (``mtmd_input_chunk_save``: its token grid) that the
+cache entry keeps with the embeddings, through ``mtmd_helper_image_get_decoder_pos``; the same code path
+both ways, so a cached answer is the uncached one, and the tests check both against libmtmd's own path.
 """
 from __future__ import annotations
 
@@ -91,6 +94,7 @@ class UnitPath:
         finally:
             self.free(unit)
         return units, secs
+
     # ------------------------------------------------------------------ units
     def ladder(self, img) -> tuple[list, Option]:
         """The family's ladder for one image (``inputs/ladders.py``), as libmtmd will cut it."""
@@ -227,7 +231,7 @@ class UnitPath:
                     k += len(part.tokens)
                     continue
                 if self.family.helper_decode:
-                    self._decode_helper(unit, part, unit.embd[e], keys[k: k + part.positions])
+                    self._decode_placed(part, unit.embd[e], keys[k: k + part.positions])
                 else:
                     b._decode_embd(unit.embd[e], keys[k: k + part.n_tokens], logits_last and i == last)
                 k += part.positions
@@ -236,34 +240,66 @@ class UnitPath:
             self.free(unit)
         return secs
 
-    def _decode_helper(self, unit: ImageUnit, part: EmbedPart, embd, keys: list) -> None:
-        """Evaluate one embedding run through libmtmd (M-RoPE positions from the chunk's token grid, the
-        model's attention mask): the live chunk, or one loaded from the cached metadata."""
+    def _decode_placed(self, part: EmbedPart, embd, keys: list) -> None:
+        """Evaluate one embedding run whose positions or attention are the model's own, as libmtmd's
+        ``mtmd_helper_decode_image_chunk`` does, without a libmtmd context (none is needed on a cache hit):
+        M-RoPE positions from the chunk's token grid (``mtmd_helper_image_get_decoder_pos`` on the live
+        chunk, or on one loaded from the cached metadata), section-major in the batch (t, y, x, z: the
+        vendored llama.cpp's layout for an embedding batch); non-causal attention where the model has it."""
         import numpy as np
 
-        b, mt = self.b, self.b._mtmd_cpp
-        ctx = self.ctx if self.ctx is not None else self.use(self.cap)
-        owned = None
-        ch = part.chunk if unit.chunks is not None else None
-        if ch is None:
-            owned = ch = mt.mtmd_input_chunk_load(part.blob, len(part.blob))
-            if not ch or mt.mtmd_input_chunk_get_n_tokens(ch) != part.n_tokens:
+        b, mt, lc = self.b, self.b._mtmd_cpp, self.b._llama_cpp
+        n, n_embd = embd.shape
+        pos = None
+        if self.family.mrope:
+            owned = None
+            ch = part.chunk
+            if ch is None:
+                owned = ch = mt.mtmd_input_chunk_load(part.blob, len(part.blob))
+            try:
+                if not ch or mt.mtmd_input_chunk_get_n_tokens(ch) != n:
+                    raise BackendError("A cached image embedding does not fit this projector.",
+                                       hint="Clear the image cache (`vlm cache clear`) or use --no-image-cache.")
+                rel = (mt.mtmd_decoder_pos * n)()
+                mt.mtmd_helper_image_get_decoder_pos(mt.mtmd_input_chunk_get_tokens_image(ch), len(b._keys), rel)
+            finally:
                 if owned:
                     mt.mtmd_input_chunk_free(owned)
-                raise BackendError("A cached image embedding does not fit this projector.",
-                                   hint="Clear the image cache (`vlm cache clear`) or use --no-image-cache.")
-        data = np.ascontiguousarray(embd, dtype=np.float32)
-        new_n_past = b._llama_cpp.llama_pos(0)
+            grid = np.ctypeslib.as_array(ctypes.cast(rel, ctypes.POINTER(ctypes.c_uint32)), shape=(n, 4))
+            pos = np.ascontiguousarray(grid[:, [0, 2, 1, 3]].T, dtype=np.int32)     # (t, x, y, z) -> t, y, x, z
+        non_causal = self.family.non_causal(lc.llama_model_n_embd(b._model))
+        if b._embd_batch is None:
+            b._embd_batch = lc.llama_batch_init(b.n_batch, n_embd, 1)
+        batch = b._embd_batch
+        own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value   # (the address: a field read is a view)
+        pbuf = (lc.llama_pos * (4 * b.n_batch))()
+        dst = np.ctypeslib.as_array(batch.embd, shape=(b.n_batch * n_embd,))
+        pos0 = len(b._keys)
+        if non_causal:
+            lc.llama_set_causal_attn(b._ctx, False)
         try:
-            rc = mt.mtmd_helper_decode_image_chunk(
-                ctx, b._ctx, ch, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(b._keys), b._seq,
-                b.n_batch, ctypes.byref(new_n_past), mt.mtmd_helper_post_decode_callback(), None)
+            batch.pos = ctypes.cast(pbuf, ctypes.POINTER(lc.llama_pos))
+            for s in range(0, n, b.n_batch):
+                m = min(b.n_batch, n - s)
+                dst[: m * n_embd] = embd[s: s + m].reshape(-1)
+                if pos is None:
+                    pbuf[:m] = range(pos0 + s, pos0 + s + m)
+                else:
+                    for j in range(4):
+                        pbuf[j * m: (j + 1) * m] = pos[j, s: s + m].tolist()
+                batch.n_tokens = m
+                for t in range(m):
+                    batch.n_seq_id[t] = 1
+                    batch.seq_id[t][0] = b._seq
+                    batch.logits[t] = False
+                rc = lc.llama_decode(b._ctx, batch)
+                if rc != 0:
+                    raise BackendError(f"llama.cpp failed to evaluate an image (llama_decode returned {rc}).",
+                                       hint="The context may be full: raise --ctx.")
         finally:
-            if owned:
-                mt.mtmd_input_chunk_free(owned)
-        if rc != 0:
-            raise BackendError(f"llama.cpp failed to evaluate an image (error {rc}).",
-                               hint="The context may be full: raise --ctx.")
+            batch.pos = ctypes.cast(own_pos, ctypes.POINTER(lc.llama_pos))
+            if non_causal:
+                lc.llama_set_causal_attn(b._ctx, True)
         b._keys.extend(keys)
 
 

@@ -98,8 +98,19 @@ class Family:
 
     @property
     def helper_decode(self) -> bool:
-        """Whether libmtmd places the image's embeddings (M-RoPE positions or non-causal attention)."""
+        """Whether the model places the image's embeddings itself (M-RoPE positions or non-causal attention),
+        evaluated as libmtmd's mtmd_helper_decode_image_chunk does it (backends/gguf_units.py)."""
         return self.projector in MROPE or self.projector in NON_CAUSAL
+
+    @property
+    def mrope(self) -> bool:
+        return self.projector in MROPE
+
+    def non_causal(self, n_embd_text: int) -> bool:
+        """libmtmd's mtmd_decode_use_non_causal: Gemma 3 always; Gemma 4 except E2B / E4B (n_embd 1536 / 2560)."""
+        if self.projector == "gemma4v":
+            return n_embd_text not in (1536, 2560)
+        return self.projector in NON_CAUSAL
 
     # ------------------------------------------------------------------ the ladder
     def ladder(self, w: int, h: int) -> tuple[list[Option], Option]:
@@ -251,6 +262,15 @@ class Family:
         return side, side, ("own" if self.kind == "lfm2" else f"max{CAL_TOKENS}"), 1.0
 
     # ------------------------------------------------------------------ `vlm info`
+    def seconds(self, s_per_unit: float, w: int = 4032, h: int = 3024) -> dict:
+        """Estimated encode seconds of a w x h photo per level at ``s_per_unit`` (auto: the default budget)."""
+        from .detail import DEFAULT_BUDGET_S
+
+        ladder, high = self.ladder(w, h)
+        fit = [o for o in ladder if o.units * s_per_unit <= DEFAULT_BUDGET_S] or ladder[:1]
+        return {"low": ladder[0].units * s_per_unit, "auto": fit[-1].units * s_per_unit,
+                "high": high.units * s_per_unit}
+
     def summary(self) -> str:
         if self.fixed:
             return (f"fixed input ({self.name}: one {self.tile or '?'}-px image, {self.seq or '?'} tokens; "

@@ -38,9 +38,9 @@ class Encoder(Protocol):
     @property
     def n_threads(self) -> int: ...
 
-    def time_one_tile(self) -> Optional[tuple[int, float]]:
-        """Encode a blank tile (twice: the first run also sizes the graph); (tiles, seconds) of the second
-        run, or None when it cannot be measured."""
+    def time_one_tile(self) -> Optional[tuple[float, float]]:
+        """Encode the family's calibration input, a blank tile or 256-token image (twice: the first run also
+        sizes the graph); (units, seconds) of the second run, or None when it cannot be measured."""
         ...
 
 

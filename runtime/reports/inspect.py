@@ -61,6 +61,9 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
             match = f"MISMATCH: {e.message}"
         doc["vision_projector"] = f"{art.mmproj.name} ({mm.get('clip.projector_type', 'clip')}, {match})"
         doc["image_detail"] = _gguf_detail(mm)
+        est = _encode_estimate(mm, art.mmproj)
+        if est:
+            doc["image_encode_estimate"] = est
         files.append(art.mmproj)
     doc["files"] = [_file_entry(p, hash_files) for p in files]
     return doc
@@ -228,3 +231,27 @@ def _gguf_detail(mm) -> str:
         return ("the projector's own preprocessing only (libmtmd's whole prompt): --detail, --image-tokens and "
                 "the embedding cache do not apply to this projector type")
     return fam.summary()
+
+
+def _encode_estimate(mm, mmproj: Path) -> Optional[str]:
+    """Estimated encode seconds of a 12 MP photo per detail level on this device, from the encoder speed
+    measured here (the first `auto` answer measures it); None before any measurement."""
+    from ..backends.gguf_images import encoder_id
+    from ..inputs.detail import EncodeSpeed
+    from ..inputs.ladders import family_of
+
+    fam = family_of(mm)
+    if fam is None or fam.fixed:
+        return None
+    enc = encoder_id(mmproj)
+    speed = EncodeSpeed()
+    keys = sorted(k for k in speed._read() if k.startswith(enc + ":t"))
+    if not keys:
+        return None
+    spu = speed.get(keys[-1])
+    if not spu:
+        return None
+    est = fam.seconds(spu)
+    threads = keys[-1].rpartition(":t")[2]
+    return (f"a 12 MP photo here ({threads} threads, measured): low ~{est['low']:.1f} s, auto ~{est['auto']:.1f} s, "
+            f"high ~{est['high']:.1f} s")
