@@ -1,6 +1,7 @@
 """The licences of registry models that are not a plain open-source licence, said where a user meets the
 model: `vlm pull` and the download a first `vlm ask` / `chat` / `caption` makes print one line on stderr
-with the licence's name, what it allows in a few words, and where to read it (README lists them too).
+with the licence's name, what it allows in a few words, and where to read it (README states the default
+vision model's).
 
 Apache-2.0 and MIT models print nothing. A licence tag this table does not know is named as it is, with the
 model's homepage.
