@@ -11,6 +11,17 @@ the issue sets as targets (auto vs high cold; cached vs cold).
 The encode speed is measured once per VLM_HOME (its first auto run); a warm-up run on another image does
 that before the rounds, so "cold" means "empty embedding cache", not "first run ever".
 
+``--families lfm2_vl,qwen3_vl,...`` measures every llama.cpp vision family instead, on random weights of
+its real vision tower (tests/fixtures/tiny_vlms.py, variant "real"; the text model is tiny, so TTFT is the
+image's cost; ``smolvlm-256m`` is SmolVLM-256M's shape from benchmarks/random_smolvlm.py, whose encoder
+the previous default smolvlm-500m shares): per family, --detail auto and high, each from an empty embedding cache (cold) and again
+with it (cached), in rounds that rotate the family order; then the ratios auto/high and cached/cold.
+Every run gets a new VLM_HOME holding only the encoder's calibrated speed (measured once per family on a
+blank input, as the first `auto` run on a device does):
+
+    python benchmarks/image_detail.py --families lfm2_vl,qwen35_vl,qwen3_vl,internvl,gemma3 \
+        --photo-size 1024x768 [--rounds 1]
+
 ``--decode N`` adds decode tokens/s after the image prompt (the photo at ``--decode-detail``, default high:
 the longest context), N tokens greedy, the image's embeddings cached so only the decode is compared; every
 backend in turn, round by round, and each ONNX model's median as a ratio of GGUF's. ``--onnx`` may be given
@@ -32,7 +43,7 @@ def ask(model_args: list[str], photo: str, home: Path, *extra: str, n: int = 8) 
     env = dict(os.environ, VLM_HOME=str(home), NO_COLOR="1")
     exe = Path(sys.executable).with_name("vlm")
     r = subprocess.run([str(exe), "ask", *model_args, "-t", "0", "-n", str(n), "--json", photo, "What is in this photo?",
-                        *extra], capture_output=True, text=True, env=env, timeout=900)
+                        *extra], capture_output=True, text=True, env=env, timeout=2400)
     if r.returncode != 0:
         raise SystemExit(f"vlm ask failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout)
@@ -77,7 +88,11 @@ def main() -> None:
     ap.add_argument("--gguf")
     ap.add_argument("--mmproj")
     ap.add_argument("--onnx", action="append", default=[], help="an ONNX model (folder or decoder file); repeatable")
-    ap.add_argument("--photo", required=True)
+    ap.add_argument("--photo", help="the photo (required without --families, which can generate one)")
+    ap.add_argument("--families", help="comma-separated tests/fixtures/tiny_vlms.py families (real vision towers)")
+    ap.add_argument("--photo-size", default="4032x3024", help="with --families and no --photo: WxH of a generated photo")
+    ap.add_argument("--prebuilt", type=Path, help="with --families: use FAMILY-real-*/quantized/ builds found here "
+                    "(e.g. from an earlier recipe key) instead of building the fixtures")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--levels", default="auto,high,low")
     ap.add_argument("--threads", type=int, help="passed to vlm ask")
@@ -86,6 +101,13 @@ def main() -> None:
     ap.add_argument("--no-ttft", action="store_true", help="only the decode measurement")
     ap.add_argument("--decode-home", type=Path, help="VLM_HOME for the decode part (reuse a warm embedding cache)")
     a = ap.parse_args()
+    if a.families:
+        levels = [x for x in a.levels.split(",") if x in ("auto", "high")] or ["auto", "high"]
+        families_table([f for f in a.families.split(",") if f], a.photo, a.photo_size, a.rounds, a.threads or 2,
+                       a.prebuilt, levels)
+        return
+    if not a.photo:
+        raise SystemExit("--photo is required (or --families)")
     backends = {}
     if a.gguf:
         backends["gguf"] = ["-m", a.gguf] + (["--mmproj", a.mmproj] if a.mmproj else [])
@@ -130,6 +152,101 @@ def ttft_table(backends: dict, photo: str, levels: list[str], rounds: int, extra
             print(f"{name}: auto/high TTFT (cold) = {med[(name, 'auto', 'cold')] / med[(name, 'high', 'cold')]:.3f}")
         for level in levels:
             print(f"{name}: {level} cached/cold TTFT = {med[(name, level, 'cached')] / med[(name, level, 'cold')]:.3f}")
+
+
+def families_table(families: list[str], photo: str | None, size: str, rounds: int, threads: int,
+                   prebuilt: Path | None = None, levels: list[str] = ("auto", "high")) -> None:
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixtures.tiny_vlms import FAMILIES, family_fixture
+    from vlm_families import CACHE, photo_12mp, smollm2, smolvlm_reference
+
+    work = Path(tempfile.mkdtemp(prefix="vlm-detail-families-"))
+    if not photo:
+        w, h = (int(v) for v in size.lower().split("x"))
+        photo = str(photo_12mp(work / f"photo-{w}x{h}.jpg", w, h))
+    gguf = smollm2()
+    extra = ["--threads", str(threads)]
+    fx, speed = {}, {}
+    blank = work / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(blank)
+    for f in families:
+        found = sorted(prebuilt.glob(f"{f}-real-*/quantized/real-*-Q8_0.gguf")) if prebuilt else []
+        if f == "smolvlm-256m":                                 # the previous default's shape (Idefics3)
+            fx[f] = smolvlm_reference(gguf)
+        elif found:
+            fx[f] = {"gguf": found[-1], "mmproj": next(found[-1].parent.glob("mmproj-*.gguf"))}
+        else:
+            fx[f] = family_fixture(f, CACHE / "fixtures", gguf, variant="real")
+        home = work / f"speed-{f}"
+        from edgevlm.runtime.formats.gguf_file import read_gguf
+        from edgevlm.runtime.inputs.ladders import family_of
+
+        kind = family_of(read_gguf(fx[f]["mmproj"]).metadata)
+        speed[f] = home / "cache" / "encode-speed.json"
+        if kind is None or kind.fixed:
+            continue                                         # one input: nothing to calibrate
+        ask(["-m", str(fx[f]["gguf"]), "--mmproj", str(fx[f]["mmproj"])], str(blank), home, "--detail", "auto",
+            "--no-cache", *extra, n=1)                       # calibrates this encoder's speed here
+        print(f"{f}: calibrated", file=sys.stderr, flush=True)
+    rows: dict = {}
+    for rnd in range(rounds):
+        order = families[rnd % len(families):] + families[:rnd % len(families)]
+        for f in order:
+            margs = ["-m", str(fx[f]["gguf"]), "--mmproj", str(fx[f]["mmproj"])]
+            for level in levels:
+                home = work / f"r{rnd}-{f}-{level}"
+                if speed[f].is_file():
+                    (home / "cache").mkdir(parents=True, exist_ok=True)
+                    shutil.copy(speed[f], home / "cache" / "encode-speed.json")
+                cold = ask(margs, photo, home, "--detail", level, *extra, n=1)
+                hot = ask(margs, photo, home, "--detail", level, *extra, n=1)
+                for kind, doc in (("cold", cold), ("cached", hot)):
+                    im = doc["timings"]["images"][0]
+                    r = rows.setdefault((f, level, kind), {"ttft": [], "enc": [], "im": im})
+                    r["ttft"].append(doc["timings"]["ttft_s"])
+                    r["enc"].append(doc["timings"]["image_encode_s"])
+                    print(f"round {rnd + 1}: {f} {level} {kind}: {im['tokens']} tokens, TTFT {r['ttft'][-1]:.2f} s "
+                          f"({im.get('reason', '')})", file=sys.stderr, flush=True)
+    print(f"photo {Path(photo).name}; {threads} threads; {rounds} round(s); load avg {os.getloadavg()[0]:.1f}")
+    print("| family (real model) | tokens low / auto / high | TTFT auto s | TTFT high s | auto / high | "
+          "cached auto s | cached / cold (auto) | cached / cold (high) | auto chose |")
+    print("(TTFT: medians over rounds; ratios: the median of each round's ratio)", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|")
+    med = {k: statistics.median(v["ttft"]) for k, v in rows.items()}
+    for f in families:
+        from edgevlm.runtime.formats.gguf_file import read_gguf
+        from edgevlm.runtime.inputs.ladders import family_of
+
+        w, h = Image.open(photo).size
+        fam = family_of(read_gguf(fx[f]["mmproj"]).metadata)
+        low = fam.ladder(w, h)[0][0].tokens if fam else "-"
+        real = FAMILIES[f]["real"] if f in FAMILIES else "SmolVLM-256M's shape, the previous default's encoder"
+
+        def get(level, kind, what="ttft"):
+            r = rows.get((f, level, kind))
+            return None if r is None else (r["im"]["tokens"] if what == "tokens" else med[(f, level, kind)])
+
+        def paired(a, b):
+            """Median of the per-round ratios (each round ran both back to back)."""
+            ra, rb = rows.get((f, *a)), rows.get((f, *b))
+            if ra is None or rb is None:
+                return None
+            return statistics.median(x / y for x, y in zip(ra["ttft"], rb["ttft"]) if y > 0)
+
+        def num(x, fmt=".2f"):
+            return "-" if x is None else format(x, fmt)
+
+        ac, hc, acc = get("auto", "cold"), get("high", "cold"), get("auto", "cached")
+        reason = rows[(f, "auto", "cold")]["im"].get("reason", "") if (f, "auto", "cold") in rows else ""
+        print(f"| {f} ({real}) | {low} / {num(get('auto', 'cold', 'tokens'), 'd')} / {num(get('high', 'cold', 'tokens'), 'd')} "
+              f"| {num(ac)} | {num(hc)} | {num(paired(('auto', 'cold'), ('high', 'cold')), '.3f')} | {num(acc)} "
+              f"| {num(paired(('auto', 'cached'), ('auto', 'cold')), '.3f')} "
+              f"| {num(paired(('high', 'cached'), ('high', 'cold')), '.3f')} | {reason} |")
 
 
 if __name__ == "__main__":

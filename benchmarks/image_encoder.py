@@ -53,7 +53,7 @@ def _child(spec: dict) -> dict:
         from edgevlm.runtime.protocol import ImageDetail
 
         images = b._images
-        t, seq = images.geo["tile"], images.geo["seq"]
+        t, seq = images.family.tile, images.family.seq
         img = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="x", sha256="")
         planner = ImagePlanner(images, ImageDetail(cache=False))
         unit = images.unit(planner.fixed(img, Option("mtmd:overview", 1, seq)), planner)

@@ -42,6 +42,9 @@ def pull(
     with console.progress("") as cb:
         path = store.pull(spec, aspec, on_progress=cb, force=force)
     console.info(f"[green]Installed[/] {spec.alias}:{aspec.key} in {path}")
+    from .common.acquire import licence
+
+    licence(spec)
 
 
 @boundary

@@ -182,7 +182,7 @@ def test_gguf_units_equal_libmtmds_own_prompt(vision_model, photo, home):
     b = _backend(vision_model, "gguf")
     try:
         ours, n_ours, _ = _answer(b, img, "high", cache=False)
-        b._images.geo = None                         # libmtmd's own tokenization and evaluation
+        b._images.family = None                      # libmtmd's own tokenization and evaluation
         b._images.use(None)
         theirs, n_theirs, _ = _answer(b, img, "high", cache=False)
     finally:

@@ -2,10 +2,10 @@
 converted by our own `vlm quantize`, an image answered by `vlm ask`, a follow-up turn that evaluates only
 its new tokens, and the memory estimate against the measured peak RSS.
 
-These go through today's image path: a projector other than Idefics3 takes libmtmd's whole-prompt
-tokenization (full resolution, the family's own preprocessing), so the image token counts below are
-libmtmd's for a 640 x 480 photo. They are the safety net for moving every family onto one planner: a
-change there that alters a count, an answer or a follow-up shows up here.
+Every family goes through the one image planner (inputs/ladders.py, backends/gguf_units.py); the counts
+below are at ``--detail high`` (the model's own preprocessing, libmtmd's counts for a 640 x 480 photo), so
+that no assertion depends on the encode speed ``auto`` measures. tests/test_vlm_ladders.py covers the other
+levels, --image-tokens and the embedding cache.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_fixture_has_the_family_projector(family):
 def test_ask_about_an_image(family, photo, tmp_path):
     name, fx = family
     r = vlm("ask", "-m", str(fx["gguf"]), "--mmproj", str(fx["mmproj"]), str(photo), "What is in this photo?",
-            "-t", "0", "-n", "6", "--threads", "2", "--json", home=tmp_path)
+            "-t", "0", "-n", "6", "--threads", "2", "--detail", "high", "--json", home=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
     assert doc["usage"]["image_tokens"] == EXPECTED_IMAGE_TOKENS[name], doc["usage"]
@@ -92,23 +92,25 @@ def test_ask_about_an_image(family, photo, tmp_path):
     assert doc["timings"]["image_encode_s"] > 0
     # greedy answers are repeatable from a new process
     again = vlm("ask", "-m", str(fx["gguf"]), "--mmproj", str(fx["mmproj"]), str(photo), "What is in this photo?",
-                "-t", "0", "-n", "6", "--threads", "2", "--json", home=tmp_path)
+                "-t", "0", "-n", "6", "--threads", "2", "--detail", "high", "--json", home=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["answer"] == doc["answer"]
 
 
 def test_follow_up_evaluates_only_new_tokens(family, photo):
-    """A second question about the same image neither encodes the image again nor re-evaluates the prompt."""
+    """A second question about the same image neither encodes the image again nor re-evaluates the prompt
+    (the embedding cache is off: the first question must encode; test_vlm_ladders.py covers the cache)."""
     from edgevlm.runtime.generation.session import ChatSession, GenerationOptions
     from edgevlm.runtime.inputs.media import load_image
     from edgevlm.runtime.loader import artifact_from_path, load_backend
-    from edgevlm.runtime.protocol import LoadOptions
+    from edgevlm.runtime.protocol import ImageDetail, LoadOptions
 
     name, fx = family
     art = artifact_from_path(fx["gguf"], fx["mmproj"], True)
     backend = load_backend(art, LoadOptions(n_ctx=4096, n_threads=2))
     try:
-        s = ChatSession(backend, name, options=GenerationOptions(temperature=0, max_tokens=4))
+        s = ChatSession(backend, name, options=GenerationOptions(temperature=0, max_tokens=4,
+                                                                 image_detail=ImageDetail(level="high", cache=False)))
         first = s.ask("Describe the photo.", [load_image(photo)])
         f1 = first.final
         assert f1.image_tokens == EXPECTED_IMAGE_TOKENS[name]
@@ -137,7 +139,7 @@ def test_memory_estimate_against_peak_rss(family, photo, request):
     if name in RECURRENT_MEMORY_BUG:
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
                                               reason="follow-up on a recurrent-memory model (see RECURRENT_MEMORY_BUG)"))
-    r = vlm("bench", str(fx["gguf"]), "--image", str(photo), "--json", "--repeat", "1", "--prompt-tokens", "24",
+    r = vlm("bench", str(fx["gguf"]), "--image", str(photo), "--detail", "high", "--json", "--repeat", "1", "--prompt-tokens", "24",
             "--gen-tokens", "4", "--threads", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)["results"][0]

@@ -33,7 +33,17 @@ def ensure_installed(resolved, *, yes: bool) -> None:
     with console.progress("Downloading") as cb:
         store.pull(resolved.model, resolved.artifact_spec, on_progress=cb)
     console.info(f"[green]Installed[/] {resolved.alias_ref}")
+    licence(resolved.model)
     resolved.artifact = store.artifact(resolved.model, resolved.artifact_spec)
+
+
+def licence(spec) -> None:
+    """Say a downloaded model's licence once, when it is not a plain open-source one (models/licences.py)."""
+    from edgevlm.runtime.models.licences import licence_notice
+
+    note = licence_notice(spec.alias, spec.license, spec.homepage)
+    if note:
+        console.notice(note)
 
 
 def open_model(loading: Loading, *, want_vision: bool, with_model=None) -> tuple[Backend, object]:

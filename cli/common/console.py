@@ -43,6 +43,13 @@ def warn(msg: str) -> None:
     err.print(f"[yellow]Warning:[/] {escape(msg)}")
 
 
+def notice(msg: str) -> None:
+    """A line on stderr that --quiet does not hide (a model's licence terms)."""
+    from rich.markup import escape
+
+    err.print(escape(msg))
+
+
 def interactive() -> bool:
     """True only when a person can answer a question: stdin and stderr are terminals, not CI."""
     return sys.stdin.isatty() and sys.stderr.isatty() and not os.environ.get("CI")

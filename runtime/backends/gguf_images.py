@@ -4,27 +4,31 @@ whose embeddings we evaluate ourselves. A collaborator of ``GGUFBackend``: the b
 
 Two paths:
 
-* **Units** (Idefics3 projectors: SmolVLM). An image is one unit of the plan: its text tokens (row/col
-  markers) and its embedding runs, tokenized by libmtmd one image at a time, encoded with
-  ``mtmd_encode_chunk`` and evaluated from float32 embeddings (llama_decode with batch.embd), so that
-  (1) the detail can be chosen per image (libmtmd's ``image_max_tokens``, or the overview tile alone for
-  "low": Idefics3's one-tile input) by the planner (``inputs/planner.py``), and (2) the embeddings can
-  come from / go to the persistent cache, which then needs neither libmtmd's preprocessing nor the encoder.
-* **libmtmd's whole prompt** (every other projector): libmtmd tokenizes and evaluates the prompt's
-  images itself (M-RoPE and non-causal positions are its business).
+* **Units** (every projector family of ``inputs/ladders.py``: Idefics3, LFM2, Qwen-VL, Gemma 3 / 4,
+  InternVL, LLaVA). An image is one unit of the plan: its text tokens (markers) and its embedding runs,
+  tokenized by libmtmd one image at a time with the option the planner chose (``inputs/planner.py``:
+  libmtmd's ``image_max_tokens``, the image resized to the level's budget, Idefics3's overview tile),
+  encoded with ``mtmd_encode_chunk`` and evaluated from float32 embeddings, so that the detail is chosen
+  per image and the embeddings can come from / go to the persistent cache, which then needs neither
+  libmtmd's preprocessing nor the encoder. Plain positions are evaluated here (llama_decode with
+  batch.embd); where the model places image tokens itself (M-RoPE, non-causal attention) they are
+  evaluated as libmtmd's ``mtmd_helper_decode_image_chunk`` does it (backends/gguf_units.py), with the
+  positions of the chunk's token grid, kept with the embeddings in the cache (``mtmd_input_chunk_save``).
+* **libmtmd's whole prompt** (a projector ``ladders.family_of`` does not know): libmtmd tokenizes and
+  evaluates the prompt's images itself.
 
 A prompt is planned as ``TextRun`` and ``ImageRun`` records covering its KV positions in order.
 """
 from __future__ import annotations
 
 import ctypes
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 from ..errors import BackendError, BadMedia, BadModelFile
-from ..inputs.detail import Option, idefics3_ladder
-from ..inputs.planner import IMG, ImagePlanner, Planned, image_id
+from ..inputs.ladders import Family, family_of
+from ..inputs.planner import IMG, ImagePlanner, image_id
+from .gguf_units import EmbedPart, ImageUnit, TokenPart, UnitPath
 
 
 # libmtmd cannot cut an image whose short side rounds to nothing at its resize (a 3000x1 strip fails with
@@ -73,45 +77,6 @@ Run = Union[TextRun, ImageRun]
 
 
 @dataclass
-class TokenPart:      # a unit's text tokens (Idefics3's row/col and image markers)
-    tokens: list
-
-
-@dataclass
-class EmbedPart:      # a unit's embedding run (one tile)
-    n_tokens: int
-
-
-@dataclass
-class ImageUnit:
-    """One image of a prompt for an Idefics3 projector: its parts, and embeddings or chunks to encode."""
-
-    planned: Planned
-    parts: list = field(default_factory=list)        # TokenPart | EmbedPart, in position order
-    embd: Optional[list] = None    # float32 [n_tokens, n_embd] per EmbedPart, once encoded / cached
-    chunks: object = None          # libmtmd's chunk list (freed after encoding)
-    pending: list = field(default_factory=list)      # its image chunks, in EmbedPart order
-    hit: bool = False
-    encode_s: float = 0.0
-
-    @property
-    def n_pos(self) -> int:
-        return sum(len(p.tokens) if isinstance(p, TokenPart) else p.n_tokens for p in self.parts)
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(p.n_tokens for p in self.parts if isinstance(p, EmbedPart))
-
-    @property
-    def tiles(self) -> int:
-        return sum(1 for p in self.parts if isinstance(p, EmbedPart))
-
-    def layout(self) -> list:
-        """The parts as the cache's JSON meta stores them."""
-        return [["t", list(p.tokens)] if isinstance(p, TokenPart) else ["e", p.n_tokens] for p in self.parts]
-
-
-@dataclass
 class LastPrompt:
     """The last image prompt of a sequence: its text, image ids, keys, plan (image sources dropped) and image
     tokens, so that a follow-up question appends text without preprocessing its images again."""
@@ -127,16 +92,27 @@ def _prompt_ids(images: list, detail) -> list:
     return [(img.sha256, img.width, img.height, detail) for img in images]
 
 
-def _settings_cap(settings: str, seq: int) -> tuple[Optional[int], bool]:
-    """(libmtmd's image_max_tokens, overview only) of a unit setting (``Option.settings``)."""
-    if settings == "mtmd:overview":
-        return seq, True
-    if settings.startswith("mtmd:cap"):
-        return int(settings[len("mtmd:cap"):]), False
-    return None, False
+def encoder_id(mmproj) -> str:
+    """What names a projector's encoder for the embedding cache and the measured speed: the projector file's
+    identity, llama-cpp-python's version and its libmtmd build."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from ..inputs.embed_cache import file_identity
+
+    try:
+        ver = version("llama_cpp_python")
+    except PackageNotFoundError:  # pragma: no cover
+        ver = "?"
+    spec = find_spec("llama_cpp")            # (without loading the native libraries)
+    pkg = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    libs = sorted(pkg.glob("lib/libmtmd*")) if pkg else []
+    build = file_identity(libs[0]) if libs else "?"
+    return f"gguf:{file_identity(mmproj)}:{ver}:{build}"
 
 
-class GGUFImages:
+class GGUFImages(UnitPath):
     """libmtmd for one loaded model: its context(s), the image path of each prompt, the encoder's identity."""
 
     def __init__(self, backend, mm_info, gpu: bool) -> None:
@@ -149,11 +125,11 @@ class GGUFImages:
         self.units: list[ImageUnit] = []
         self.planner: Optional[ImagePlanner] = None
         self._enc_id: Optional[str] = None
-        self.geo = self.geometry()
-        if self.geo is None:
-            self.use(None)        # libmtmd's whole-prompt path; Idefics3 units make theirs on demand
+        self.family: Optional[Family] = family_of(mm_info)
+        if self.family is None:
+            self.use(None)        # libmtmd's whole-prompt path; units make their context on demand
             # (a context costs ~0.4 s for SmolVLM's 190 MB projector: an answer from the embedding cache
-            # needs none, and "low" needs another one than the model's own)
+            # needs none for plain positions, and "low" may need another one than the model's own)
 
     # ------------------------------------------------------------------ libmtmd context
     def use(self, cap: Optional[int]):
@@ -189,58 +165,16 @@ class GGUFImages:
             self.b._mtmd_cpp.mtmd_free(self.ctx)
             self.ctx = None
 
-    def geometry(self) -> Optional[dict]:
-        """Tile size, longest edge and tokens per tile of an Idefics3 projector; None for other projectors."""
-        mm = self.mm_info
-        if mm is None or str(mm.get("clip.projector_type", "")).lower() != "idefics3":
-            return None                 # (Idefics3 positions are plain: no M-RoPE, causal)
-        try:
-            tile = int(mm.get("clip.vision.image_size"))
-            patch = int(mm.get("clip.vision.patch_size"))
-            merge = int(mm.get("clip.vision.projector.scale_factor", 1) or 1)
-            longest = int(mm.get("clip.vision.preproc_image_size") or tile)
-        except (TypeError, ValueError):
-            return None
-        return {"tile": tile, "longest": longest, "seq": (tile // patch) ** 2 // (merge * merge)}
-
     # ------------------------------------------------------------------ the planner's Encoder
     @property
     def encoder_id(self) -> str:
         if self._enc_id is None:
-            from importlib.metadata import PackageNotFoundError, version
-            from pathlib import Path
-
-            from ..inputs.embed_cache import file_identity
-
-            try:
-                ver = version("llama_cpp_python")
-            except PackageNotFoundError:  # pragma: no cover
-                ver = "?"
-            libs = sorted(Path(self.b._mtmd_cpp.__file__).parent.glob("lib/libmtmd*"))
-            build = file_identity(libs[0]) if libs else "?"
-            self._enc_id = f"gguf:{file_identity(self.b.artifact.mmproj)}:{ver}:{build}"
+            self._enc_id = encoder_id(self.b.artifact.mmproj)
         return self._enc_id
 
     @property
     def n_threads(self) -> int:
         return self.b.n_threads
-
-    def time_one_tile(self) -> Optional[tuple[int, float]]:
-        """The overview tile of a blank image, encoded twice (the first encode of a context also allocates
-        its compute graph)."""
-        from ..protocol import ImageDetail, ImageInput
-
-        t = self.geo["tile"]
-        blank = ImageInput(rgb=bytes([128]) * (t * t * 3), width=t, height=t, source="(calibration)", sha256="")
-        planner = ImagePlanner(self, ImageDetail(cache=False))
-        unit = self.unit(planner.fixed(blank, Option("mtmd:overview", 1, self.geo["seq"])), planner)
-        try:
-            self.encode(unit)
-            unit.embd = None
-            secs = self.encode(unit)
-        finally:
-            self.free(unit)
-        return 1, secs
 
     # ------------------------------------------------------------------ a prompt's images
     def prepare(self, text: str, images: list, detail):
@@ -249,7 +183,7 @@ class GGUFImages:
         self.free_all()
         self.units, self.planner = [], None
         return self.follow_up(text, images, detail) or (
-            self.tokenize_units(text, images, detail) if self.geo else self.tokenize_media(text, images))
+            self.tokenize_units(text, images, detail) if self.family else self.tokenize_media(text, images))
 
     def report(self, had_images: bool) -> Optional[dict]:
         if not had_images:
@@ -353,7 +287,7 @@ class GGUFImages:
             return None
         suffix = text[len(last.text):]
         if (not suffix or not text.startswith(last.text) or self.marker in suffix
-                or _prompt_ids(images, detail if self.geo else None) != last.ids
+                or _prompt_ids(images, detail if self.family else None) != last.ids
                 or b._llama_cpp.llama_vocab_get_add_eos(b._vocab)):
             return None
         images_end = max(r.end for r in last.plan if isinstance(r, ImageRun))
@@ -368,140 +302,6 @@ class GGUFImages:
         b._last_prompt = LastPrompt(text, last.ids, keys, plan, last.n_image)
         return keys, plan, None, last.n_image
 
-    # ------------------------------------------------------------------ units
-    def ladder(self, img) -> tuple[list, Option]:
-        """Idefics3's ladder for one image as libmtmd cuts it: longest edge N x tile, at libmtmd's tile caps."""
-        from ..inputs.idefics3 import hf_grid, mtmd_capped_grid, mtmd_full_grid
-
-        tile, longest, seq = self.geo["tile"], self.geo["longest"], self.geo["seq"]
-        w, h = img.width, img.height
-        cols, rows = mtmd_full_grid(w, h, longest, tile)
-        high = Option("mtmd:full", cols * rows + 1, (cols * rows + 1) * seq)
-
-        def tiles_at(n: int):
-            if n == 1:
-                return 1, "mtmd:overview"
-            if n * tile >= longest:
-                return high.tiles, "mtmd:full"
-            c, r = hf_grid(w, h, n * tile, tile)
-            k = max(1, c * r)
-            gc, gr = mtmd_capped_grid(w, h, longest, tile, k)
-            return gc * gr + 1, f"mtmd:cap{k * seq}"
-        return idefics3_ladder(w, h, tile, longest, tiles_at, seq), high
-
-    def unit(self, p: Planned, planner: ImagePlanner) -> ImageUnit:
-        """One image as parts, embeddings from the cache or libmtmd chunks to encode."""
-        b, mt = self.b, self.b._mtmd_cpp
-        unit = ImageUnit(p)
-        hit = planner.lookup(p)
-        if hit is not None and self._from_cache(unit, *hit):
-            return unit
-        cap, overview_only = _settings_cap(p.settings, self.geo["seq"])
-        ctx = self.use(cap)
-        img = p.image
-        bm = self._bitmap(img)
-        try:
-            rc, chunks = self._tokenize(ctx, self.marker, [bm], False)
-        finally:
-            mt.mtmd_bitmap_free(bm)
-        if rc != 0:
-            raise BadMedia(f"libmtmd could not prepare image {img.source} ({img.width}x{img.height}, error {rc}).",
-                           hint="Try another image, or convert it to PNG or JPEG.")
-        unit.chunks = chunks
-        parts: list = []
-        pending: list = []
-        for ch, toks in self._chunks(chunks):
-            if toks is not None:
-                parts.append(TokenPart(toks))
-            else:
-                parts.append(EmbedPart(mt.mtmd_input_chunk_get_n_tokens(ch)))
-                pending.append(ch)
-        if overview_only:          # Idefics3's one-tile input: <fake><global-img> overview <fake>
-            ov = [p for p in parts if isinstance(p, EmbedPart)][-1]
-            parts = [TokenPart(b.tokenize("<fake_token_around_image><global-img>", add_special=False)), ov,
-                     TokenPart(b.tokenize("<fake_token_around_image>", add_special=False))]
-            pending = pending[-1:]
-        unit.parts, unit.pending = parts, pending
-        return unit
-
-    def _from_cache(self, unit: ImageUnit, arrays: list, meta: dict) -> bool:
-        layout = meta.get("parts")
-        if not isinstance(layout, list):
-            return False
-        parts: list = []
-        n_e = 0
-        n_embd = self.b._llama_cpp.llama_model_n_embd_inp(self.b._model)
-        for p in layout:
-            if isinstance(p, list) and len(p) == 2 and p[0] == "t" and isinstance(p[1], list):
-                parts.append(TokenPart([int(t) for t in p[1]]))
-            elif isinstance(p, list) and len(p) == 2 and p[0] == "e" and isinstance(p[1], int):
-                if n_e >= len(arrays) or arrays[n_e].shape != (p[1], n_embd):
-                    return False
-                parts.append(EmbedPart(p[1]))
-                n_e += 1
-            else:
-                return False
-        if n_e != len(arrays):
-            return False
-        unit.parts, unit.embd, unit.hit = parts, list(arrays), True
-        return True
-
-    def encode(self, unit: ImageUnit) -> float:
-        """Encode the unit's libmtmd chunks (one tile each) into float32 arrays; returns seconds."""
-        import numpy as np
-
-        if unit.embd is not None:
-            return 0.0
-        b, mt = self.b, self.b._mtmd_cpp
-        n_embd = b._llama_cpp.llama_model_n_embd_inp(b._model)
-        t0 = time.perf_counter()
-        out = []
-        for ch in unit.pending:
-            rc = mt.mtmd_encode_chunk(self.ctx, ch)
-            if rc != 0:
-                raise BackendError(f"libmtmd failed to encode image {unit.planned.image.source} (error {rc}).",
-                                   hint="Check that the mmproj belongs to the model.")
-            n = mt.mtmd_input_chunk_get_n_tokens(ch)
-            ptr = mt.mtmd_get_output_embd(self.ctx)
-            out.append(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy())
-        unit.embd = out
-        unit.encode_s = time.perf_counter() - t0
-        return unit.encode_s
-
-    def free(self, unit: ImageUnit) -> None:
-        if unit.chunks is not None:
-            self.b._mtmd_cpp.mtmd_input_chunks_free(unit.chunks)
-            unit.chunks, unit.pending = None, []
-
-    def free_all(self) -> None:
-        for unit in self.units:
-            self.free(unit)
-
-    def evaluate(self, unit: ImageUnit, keys: list, logits_last: bool) -> float:
-        """Encode (unless cached) and evaluate one image unit; returns the encode seconds."""
-        b, planner = self.b, self.planner
-        try:
-            if unit.embd is None:
-                self.encode(unit)
-            secs = unit.encode_s
-            if unit.hit:
-                planner.hit(unit.planned)
-            else:
-                planner.encoded_now(unit.planned, unit.embd, {"parts": unit.layout()}, len(unit.embd), secs)
-        finally:
-            self.free(unit)
-        k, e = 0, 0
-        last = len(unit.parts) - 1
-        for i, part in enumerate(unit.parts):
-            if isinstance(part, TokenPart):
-                b._decode_tokens(part.tokens, logits_last=logits_last and i == last, keys=keys[k: k + len(part.tokens)])
-                k += len(part.tokens)
-            else:
-                b._decode_embd(unit.embd[e], keys[k: k + part.n_tokens], logits_last and i == last)
-                k += part.n_tokens
-                e += 1
-        return secs
-
     def tokenize_units(self, text: str, images: list, detail):
         """Keys and plan of a prompt whose images are units (see the module docstring)."""
         b = self.b
@@ -512,7 +312,11 @@ class GGUFImages:
                                hint=f"Leave the text {self.marker} out of the prompt; attach images instead.")
         images = [padded(img, MAX_ASPECT) for img in images]
         planner = self.planner = ImagePlanner(self, detail)
-        planned = planner.plan(images, self.ladder)
+        if self.family.fixed:
+            own = self.family.ladder(0, 0)[1]
+            planned = [planner.fixed(img, own, f"fixed input ({self.family.name})") for img in images]
+        else:
+            planned = planner.plan(images, self.ladder)
         keys: list = []
         plan: list = []
         n_image = 0
@@ -526,7 +330,7 @@ class GGUFImages:
             if i == len(images):
                 break
             p = planned[i]
-            if _settings_cap(p.settings, self.geo["seq"])[0] != self.cap:
+            if self.family.step(p.settings).cap != self.cap:
                 # the libmtmd context changes: encode the chunks made by this one first
                 for u in self.units:
                     if u.embd is None and u.pending:
@@ -546,4 +350,5 @@ class GGUFImages:
         return keys, plan, None, n_image
 
 
-__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "TextRun", "LastPrompt", "IMG", "MAX_ASPECT", "padded"]
+__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "TextRun", "TokenPart", "EmbedPart", "LastPrompt", "IMG", "MAX_ASPECT",
+           "padded"]

@@ -8,7 +8,8 @@ tiles first) plus the model's own full tiling (``high``); ``choose`` picks one f
 * ``low``: the smallest input the model accepts (Idefics3 / SmolVLM: the whole image as one tile, the
   ``longest_edge = 1 x tile`` setting its authors document);
 * ``auto`` (the default): the most detail whose encode fits the budget on this device: the ladder's
-  largest option whose tiles x measured seconds per tile is within ``budget_s`` (an option whose
+  largest option whose encode units (tiles, or 256-token images for a dynamic-resolution encoder:
+  ``Option.units``) x measured seconds per unit is within ``budget_s`` (an option whose
   embeddings are already in the cache costs nothing). Never a constant: the seconds per tile are
   measured on this device for this encoder, build and thread count (``EncodeSpeed``), once, and
   refined by every real encode.
@@ -40,12 +41,18 @@ LEVELS = ("low", "auto", "high")
 
 @dataclass(frozen=True)
 class Option:
-    """One way to feed an image: the preprocessing settings (part of the cache key), tiles encoded and
-    image tokens placed in the prompt."""
+    """One way to feed an image: the preprocessing settings (part of the cache key), tiles encoded,
+    image tokens placed in the prompt, and the encode work in the encoder's calibration units (0: one per
+    tile; a dynamic-resolution encoder counts tokens, see ``ladders.py``)."""
 
     settings: str
     tiles: int
     tokens: int
+    cost: float = 0.0
+
+    @property
+    def units(self) -> float:
+        return self.cost or float(self.tiles)
 
 
 @dataclass(frozen=True)
@@ -63,14 +70,14 @@ def choose(ladder: Sequence[Option], high: Option, detail: ImageDetail, *, s_per
         from ..errors import UsageError
 
         raise UsageError(f"Unknown image detail {detail.level!r}.", hint="Use --detail low, auto or high.")
-    ladder = sorted(ladder, key=lambda o: o.tiles) or [high]
+    ladder = sorted(ladder, key=lambda o: (o.units, o.tokens)) or [high]
     if detail.level == "high":
         pool = [high]
     elif detail.level == "low":
         pool = [ladder[0]]
     else:
         pool = list(ladder)
-        if high.tiles > ladder[-1].tiles and cached(high):
+        if high.tokens > ladder[-1].tokens and cached(high):
             pool.append(high)               # a full-detail encode from an earlier run costs nothing now
     if detail.max_tokens is not None:
         fit = [o for o in pool if o.tokens <= detail.max_tokens] or \
@@ -79,16 +86,17 @@ def choose(ladder: Sequence[Option], high: Option, detail: ImageDetail, *, s_per
     if detail.level != "auto" or len(pool) == 1:
         pick = pool[-1]
         why = detail.level if detail.max_tokens is None else f"{detail.level}, at most {detail.max_tokens} tokens"
-        return Choice(pick, detail.level, pick.tiles < high.tiles, why)
+        return Choice(pick, detail.level, pick.tokens < high.tokens, why)
     pick, why = pool[0], ""
     for o in pool:
-        cost = 0.0 if cached(o) else o.tiles * (s_per_tile or 0.0)
+        cost = 0.0 if cached(o) else o.units * (s_per_tile or 0.0)
         if cost <= budget_s:
             pick = o
             why = "cached" if cost == 0.0 and s_per_tile else f"~{cost:.1f} s of encode within {budget_s:.1f} s"
     if not why:
-        why = f"one tile takes ~{s_per_tile:.1f} s here, over the {budget_s:.1f} s budget: the smallest input"
-    return Choice(pick, "auto", pick.tiles < high.tiles, why)
+        why = (f"the smallest input takes ~{pool[0].units * (s_per_tile or 0.0):.1f} s here, over the "
+               f"{budget_s:.1f} s budget: the smallest input")
+    return Choice(pick, "auto", pick.tokens < high.tokens, why)
 
 
 def idefics3_ladder(width: int, height: int, tile: int, max_longest_edge: int,
@@ -134,7 +142,7 @@ class EncodeSpeed:
             return None
         return sum(xs) / len(xs) if xs else None
 
-    def record(self, key: str, tiles: int, seconds: float) -> None:
+    def record(self, key: str, tiles: float, seconds: float) -> None:
         """Add one measurement; an unwritable cache folder is silently skipped (the next run measures again)."""
         if tiles <= 0 or seconds <= 0:
             return

@@ -9,7 +9,14 @@ backend encodes: a tile for libmtmd, the whole image for the ONNX encoder), keye
   path, size and mtime, see ``file_identity``) and the engine build. A new projector or a rebuilt engine
   never reads old entries.
 * pixels id: sha256 of the decoded RGB pixels and their size (``pixels_id``).
-* settings: the preprocessing that decides the tiles (detail level, tile cap).
+* settings: the preprocessing that decides the tiles or tokens (the family's ladder option, see
+  ``ladders.py``: a tile cap, a token cap, a resize); the detail level chooses it.
+
+The JSON meta of a llama.cpp entry lists the unit's parts in position order: ``["t", token ids]`` and
+``["e", n_tokens]``, or, where the model places image tokens itself (M-RoPE positions for Qwen-VL,
+non-causal attention for Gemma), ``["e", n_tokens, n_positions, base64 of libmtmd's
+mtmd_input_chunk_save]``: the chunk's token grid, which libmtmd turns back into the decode positions, so
+a cached answer is the uncached one.
 
 Layout: ``$VLM_HOME/cache/embeddings/<key[:2]>/<key>.emb``; each file is a magic line, a JSON header
 (key, shapes), the raw float32 data and the sha256 of header + data. Reading verifies all of it: a

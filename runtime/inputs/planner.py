@@ -25,6 +25,7 @@ from typing import Callable, Optional, Protocol, Sequence
 from ..protocol import ImageDetail, ImageInput
 from .detail import DEFAULT_BUDGET_S, Choice, EncodeSpeed, Option, choose
 
+MIN_SAMPLE_UNITS = 0.5
 IMG = "img"   # key prefix of an image position in a backend's KV bookkeeping: (IMG, image id, offset)
 
 
@@ -37,9 +38,9 @@ class Encoder(Protocol):
     @property
     def n_threads(self) -> int: ...
 
-    def time_one_tile(self) -> Optional[tuple[int, float]]:
-        """Encode a blank tile (twice: the first run also sizes the graph); (tiles, seconds) of the second
-        run, or None when it cannot be measured."""
+    def time_one_tile(self) -> Optional[tuple[float, float]]:
+        """Encode the family's calibration input, a blank tile or 256-token image (twice: the first run also
+        sizes the graph); (units, seconds) of the second run, or None when it cannot be measured."""
         ...
 
 
@@ -124,7 +125,8 @@ class ImagePlanner:
         return key is not None and self.cache.has(key)
 
     def seconds_per_tile(self) -> Optional[float]:
-        """This encoder's measured seconds per tile here; calibrated by the backend once when unknown."""
+        """This encoder's measured seconds per calibration unit (a tile, or a 256-token image for a
+        dynamic-resolution encoder) here; calibrated by the backend once when unknown."""
         speed = EncodeSpeed()
         spt = speed.get(self.speed_key)
         if spt is None:
@@ -161,9 +163,13 @@ class ImagePlanner:
         """The cached encoder output of ``p`` (arrays, meta), or None."""
         return self.cache.get(p.key) if p.key is not None else None
 
-    def encoded_now(self, p: Planned, arrays: list, meta: dict, tiles: int, seconds: float) -> None:
-        """A real encode of ``p``: refine the measured speed, keep the output in the cache, report it."""
-        EncodeSpeed().record(self.speed_key, tiles, seconds)
+    def encoded_now(self, p: Planned, arrays: list, meta: dict, units: float, seconds: float) -> None:
+        """A real encode of ``p`` (``units``: its work in the encoder's calibration units, a tile or a
+        256-token image): refine the measured speed, keep the output in the cache, report it. An encode of
+        under half a unit (a thumbnail-sized image) is not a speed sample: a fixed cost (the first encode
+        of a context also sizes its graph) would dominate it and inflate the seconds per unit many times."""
+        if units >= MIN_SAMPLE_UNITS:
+            EncodeSpeed().record(self.speed_key, units, seconds)
         p.report.encode_s = round(seconds, 4)
         p.report.cache = "miss" if p.key is not None else "off"
         self.store(p, arrays, meta)

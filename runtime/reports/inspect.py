@@ -61,6 +61,9 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
             match = f"MISMATCH: {e.message}"
         doc["vision_projector"] = f"{art.mmproj.name} ({mm.get('clip.projector_type', 'clip')}, {match})"
         doc["image_detail"] = _gguf_detail(mm)
+        est = _encode_estimate(mm, art.mmproj)
+        if est:
+            doc["image_encode_estimate"] = est
         files.append(art.mmproj)
     doc["files"] = [_file_entry(p, hash_files) for p in files]
     return doc
@@ -219,15 +222,36 @@ def describe_onnx(path: Path, hash_files: bool = True) -> dict:
 
 
 def _gguf_detail(mm) -> str:
-    """What --detail / --image-tokens / the embedding cache do for this projector (`vlm info`)."""
-    if str(mm.get("clip.projector_type", "")).lower() == "idefics3":
-        tile = mm.get("clip.vision.image_size")
-        le = mm.get("clip.vision.preproc_image_size") or tile
-        try:
-            most = (int(le) // int(tile)) ** 2 + 1
-        except (TypeError, ValueError, ZeroDivisionError):
-            most = "?"
-        return (f"low (the {tile}-px overview tile), auto, high (longest edge {le} px: up to {most} tiles, "
-                "libmtmd's own tiling); --image-tokens; embedding cache")
-    return ("the projector's own preprocessing only (libmtmd); --detail and the embedding cache apply to "
-            "Idefics3 / SmolVLM projectors")
+    """What --detail / --image-tokens / the embedding cache do for this projector (`vlm info`): the family's
+    ladder (inputs/ladders.py) with its token counts for a 12 MP photo, or that its input is fixed."""
+    from ..inputs.ladders import family_of
+
+    fam = family_of(mm)
+    if fam is None:
+        return ("the projector's own preprocessing only (libmtmd's whole prompt): --detail, --image-tokens and "
+                "the embedding cache do not apply to this projector type")
+    return fam.summary()
+
+
+def _encode_estimate(mm, mmproj: Path) -> Optional[str]:
+    """Estimated encode seconds of a 12 MP photo per detail level on this device, from the encoder speed
+    measured here (the first `auto` answer measures it); None before any measurement."""
+    from ..backends.gguf_images import encoder_id
+    from ..inputs.detail import EncodeSpeed
+    from ..inputs.ladders import family_of
+
+    fam = family_of(mm)
+    if fam is None or fam.fixed:
+        return None
+    enc = encoder_id(mmproj)
+    speed = EncodeSpeed()
+    keys = sorted(k for k in speed._read() if k.startswith(enc + ":t"))
+    if not keys:
+        return None
+    spu = speed.get(keys[-1])
+    if not spu:
+        return None
+    est = fam.seconds(spu)
+    threads = keys[-1].rpartition(":t")[2]
+    return (f"a 12 MP photo here ({threads} threads, measured): low ~{est['low']:.1f} s, auto ~{est['auto']:.1f} s, "
+            f"high ~{est['high']:.1f} s")
