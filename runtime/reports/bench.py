@@ -256,20 +256,13 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
         kv = b.kv_cache_bytes()        # in each backend's own KV dtype: --kv-type in llama.cpp, the past's in ONNX
         from ..backends import capabilities
 
-        if resolved.artifact.format == "onnx":
-            from ..formats.onnx_files import weight_files
-
-            weights = sum(p.stat().st_size for p in weight_files(resolved.artifact.path))
-        else:
-            weights = resolved.artifact.path.stat().st_size if resolved.artifact.path.is_file() else sum(
-                p.stat().st_size for p in resolved.artifact.path.rglob("*") if p.is_file())
-        mmproj = resolved.artifact.mmproj
-        if mmproj is not None and b.has_vision and Path(mmproj).is_file():
-            weights += Path(mmproj).stat().st_size       # the projector is weights in memory too
-        try:
-            est = estimate_memory(resolved, b.n_ctx, kv_type).total
+        try:                           # the weights as the memory check counts them (the files that load)
+            mem = estimate_memory(resolved, b.n_ctx, kv_type)
+            weights, est = mem.weights + (mem.mmproj if b.has_vision else 0), mem.total
         except EdgeVLMError:
-            est = None
+            path = Path(resolved.artifact.path)
+            weights, est = (path.stat().st_size if path.is_file() else
+                            sum(p.stat().st_size for p in path.rglob("*") if p.is_file())), None
         return {
             "model": resolved.alias_ref, "path": str(resolved.artifact.path), "format": resolved.artifact.format,
             "threads": b.n_threads, "n_ctx": b.n_ctx,
