@@ -258,11 +258,14 @@ def measure(model: str, *, image: Optional[str] = None, prompt_tokens: int = 256
 
         try:                           # the weights as the memory check counts them (the files that load)
             mem = estimate_memory(resolved, b.n_ctx, kv_type)
-            weights, est = mem.weights + (mem.mmproj if b.has_vision else 0), mem.total
+            weights, est = mem.weights, mem.total
         except EdgeVLMError:
             path = Path(resolved.artifact.path)
             weights, est = (path.stat().st_size if path.is_file() else
                             sum(p.stat().st_size for p in path.rglob("*") if p.is_file())), None
+        mmproj = resolved.artifact.mmproj
+        if mmproj is not None and b.has_vision and Path(mmproj).is_file():
+            weights += Path(mmproj).stat().st_size       # the projector is weights in memory too
         return {
             "model": resolved.alias_ref, "path": str(resolved.artifact.path), "format": resolved.artifact.format,
             "threads": b.n_threads, "n_ctx": b.n_ctx,
