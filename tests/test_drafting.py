@@ -98,6 +98,22 @@ def test_kv_cache_left_as_plain_decoding_leaves_it(backend):
 
 
 @pytest.mark.model
+def test_kv_cache_after_a_stop_inside_a_draft(backend):
+    """An answer cut by a stop string (or ended by an end-of-generation token) inside an accepted draft leaves
+    the KV cache as plain decoding does: the drafted positions go, the token before the stop stays."""
+    prompt = _prompt(backend, "quote")
+    plain, _ = _answer(backend, prompt, "off", max_tokens=60)
+    words = [w for w in plain.split() if len(w) > 3][6:12]
+    assert words, plain
+    for w in words:
+        keys = {}
+        for mode in ("off", "ngram"):
+            text, last = _answer(backend, prompt, mode, max_tokens=60, stop=[w])
+            keys[mode] = (text, list(backend.kv_keys()))
+        assert keys["ngram"] == keys["off"], w
+
+
+@pytest.mark.model
 def test_sampled_answers_valid_under_the_schema(backend):
     prompt = _prompt(backend, "record")
     checked = 0

@@ -142,9 +142,9 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
                 backend.eval_tokens(run)
     except GeneratorExit:
         finish = "cancelled"
-        _drop_drafted(backend, rows, in_kv)
+        _drop_drafted(backend, rows)
         raise
-    _drop_drafted(backend, rows, in_kv)
+    _drop_drafted(backend, rows)
     tail = "" if hit_stop_string else stops.feed(text.flush())[0] + stops.flush()
     t_end = time.perf_counter()
     yield Chunk(text=tail, completion_tokens=len(generated), finish_reason=finish, token_ids=generated,
@@ -153,11 +153,12 @@ def generate(backend: Backend, request: ChatRequest, *, forced_runs: bool = True
                 **base)
 
 
-def _drop_drafted(backend: Backend, rows: list, in_kv: bool) -> None:
+def _drop_drafted(backend: Backend, rows: list) -> None:
     """An answer that ends inside a verified draft leaves the KV cache as plain decoding would: without the
-    drafted positions after its last token, nor that token itself (the last token is never evaluated)."""
-    if rows or in_kv:
-        backend.drop_last(len(rows) + in_kv)
+    drafted positions from its last token on (the last token is never evaluated). ``rows`` left unread
+    are exactly those positions: the last token's own and the drafts after it."""
+    if rows:
+        backend.drop_last(len(rows))
 
 
 def complete(backend: Backend, request: ChatRequest) -> tuple[str, Chunk]:
