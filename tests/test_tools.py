@@ -297,3 +297,19 @@ def test_random_weight_model_never_writes_an_invalid_call(vision_model, kind):
                 assert answer.calls
     finally:
         b.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "lfm2"])
+def test_keywords_the_engine_cannot_enforce_still_compile(smollm2, fmt):
+    """uniqueItems and not are not llguidance's: the grammar is lenient (as --schema), parse validates them."""
+    tools = check_tools([
+        {"type": "function", "function": {"name": "tags", "parameters": {"type": "object", "properties": {
+            "t": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}, "required": ["t"]}}},
+        {"type": "function", "function": {"name": "any", "parameters": {"type": "object", "properties": {
+            "v": {"not": {"type": "null"}}}, "required": ["v"]}}}])
+    plan = ToolPlan(tools, FORMATS[fmt], False, True, "required")
+    assert plan.constraint(smollm2) is not None
+    if fmt == "hermes":
+        with pytest.raises(ToolCallViolation, match="do not match"):
+            plan.parse('<tool_call>\n{"name": "tags", "arguments": {"t": ["a", "a"]}}\n</tool_call>', "stop")

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 # What llguidance writes inside the calls: compact JSON apart from ", " and ": ", what json.dumps writes.
-_X_GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Lenient, as --schema: keywords llguidance does not implement (uniqueItems, not) are left to jsonschema in parse.
+_X_GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 MAX_PARALLEL = 8        # calls in one answer (bounds a small model that keeps calling)
 
 
