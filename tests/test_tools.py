@@ -313,3 +313,56 @@ def test_keywords_the_engine_cannot_enforce_still_compile(smollm2, fmt):
     if fmt == "hermes":
         with pytest.raises(ToolCallViolation, match="do not match"):
             plan.parse('<tool_call>\n{"name": "tags", "arguments": {"t": ["a", "a"]}}\n</tool_call>', "stop")
+
+
+CODE = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["code"]}}}
+
+
+def _streamed(plan, text, finish_reason, step=3):
+    stream = plan.stream()
+    events = []
+    for i in range(0, len(text), step):
+        events += stream.feed(text[i:i + step])
+    return events, stream.finish(finish_reason)
+
+
+@pytest.mark.parametrize("fmt, text, finish_reason, n_calls", [
+    ("hermes", 'Ok.<tool_call>\n{"name": "lookup", "arguments": {"code": "abc"}}\n</tool_call>', "stop", 0),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"code": "ABC"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "lookup", "arguments": {"code": "abc"}}\n</tool_call>', "stop", 1),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"code": "ABC"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "lookup", "argu', "length", 1),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"co', "length", 0),
+    ("llama3", '{"name": "lookup", "parameters": {"code": "abc"}}', "stop", 0),
+    ("lfm2", '<|tool_call_start|>[lookup(code="ABC"), lookup(code="abc")]<|tool_call_end|>', "stop", 1),
+    ("lfm2", '<|tool_call_start|>[lookup(code="AB', "length", 0),
+])
+def test_stream_sends_only_complete_valid_calls_and_ends_as_read_whole(fmt, text, finish_reason, n_calls):
+    """A call that fails validation (a dropped pattern) or is cut off is never sent, nor any after it; the
+    streamed answer is the answer read whole (what the server returns not streamed), never an error."""
+    plan = ToolPlan(check_tools([CODE]), FORMATS[fmt], False, True)
+    whole = plan.read(text, finish_reason)
+    events, answer = _streamed(plan, text, finish_reason)
+    assert len(whole.calls) == len(answer.calls) == n_calls
+    assert [(c.name, c.arguments) for c in answer.calls] == [(c.name, c.arguments) for c in whole.calls]
+    assert answer.content == whole.content
+    sent = [e for e in events if e[0] != "content"]
+    assert sent == [ev for i, c in enumerate(answer.calls)
+                    for ev in (("call", i, c.id, c.name), ("arguments", i, c.arguments))]
+
+
+def test_stream_holds_a_call_until_it_is_complete():
+    plan = ToolPlan(check_tools([CODE]), FORMATS["hermes"], False, True)
+    stream = plan.stream()
+    assert stream.feed('<tool_call>\n{"name": "lookup", "arguments": {"code": "AB') == []
+    assert [e[0] for e in stream.feed('C"}}\n</tool_call>')] == ["call", "arguments"]
+
+
+def test_deeply_nested_output_is_an_invalid_call_not_a_crash():
+    plan = ToolPlan(check_tools(TOOLS), FORMATS["hermes"], False, True)
+    deep = '<tool_call>\n{"name": "now", "arguments": {"a": ' + "[" * 100000 + "]" * 100000 + "}}\n</tool_call>"
+    assert plan.read(deep, "stop").calls == []
+    with pytest.raises(ToolCallViolation):
+        plan.parse(deep, "stop")
+    assert _streamed(plan, deep, "stop", step=4000)[1].calls == []

@@ -263,8 +263,8 @@ class Lfm2(CallFormat):
             return text[:i], [], True      # written whole at the end: a Python call is parsed when complete
         try:
             calls = [RawCall(n, json.dumps(a, ensure_ascii=False), True) for n, a in _pythonic(body[:end])]
-        except ValueError as e:
-            return text[:i], [RawCall(None, f"<unparsable: {e}>", False)], True
+        except (ValueError, RecursionError) as e:
+            return text[:i], [RawCall(None, f"<unparsable: {str(e)[:60]}>", False)], True
         return text[:i], calls, True
 
     def write(self, name: str, arguments: dict) -> str:

@@ -321,61 +321,40 @@ class ToolPlan:
             args = json.loads(rc.arguments)
         except json.JSONDecodeError as e:
             raise ToolCallViolation(f"The arguments of {rc.name} are not JSON ({e.msg}).") from e
+        except RecursionError:
+            raise ToolCallViolation(f"The arguments of {rc.name} are nested too deeply.") from None
         try:
             jsonschema.validate(args, tools[rc.name].parameters)
+        except RecursionError:
+            raise ToolCallViolation(f"The arguments of {rc.name} are nested too deeply.") from None
         except jsonschema.ValidationError as e:
             raise ToolCallViolation(f"The arguments of {rc.name} do not match its parameters: {e.message}.",
                                     hint="The parameters use keywords that cannot be enforced while generating; "
                                          "simplify them, or try another --seed.") from e
         return ToolCall(new_call_id(), rc.name, rc.arguments)
 
-    def stream(self) -> "ToolStream":
-        return ToolStream(self)
-
-
-class ToolStream:
-    """Turns an answer's text pieces into events as they come: ("content", text), ("call", index, id, name)
-    when a call's name is known, ("arguments", index, fragment) as its arguments are written. Each call is
-    validated when complete (``ToolCallViolation`` otherwise, before its end is sent); ``finish`` returns the
-    whole ``ToolAnswer``."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.text = ""
-        self._content = 0                # characters of content sent
-        self._calls: list[list] = []     # per call: [id, name sent, argument characters sent]
-
-    def feed(self, piece: str) -> list[tuple]:
-        self.text += piece
-        if not self.plan.constrained:
-            return [("content", piece)] if piece else []
-        content, raw, begun = self.plan.fmt.scan(self.text)
-        events: list[tuple] = []
-        if len(content) > self._content and not (begun and not content[self._content:].strip()):
-            events.append(("content", content[self._content:]))
-            self._content = len(content)
-        for i, rc in enumerate(raw):
-            if rc.name is None or (rc.arguments is None and not rc.complete):
+    def read(self, text: str, finish_reason: Optional[str] = None) -> ToolAnswer:
+        """The answer as ``vlm serve`` returns it, whole or streamed (never raises): the calls up to the first
+        one that is cut off or does not validate, which is dropped with every call after it; the text
+        before the calls is the content."""
+        if not self.constrained:
+            return ToolAnswer(text)
+        content, raw, begun = self.fmt.scan(text)
+        if not begun:
+            return ToolAnswer(text)
+        calls: list[ToolCall] = []
+        for rc in raw:
+            try:
+                calls.append(self.validated(rc))
+            except ToolCallViolation:
                 break
-            if i == len(self._calls):
-                if rc.complete:
-                    self.plan.validated(rc)
-                self._calls.append([new_call_id(), rc.name, 0])
-                events.append(("call", i, self._calls[i][0], rc.name))
-            args = rc.arguments or ""
-            sent = self._calls[i][2]
-            if rc.complete and sent < len(args):
-                self.plan.validated(rc)
-            if len(args) > sent:
-                events.append(("arguments", i, args[sent:]))
-                self._calls[i][2] = len(args)
-        return events
+        return ToolAnswer(content.strip(), calls)
 
-    def finish(self, finish_reason: Optional[str]) -> ToolAnswer:
-        answer = self.plan.parse(self.text, finish_reason)
-        for c, sent in zip(answer.calls, self._calls):
-            c.id = sent[0]
-        return answer
+    def stream(self):
+        """A ``ToolStream`` reading this plan's answer as it is written (generation/tool_stream.py)."""
+        from .tool_stream import ToolStream
+
+        return ToolStream(self)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -482,5 +461,5 @@ def _constraint(cls, ll_tokenizer, grammar: str, eos_ids):
     return hit[1].copy()
 
 
-__all__ = ["Tool", "ToolCall", "ToolAnswer", "ToolPlan", "ToolStream", "ToolListError", "ToolCallViolation",
+__all__ = ["Tool", "ToolCall", "ToolAnswer", "ToolPlan", "ToolListError", "ToolCallViolation",
            "check_tools", "load_tools", "check_choice", "plan_tools", "template_format", "PREAMBLE"]

@@ -279,16 +279,7 @@ async def _tool_final(ctx: ServerContext, request: Request, chat, writer, plan, 
                       verdicts: dict, *, model: str, extra: dict, t0: float, load_s: float, stream=None) -> Final:
     """An answer with tools as a ``Final``: its text and validated calls (a call cut off by the token limit
     is dropped), judged by the guard with the calls as the answer, finish_reason "tool_calls" with calls."""
-    from ..generation.tools import ToolCallViolation
-
-    answer = None
-    if stream is not None:
-        try:
-            answer = stream.finish(last.finish_reason)       # (the ids the deltas carried)
-        except ToolCallViolation:
-            answer = None
-    if answer is None:
-        answer = read_answer(plan, text, last.finish_reason)
+    answer = stream.finish(last.finish_reason) if stream is not None else read_answer(plan, text, last.finish_reason)
     _, last = await _judged(ctx, request, chat, answer.judged_text(), last, verdicts)
     if last.finish_reason == "content_filter":
         fin = Final(model, last, "content_filter", "", extra=extra, total_s=time.perf_counter() - t0, load_s=load_s)

@@ -81,15 +81,9 @@ def plan_for(tool_request: ToolRequest, backend, chat):
 
 
 def read_answer(plan, text: str, finish_reason: Optional[str]):
-    """The answer as text and validated calls. A call that is not complete and valid (cut off by the token
-    limit) is never returned: the text before it is the answer."""
-    from ..generation.tools import ToolAnswer, ToolCallViolation
-
-    try:
-        return plan.parse(text, finish_reason)
-    except ToolCallViolation:
-        content, _, _ = plan.fmt.scan(text)
-        return ToolAnswer(content.strip(), [])
+    """The answer as text and validated calls (``ToolPlan.read``): a call that is cut off by the token limit
+    or does not validate is never returned, nor any call after it; the text before the calls is the answer."""
+    return plan.read(text, finish_reason)
 
 
 def openai_message(answer) -> dict:
