@@ -366,3 +366,22 @@ def test_deeply_nested_output_is_an_invalid_call_not_a_crash():
     with pytest.raises(ToolCallViolation):
         plan.parse(deep, "stop")
     assert _streamed(plan, deep, "stop", step=4000)[1].calls == []
+
+
+def test_deeply_nested_history_arguments_are_a_400_not_a_crash():
+    """A history's arguments string is parsed and depth-checked when the request is read (400); the
+    prompt helpers that read it again never raise RecursionError."""
+    from edgevlm.runtime.generation.prompt import _tool_fields
+    from edgevlm.runtime.generation.tools import _as_dict
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.tool_calls import history_fields
+
+    for deep in ("[" * 50000 + "]" * 50000, "[" * 100 + "]" * 100):
+        m = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": deep}}]}
+        with pytest.raises(APIError) as e:
+            history_fields(m, 1, "assistant", {})
+        assert e.value.status == 400 and "nested too deeply" in str(e.value.message)
+        assert isinstance(_as_dict(deep), dict)
+        _tool_fields(Message("assistant", "", tool_calls=[{"function": {"name": "f", "arguments": deep}}]))
+    ok = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": [1]}'}}]}
+    assert history_fields(ok, 1, "assistant", {})["tool_calls"][0]["function"]["arguments"] == '{"a": [1]}'

@@ -43,7 +43,7 @@ def _tool_fields(m: Message) -> dict[str, Any]:
             if isinstance(fn.get("arguments"), str):
                 try:
                     fn["arguments"] = json.loads(fn["arguments"])
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     pass
             calls.append({**c, "function": fn, **fn})     # (some templates read tool_call.name directly)
         out["tool_calls"] = calls

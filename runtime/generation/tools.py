@@ -413,7 +413,7 @@ def _as_dict(arguments: Any) -> dict:
         return arguments
     try:
         v = json.loads(arguments) if isinstance(arguments, str) else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {"arguments": arguments}
     return v if isinstance(v, dict) else {"arguments": v}
 

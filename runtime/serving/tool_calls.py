@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .apierror import APIError, bad_request
+from .bodies import MAX_DEPTH, check_tree
 from .translate import boolean, type_error
 
 
@@ -57,6 +58,8 @@ def history_fields(m: dict, mi: int, role: str, ids: dict, *, ollama: bool = Fal
                 args = json.dumps(args, ensure_ascii=False)
             elif not isinstance(args, str):
                 raise type_error(f"{p}.tool_calls[{ci}].function.arguments", "a JSON string" if not ollama else "an object")
+            else:
+                _check_arguments(args, f"{p}.tool_calls[{ci}].function.arguments")
             cid = c.get("id") if isinstance(c.get("id"), str) else f"call_{mi}_{ci}"
             ids[cid] = fn["name"]
             norm.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
@@ -70,6 +73,28 @@ def history_fields(m: dict, mi: int, role: str, ids: dict, *, ollama: bool = Fal
             raise type_error(f"{p}.name", "a string")
         out.update(tool_call_id=cid or "", name=name or "")
     return out
+
+
+def _check_arguments(text: str, param: str) -> None:
+    """A history's arguments string nested no deeper than a request body may be (400): every later walk of
+    it (the prompt, the template) is then safe. Text that is not JSON is kept as text."""
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        doc = None
+        deep = True
+    except ValueError:
+        return
+    else:
+        deep = False
+        if isinstance(doc, (dict, list)):
+            try:
+                check_tree(doc)
+            except APIError:
+                deep = True
+    if deep:
+        raise APIError(400, f"`{param}` is nested too deeply (more than {MAX_DEPTH} levels); flatten it.",
+                       param=param, code="invalid_value")
 
 
 def plan_for(tool_request: ToolRequest, backend, chat):
