@@ -385,3 +385,17 @@ def test_deeply_nested_history_arguments_are_a_400_not_a_crash():
         _tool_fields(Message("assistant", "", tool_calls=[{"function": {"name": "f", "arguments": deep}}]))
     ok = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": [1]}'}}]}
     assert history_fields(ok, 1, "assistant", {})["tool_calls"][0]["function"]["arguments"] == '{"a": [1]}'
+
+
+def test_tool_schemas_are_capped_in_size():
+    from edgevlm.runtime.generation.tools import MAX_SCHEMA_NODES
+
+    props = {f"p{i}": {"type": "object", "properties": {}} for i in range(MAX_SCHEMA_NODES)}
+    big = {"type": "function", "function": {"name": "big", "parameters": {"type": "object", "properties": props}}}
+    with pytest.raises(ToolListError, match="too large"):
+        check_tools([big])
+    halves = [{"type": "function", "function": {"name": f"h{k}", "parameters": {"type": "object", "properties": {
+        f"p{i}": {"type": "object"} for i in range(MAX_SCHEMA_NODES // 2)}}}} for k in range(2)]
+    with pytest.raises(ToolListError, match="too large"):       # counted across the tools, not per tool
+        check_tools(halves)
+    assert check_tools(TOOLS)

@@ -33,6 +33,7 @@ from .tool_formats import FORMATS, CallFormat, RawCall, detect
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")     # OpenAI's rule for function names
 MAX_TOOLS = 128
+MAX_SCHEMA_NODES = 2048  # objects and arrays in all the tools' parameters together (as --schema's cap per schema)
 CHOICES = ("auto", "none", "required")
 
 PREAMBLE = """You can call functions. Here they are, in JSON Schema:
@@ -92,6 +93,7 @@ def check_tools(tools: Any, param: str = "tools") -> tuple[Tool, ...]:
         raise _fail(f"`{param}` is an empty list.", param)
     if len(tools) > MAX_TOOLS:
         raise _fail(f"`{param}` has {len(tools)} tools; at most {MAX_TOOLS} are allowed.", param)
+    _check_size(tools, param)
     out: list[Tool] = []
     seen: set[str] = set()
     for i, t in enumerate(tools):
@@ -129,6 +131,19 @@ def check_tools(tools: Any, param: str = "tools") -> tuple[Tool, ...]:
                         f"{p}.function.parameters")
         out.append(Tool(name, desc, params, _engine_schema(params)))
     return tuple(out)
+
+
+def _check_size(tools: list, param: str) -> None:
+    """At most ``MAX_SCHEMA_NODES`` objects and arrays in the whole list, counted before any schema is checked
+    (checking or compiling a huge schema costs seconds of CPU). Iterative: deep nesting cannot exhaust the stack."""
+    nodes, stack = 0, [tools]
+    while stack:
+        x = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise _fail(f"`{param}` is too large: more than {MAX_SCHEMA_NODES} objects and arrays in the parameter "
+                        "schemas together; send fewer or smaller tools.", param)
+        stack.extend(v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list)))
 
 
 def load_tools(arg: str) -> tuple[Tool, ...]:

@@ -146,7 +146,8 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     plan = None
     if parsed.tools is not None:    # the model's template decides where the tools go and the call syntax
         try:
-            plan, chat = plan_for(parsed.tools, lease.backend, chat)
+            # (off the loop: the first render of a template's probe, the preamble's JSON of big schemas)
+            plan, chat = await ctx.workers.check(plan_for, parsed.tools, lease.backend, chat)
         except BaseException:
             lease.release()
             raise
