@@ -399,3 +399,12 @@ def test_tool_schemas_are_capped_in_size():
     with pytest.raises(ToolListError, match="too large"):       # counted across the tools, not per tool
         check_tools(halves)
     assert check_tools(TOOLS)
+
+
+def test_tool_calls_with_a_non_string_name_is_a_usage_error():
+    from edgevlm.cli.common.tool_turns import earlier_calls
+    from edgevlm.runtime.errors import UsageError
+
+    bad = json.dumps([{"id": "c", "function": {"name": ["get_weather"], "arguments": "{}"}}])
+    with pytest.raises(UsageError, match="not a call of a function"):
+        earlier_calls(bad, ["get_weather=1"], check_tools(TOOLS))
