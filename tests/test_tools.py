@@ -408,3 +408,18 @@ def test_tool_calls_with_a_non_string_name_is_a_usage_error():
     bad = json.dumps([{"id": "c", "function": {"name": ["get_weather"], "arguments": "{}"}}])
     with pytest.raises(UsageError, match="not a call of a function"):
         earlier_calls(bad, ["get_weather=1"], check_tools(TOOLS))
+
+
+@pytest.mark.model
+def test_lfm2_parameter_names(smollm2):
+    """Quotes in a parameter name are escaped in the grammar; names the Pythonic syntax cannot carry are
+    one clear error when the plan is made."""
+    quoted = check_tools([{"type": "function", "function": {"name": "q", "parameters": {
+        "type": "object", "properties": {'a"b': {"type": "integer"}, "c\\\\d": {"type": "string"}}, "required": ['a"b']}}}])
+    plan = plan_tools(smollm2, quoted, "required", fmt="lfm2")
+    assert plan.constraint(smollm2) is not None
+    spaced = check_tools([{"type": "function", "function": {"name": "s", "parameters": {
+        "type": "object", "properties": {"a b": {"type": "integer"}}}}}])
+    with pytest.raises(ToolListError, match="cannot be written"):
+        plan_tools(smollm2, spaced, fmt="lfm2")
+    assert plan_tools(smollm2, spaced, fmt="hermes")

@@ -384,6 +384,13 @@ def plan_tools(backend, tools: tuple[Tool, ...], choice: Any = None, *, parallel
     found, native = template_format(template)
     if fmt is not None:
         found, native = FORMATS[fmt], native and FORMATS[fmt] is found
+    if found.name == "lfm2":
+        for t in tools:
+            bad = found.unwritable(t)
+            if bad is not None:
+                raise ToolListError(f"{t.name}: the parameter name {bad[:40]!r} cannot be written in this model's "
+                                    "Pythonic calls (no spaces, =, commas or parentheses).",
+                                    hint="Rename the parameter.")
     return ToolPlan(tools, found, native, bool(template), mode, name, parallel,
                     system_turn=bool(template) and _takes_system(template))
 

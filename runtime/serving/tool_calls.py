@@ -99,9 +99,12 @@ def _check_arguments(text: str, param: str) -> None:
 
 def plan_for(tool_request: ToolRequest, backend, chat):
     """(the plan, the request rewritten for it: tools in the template or the preamble, the constraint)."""
-    from ..generation.tools import plan_tools
+    from ..generation.tools import ToolListError, plan_tools
 
-    plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel)
+    try:
+        plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel)
+    except ToolListError as e:          # (a parameter name the model's call syntax cannot carry)
+        raise APIError(400, e.message, param=e.param, code="invalid_tools") from None
     return plan, plan.request(chat.messages, chat.options)
 
 
