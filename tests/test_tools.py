@@ -423,3 +423,19 @@ def test_lfm2_parameter_names(smollm2):
     with pytest.raises(ToolListError, match="cannot be written"):
         plan_tools(smollm2, spaced, fmt="lfm2")
     assert plan_tools(smollm2, spaced, fmt="hermes")
+
+
+@pytest.mark.model
+def test_raw_prompt_keeps_the_tools(smollm2):
+    """--raw (or a completion-only model): planned as without a template, so the preamble and the history's
+    calls and results are in the plain-text prompt the backend renders."""
+    plan = plan_tools(smollm2, check_tools([WEATHER]), raw=True)
+    assert (plan.fmt.name, plan.native, plan.has_template) == ("hermes", False, False)
+    history = [Message("system", "Be brief."), Message("user", "Weather in Oslo?"),
+               Message("assistant", "", tool_calls=[{"id": "c1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]),
+               Message("tool", '{"temp_c": 3}', tool_call_id="c1", name="get_weather")]
+    req = plan.request(history, GenerationOptions(raw=True))
+    prompt = smollm2.render(req)
+    assert "get_weather" in prompt and "<tools>" in prompt and "Weather in Oslo?" in prompt
+    assert '<tool_response>' in prompt and 'temp_c' in prompt and '"city": "Oslo"' in prompt

@@ -377,10 +377,12 @@ class ToolPlan:
 # --------------------------------------------------------------------------------------------------------
 
 def plan_tools(backend, tools: tuple[Tool, ...], choice: Any = None, *, parallel: bool = True,
-               param: str = "tool_choice", fmt: Optional[str] = None) -> ToolPlan:
-    """The plan for ``tools`` on ``backend`` (its chat template decides the syntax; ``fmt`` forces one)."""
+               param: str = "tool_choice", fmt: Optional[str] = None, raw: bool = False) -> ToolPlan:
+    """The plan for ``tools`` on ``backend`` (its chat template decides the syntax; ``fmt`` forces one).
+    ``raw`` (--raw, a completion-only model): the prompt is plain text, so planned as without a template
+    (the preamble leads the first user turn, the history's calls and results are text)."""
     mode, name = check_choice(choice, tools, param)
-    template = None if getattr(backend, "chat_template", None) is None else backend.chat_template
+    template = None if raw or getattr(backend, "chat_template", None) is None else backend.chat_template
     found, native = template_format(template)
     if fmt is not None:
         found, native = FORMATS[fmt], native and FORMATS[fmt] is found

@@ -102,7 +102,8 @@ def plan_for(tool_request: ToolRequest, backend, chat):
     from ..generation.tools import ToolListError, plan_tools
 
     try:
-        plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel)
+        plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel,
+                          raw=bool(chat.options.raw))
     except ToolListError as e:          # (a parameter name the model's call syntax cannot carry)
         raise APIError(400, e.message, param=e.param, code="invalid_tools") from None
     return plan, plan.request(chat.messages, chat.options)
