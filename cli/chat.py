@@ -100,6 +100,12 @@ def _tool_turn(session, runner, text: str, tty: bool) -> bool:
             return True
     user: Optional[str] = text
     for _ in range(MAX_TOOL_ROUNDS):
+        if user is None and runner is not None:     # tool results are user-side content: judged as the server does
+            asked = session.messages_for(None, [])
+            v = runner.check_input(asked)
+            if v is not None and not v.safe:
+                console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
+                return True
         try:
             result = session.ask(user)
         except KeyboardInterrupt:

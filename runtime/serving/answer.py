@@ -120,7 +120,7 @@ class ChunkStreamingResponse(StreamingResponse):
 async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
                  verdicts: dict) -> tuple[Lease, ChunkStream, Chunk, float, Any, Any]:
     """Images decoded, the question judged, the model's turn, the first chunk: (lease, stream, first
-    chunk, start time, the ChatRequest, the tool plan or None)."""
+    chunk, start time, the ChatRequest before any tool plan rewrote it, the tool plan or None)."""
     pool, guard = ctx.pool, ctx.guard
     t0 = time.perf_counter()
     if parsed.n_images:             # fetching and decoding: in their own pools, within the pixel budgets
@@ -143,7 +143,7 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     spec = entry.resolved.model
     if (spec is not None and spec.completion_only) or not lease.backend.chat_template:
         chat.options.raw = True
-    plan = None
+    plan, judged = None, chat      # (the guard judges the conversation as sent, not as planned for the template)
     if parsed.tools is not None:    # the model's template decides where the tools go and the call syntax
         try:
             # (off the loop: the first render of a template's probe, the preamble's JSON of big schemas)
@@ -157,7 +157,7 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     except BaseException:
         stream.cancel()
         raise
-    return lease, stream, first, t0, chat, plan
+    return lease, stream, first, t0, judged, plan
 
 
 async def _judged(ctx: ServerContext, request: Request, chat, text: str, last: Chunk, verdicts: dict):
