@@ -439,3 +439,16 @@ def test_raw_prompt_keeps_the_tools(smollm2):
     prompt = smollm2.render(req)
     assert "get_weather" in prompt and "<tools>" in prompt and "Weather in Oslo?" in prompt
     assert '<tool_response>' in prompt and 'temp_c' in prompt and '"city": "Oslo"' in prompt
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400():
+    """Gemma's template raises on roles that do not alternate: the request's shape, so a 400 (not a 500)."""
+    from edgevlm.runtime.errors import TemplateRefused
+    from edgevlm.runtime.generation.prompt import render_chat
+    from edgevlm.runtime.serving.apierror import from_error
+
+    gemma = (TEMPLATES / "google-gemma-2-2b-it.jinja").read_text()
+    with pytest.raises(TemplateRefused) as e:
+        render_chat(gemma, [Message("user", "hi"), Message("user", "again")], bos_token="", eos_token="")
+    err = from_error(e.value)
+    assert err.status == 400 and "alternate" in err.message
