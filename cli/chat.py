@@ -78,12 +78,15 @@ def _stream_answer(session, text: str, images) -> None:
 MAX_TOOL_ROUNDS = 8     # calls answered in one turn before the chat hands the turn back
 
 
-def _tool_turn(session, runner, text: str, tty: bool) -> None:
+def _tool_turn(session, runner, text: str, tty: bool) -> bool:
     """A turn with --tools: each call is shown (stdout, one JSON line) and its result asked for: on a terminal
     with a prompt on stderr; otherwise read from the next input line, without a prompt. Nothing is run here.
     The answer that follows the results may call again, up to MAX_TOOL_ROUNDS times. --guard judges the
-    question, and each answer with its calls as the answer."""
+    question, and each answer with its calls as the answer. A call that was cut off or does not validate is
+    one line on stderr: that answer leaves the history and the chat goes on. False: the input ended."""
     import json
+
+    from edgevlm.runtime.generation.tools import ToolCallViolation
 
     from .common.tool_turns import judged_text
 
@@ -94,36 +97,52 @@ def _tool_turn(session, runner, text: str, tty: bool) -> None:
         if v is not None and not v.safe:
             session.withhold_question()
             console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
-            return
+            return True
     user: Optional[str] = text
     for _ in range(MAX_TOOL_ROUNDS):
+        if user is None and runner is not None:     # tool results are user-side content: judged as the server does
+            asked = session.messages_for(None, [])
+            v = runner.check_input(asked)
+            if v is not None and not v.safe:
+                console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
+                return True
         try:
             result = session.ask(user)
         except KeyboardInterrupt:
             console.err.print("[dim](answer stopped; the conversation continues)[/]")
-            return
+            return True
+        try:
+            answer = session.tool_answer(result)
+        except ToolCallViolation as e:
+            session.drop_answer(with_question=user is not None)
+            console.err.print(f"{e.message} The answer was dropped; the conversation continues.",
+                              markup=False, highlight=False)
+            return True
         user = None
-        answer = session.tool_answer(result)
         if runner is not None and runner.plan.checks_output:
             v = runner.check_output(asked, judged_text(answer))
             if v is not None and not v.safe:
                 session.withhold_answer()
                 console.err.print(f"[bold yellow]{runner.error(v).message}[/]")
-                return
+                return True
         if answer.content:
             console.write_out(answer.content + "\n")
         if not answer.calls:
-            return
+            return True
         for call in answer.calls:
             console.write_out(json.dumps({"call": call.name, "arguments": call.args, "id": call.id},
                                          ensure_ascii=False) + "\n")
             if tty:
                 console.err.print(f"[dim]Result of {call.name} (one line; the chat runs nothing itself):[/]")
-            line = _read_line(tty)
-            if line is None:               # end of input: the call stays unanswered
-                return
+            try:
+                line = _read_line(tty)
+            except EOFError:               # (Ctrl-D at the prompt)
+                line = None
+            if line is None:               # end of input: the call stays unanswered, the chat ends
+                return False
             session.add_tool_result(call.id, call.name, line)
     console.info(f"[dim](stopped after {MAX_TOOL_ROUNDS} rounds of calls)[/]")
+    return True
 
 
 def _command(session, line: str, tty: bool) -> bool:
@@ -219,7 +238,8 @@ def chat(
                         break
                     continue
                 if session.tools is not None:
-                    _tool_turn(session, opened.runner, line, tty)
+                    if not _tool_turn(session, opened.runner, line, tty):
+                        break
                 else:
                     chat_turn(session, opened.runner, line, [], _stream_answer)
         finally:

@@ -71,6 +71,11 @@ class BackendError(EdgeVLMError, RuntimeError):
     exit_code = 10
 
 
+class TemplateRefused(BackendError):
+    """The model's chat template refused the conversation's shape (roles that must alternate, a role it
+    does not know): the request's doing, so a 400 from the server; exit 10 as before on the command line."""
+
+
 class Blocked(EdgeVLMError):
     """--guard: the safety filter (Llama Guard 3) judged the question or the answer unsafe."""
     exit_code = 13

@@ -64,12 +64,12 @@ def test_required_call_whole_and_streamed_agree(server):
     (scall,) = sc.message.tool_calls
     assert (scall.function.name, scall.function.arguments) == (call.function.name, call.function.arguments)
 
-    # raw deltas: the name comes first, in its own chunk, then the arguments in more than one fragment
+    # raw deltas: the name comes first, in its own chunk, then the arguments whole, once validated
     raw = c.chat.completions.create(model="smollm2-135m", messages=Q, tools=TOOLS, tool_choice="required",
                                     temperature=0, parallel_tool_calls=False, max_tokens=120, stream=True)
     deltas = [ch.choices[0].delta.tool_calls[0] for ch in raw if ch.choices and ch.choices[0].delta.tool_calls]
     assert deltas[0].function.name == "get_weather" and deltas[0].id == deltas[0].id and deltas[0].index == 0
-    assert len(deltas) > 2 and all(d.function.name is None for d in deltas[1:])
+    assert len(deltas) == 2 and deltas[1].function.name is None
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
 
 
@@ -214,3 +214,15 @@ def test_cli_chat_tools_reads_results_without_prompting(smollm2_gguf, tmp_path):
     calls = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(calls) == 2 and all(c["call"] == "get_weather" and c["arguments"]["city"] for c in calls)
     assert "Result of" not in r.stderr and ">>>" not in r.stdout
+
+
+def test_cli_chat_tools_a_cut_off_call_is_dropped_and_the_chat_goes_on(smollm2_gguf, tmp_path):
+    """A call cut off by --max-tokens is one line on stderr; that answer leaves the history and the chat
+    reads the next question (it used to exit 11 and lose the conversation)."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    r = vlm("chat", "-m", "smollm2-135m", "--tools", str(tools), "--tool-choice", "required", "-t", "0", "-n", "12",
+            input="What is the weather in Paris?\nAnd in Rome?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("The answer was dropped; the conversation continues.") == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout.strip() == ""

@@ -297,3 +297,158 @@ def test_random_weight_model_never_writes_an_invalid_call(vision_model, kind):
                 assert answer.calls
     finally:
         b.close()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "lfm2"])
+def test_keywords_the_engine_cannot_enforce_still_compile(smollm2, fmt):
+    """uniqueItems and not are not llguidance's: the grammar is lenient (as --schema), parse validates them."""
+    tools = check_tools([
+        {"type": "function", "function": {"name": "tags", "parameters": {"type": "object", "properties": {
+            "t": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}, "required": ["t"]}}},
+        {"type": "function", "function": {"name": "any", "parameters": {"type": "object", "properties": {
+            "v": {"not": {"type": "null"}}}, "required": ["v"]}}}])
+    plan = ToolPlan(tools, FORMATS[fmt], False, True, "required")
+    assert plan.constraint(smollm2) is not None
+    if fmt == "hermes":
+        with pytest.raises(ToolCallViolation, match="do not match"):
+            plan.parse('<tool_call>\n{"name": "tags", "arguments": {"t": ["a", "a"]}}\n</tool_call>', "stop")
+
+
+CODE = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["code"]}}}
+
+
+def _streamed(plan, text, finish_reason, step=3):
+    stream = plan.stream()
+    events = []
+    for i in range(0, len(text), step):
+        events += stream.feed(text[i:i + step])
+    return events, stream.finish(finish_reason)
+
+
+@pytest.mark.parametrize("fmt, text, finish_reason, n_calls", [
+    ("hermes", 'Ok.<tool_call>\n{"name": "lookup", "arguments": {"code": "abc"}}\n</tool_call>', "stop", 0),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"code": "ABC"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "lookup", "arguments": {"code": "abc"}}\n</tool_call>', "stop", 1),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"code": "ABC"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "lookup", "argu', "length", 1),
+    ("hermes", '<tool_call>\n{"name": "lookup", "arguments": {"co', "length", 0),
+    ("llama3", '{"name": "lookup", "parameters": {"code": "abc"}}', "stop", 0),
+    ("lfm2", '<|tool_call_start|>[lookup(code="ABC"), lookup(code="abc")]<|tool_call_end|>', "stop", 1),
+    ("lfm2", '<|tool_call_start|>[lookup(code="AB', "length", 0),
+])
+def test_stream_sends_only_complete_valid_calls_and_ends_as_read_whole(fmt, text, finish_reason, n_calls):
+    """A call that fails validation (a dropped pattern) or is cut off is never sent, nor any after it; the
+    streamed answer is the answer read whole (what the server returns not streamed), never an error."""
+    plan = ToolPlan(check_tools([CODE]), FORMATS[fmt], False, True)
+    whole = plan.read(text, finish_reason)
+    events, answer = _streamed(plan, text, finish_reason)
+    assert len(whole.calls) == len(answer.calls) == n_calls
+    assert [(c.name, c.arguments) for c in answer.calls] == [(c.name, c.arguments) for c in whole.calls]
+    assert answer.content == whole.content
+    sent = [e for e in events if e[0] != "content"]
+    assert sent == [ev for i, c in enumerate(answer.calls)
+                    for ev in (("call", i, c.id, c.name), ("arguments", i, c.arguments))]
+
+
+def test_stream_holds_a_call_until_it_is_complete():
+    plan = ToolPlan(check_tools([CODE]), FORMATS["hermes"], False, True)
+    stream = plan.stream()
+    assert stream.feed('<tool_call>\n{"name": "lookup", "arguments": {"code": "AB') == []
+    assert [e[0] for e in stream.feed('C"}}\n</tool_call>')] == ["call", "arguments"]
+
+
+def test_deeply_nested_output_is_an_invalid_call_not_a_crash():
+    plan = ToolPlan(check_tools(TOOLS), FORMATS["hermes"], False, True)
+    deep = '<tool_call>\n{"name": "now", "arguments": {"a": ' + "[" * 100000 + "]" * 100000 + "}}\n</tool_call>"
+    assert plan.read(deep, "stop").calls == []
+    with pytest.raises(ToolCallViolation):
+        plan.parse(deep, "stop")
+    assert _streamed(plan, deep, "stop", step=4000)[1].calls == []
+
+
+def test_deeply_nested_history_arguments_are_a_400_not_a_crash():
+    """A history's arguments string is parsed and depth-checked when the request is read (400); the
+    prompt helpers that read it again never raise RecursionError."""
+    from edgevlm.runtime.generation.prompt import _tool_fields
+    from edgevlm.runtime.generation.tools import _as_dict
+    from edgevlm.runtime.serving.apierror import APIError
+    from edgevlm.runtime.serving.tool_calls import history_fields
+
+    for deep in ("[" * 50000 + "]" * 50000, "[" * 100 + "]" * 100):
+        m = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": deep}}]}
+        with pytest.raises(APIError) as e:
+            history_fields(m, 1, "assistant", {})
+        assert e.value.status == 400 and "nested too deeply" in str(e.value.message)
+        assert isinstance(_as_dict(deep), dict)
+        _tool_fields(Message("assistant", "", tool_calls=[{"function": {"name": "f", "arguments": deep}}]))
+    ok = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": [1]}'}}]}
+    assert history_fields(ok, 1, "assistant", {})["tool_calls"][0]["function"]["arguments"] == '{"a": [1]}'
+
+
+def test_tool_schemas_are_capped_in_size():
+    from edgevlm.runtime.generation.tools import MAX_SCHEMA_NODES
+
+    props = {f"p{i}": {"type": "object", "properties": {}} for i in range(MAX_SCHEMA_NODES)}
+    big = {"type": "function", "function": {"name": "big", "parameters": {"type": "object", "properties": props}}}
+    with pytest.raises(ToolListError, match="too large"):
+        check_tools([big])
+    halves = [{"type": "function", "function": {"name": f"h{k}", "parameters": {"type": "object", "properties": {
+        f"p{i}": {"type": "object"} for i in range(MAX_SCHEMA_NODES // 2)}}}} for k in range(2)]
+    with pytest.raises(ToolListError, match="too large"):       # counted across the tools, not per tool
+        check_tools(halves)
+    assert check_tools(TOOLS)
+
+
+def test_tool_calls_with_a_non_string_name_is_a_usage_error():
+    from edgevlm.cli.common.tool_turns import earlier_calls
+    from edgevlm.runtime.errors import UsageError
+
+    bad = json.dumps([{"id": "c", "function": {"name": ["get_weather"], "arguments": "{}"}}])
+    with pytest.raises(UsageError, match="not a call of a function"):
+        earlier_calls(bad, ["get_weather=1"], check_tools(TOOLS))
+
+
+@pytest.mark.model
+def test_lfm2_parameter_names(smollm2):
+    """Quotes in a parameter name are escaped in the grammar; names the Pythonic syntax cannot carry are
+    one clear error when the plan is made."""
+    quoted = check_tools([{"type": "function", "function": {"name": "q", "parameters": {
+        "type": "object", "properties": {'a"b': {"type": "integer"}, "c\\\\d": {"type": "string"}}, "required": ['a"b']}}}])
+    plan = plan_tools(smollm2, quoted, "required", fmt="lfm2")
+    assert plan.constraint(smollm2) is not None
+    spaced = check_tools([{"type": "function", "function": {"name": "s", "parameters": {
+        "type": "object", "properties": {"a b": {"type": "integer"}}}}}])
+    with pytest.raises(ToolListError, match="cannot be written"):
+        plan_tools(smollm2, spaced, fmt="lfm2")
+    assert plan_tools(smollm2, spaced, fmt="hermes")
+
+
+@pytest.mark.model
+def test_raw_prompt_keeps_the_tools(smollm2):
+    """--raw (or a completion-only model): planned as without a template, so the preamble and the history's
+    calls and results are in the plain-text prompt the backend renders."""
+    plan = plan_tools(smollm2, check_tools([WEATHER]), raw=True)
+    assert (plan.fmt.name, plan.native, plan.has_template) == ("hermes", False, False)
+    history = [Message("system", "Be brief."), Message("user", "Weather in Oslo?"),
+               Message("assistant", "", tool_calls=[{"id": "c1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]),
+               Message("tool", '{"temp_c": 3}', tool_call_id="c1", name="get_weather")]
+    req = plan.request(history, GenerationOptions(raw=True))
+    prompt = smollm2.render(req)
+    assert "get_weather" in prompt and "<tools>" in prompt and "Weather in Oslo?" in prompt
+    assert '<tool_response>' in prompt and 'temp_c' in prompt and '"city": "Oslo"' in prompt
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400():
+    """Gemma's template raises on roles that do not alternate: the request's shape, so a 400 (not a 500)."""
+    from edgevlm.runtime.errors import TemplateRefused
+    from edgevlm.runtime.generation.prompt import render_chat
+    from edgevlm.runtime.serving.apierror import from_error
+
+    gemma = (TEMPLATES / "google-gemma-2-2b-it.jinja").read_text()
+    with pytest.raises(TemplateRefused) as e:
+        render_chat(gemma, [Message("user", "hi"), Message("user", "again")], bos_token="", eos_token="")
+    err = from_error(e.value)
+    assert err.status == 400 and "alternate" in err.message

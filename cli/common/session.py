@@ -116,7 +116,8 @@ class Setup:
         if self.tools is not None:
             from edgevlm.runtime.generation.tools import plan_tools
 
-            session.tools = plan_tools(opened.backend, self.tools, self.tooling.choice(), param="--tool-choice")
+            session.tools = plan_tools(opened.backend, self.tools, self.tooling.choice(), param="--tool-choice",
+                                       raw=raw)
             if not self.quiet:
                 how = "its chat template" if session.tools.native else "the generic preamble (docs/tools.md)"
                 console.info(f"[dim]Tools: {session.tools.fmt.name} calls, offered through {how}.[/]")

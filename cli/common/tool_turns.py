@@ -45,7 +45,7 @@ def earlier_calls(arg: Optional[str], results: list[str], tools) -> list[tuple[d
     out_calls = []
     for i, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or fn.get("name") not in names:
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or fn["name"] not in names:
             raise UsageError(f"--tool-calls[{i}] is not a call of a function in --tools.",
                              hint='A call is {"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}.')
         args = fn.get("arguments", "{}")

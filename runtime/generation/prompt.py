@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Optional
 
-from ..errors import BackendError
+from ..errors import BackendError, TemplateRefused
 from ..protocol import Message
 
 
@@ -43,7 +43,7 @@ def _tool_fields(m: Message) -> dict[str, Any]:
             if isinstance(fn.get("arguments"), str):
                 try:
                     fn["arguments"] = json.loads(fn["arguments"])
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     pass
             calls.append({**c, "function": fn, **fn})     # (some templates read tool_call.name directly)
         out["tool_calls"] = calls
@@ -85,7 +85,7 @@ def render_chat(template: str, messages: list[Message], *, bos_token: str, eos_t
 
     tmpl = _compile(template)
     has_images = any(m.images for m in messages)
-    errors = []
+    errors, refused = [], False
     for list_form in ((True, False) if has_images else (False,)):
         try:
             text = tmpl.render(
@@ -96,12 +96,13 @@ def render_chat(template: str, messages: list[Message], *, bos_token: str, eos_t
             )
         except jinja2.exceptions.TemplateError as e:
             errors.append(str(e))
+            refused = True
             continue
         if has_images and text.count(marker) < sum(len(m.images) for m in messages):
             errors.append("the template dropped the images")
             continue
         return text
-    raise BackendError(
+    raise (TemplateRefused if refused else BackendError)(
         f"The model's chat template could not render this conversation: {errors[-1]}",
         hint="Use --raw for plain completion, or a model whose template supports this input.",
     )

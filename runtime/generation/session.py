@@ -132,6 +132,14 @@ class ChatSession:
             self.history[-1] = Message("assistant", answer.content, tool_calls=[c.openai() for c in answer.calls])
         return answer
 
+    def drop_answer(self, with_question: bool = False) -> None:
+        """Forget the last answer (a tool call that could not be used), and the question before it when
+        ``with_question``, so the history holds no broken call."""
+        if self.history and self.history[-1].role == "assistant":
+            self.history.pop()
+            if with_question and self.history and self.history[-1].role == "user":
+                self.history.pop()
+
     def add_tool_call(self, call: dict) -> None:
         """A call made earlier (OpenAI's shape), as an assistant turn of the history (``vlm ask --tool-calls``)."""
         if self.history and self.history[-1].role == "assistant" and self.history[-1].tool_calls:

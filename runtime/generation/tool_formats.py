@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 # What llguidance writes inside the calls: compact JSON apart from ", " and ": ", what json.dumps writes.
-_X_GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Lenient, as --schema: keywords llguidance does not implement (uniqueItems, not) are left to jsonschema in parse.
+_X_GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 MAX_PARALLEL = 8        # calls in one answer (bounds a small model that keeps calling)
 
 
@@ -171,6 +172,7 @@ class Llama3(CallFormat):
 
 _CALL_NAME = re.compile(r"\s*([A-Za-z0-9_-]+)\(")
 _KEY = re.compile(r"\s*([^=\s,()]+)\s*=\s*")
+_ARG_NAME = re.compile(r"[^=\s,()]+\Z")
 _PY_WORDS = {"True": True, "False": False, "None": None}
 
 
@@ -230,7 +232,7 @@ class Lfm2(CallFormat):
 
         def arg(k):
             sub = props[k] if isinstance(props[k], dict) else {}
-            return f'"{k}=" %json {json.dumps({**sub, "x-guidance": _X_GUIDANCE})}'
+            return f'{json.dumps(k + "=", ensure_ascii=False)} %json {json.dumps({**sub, "x-guidance": _X_GUIDANCE})}'
 
         def tail(keys):   # each optional argument after the first present one, in order, with its separator
             return " ".join(f'(", " {arg(k)})?' for k in keys)
@@ -242,6 +244,10 @@ class Lfm2(CallFormat):
         else:
             body = ""
         return f'"{tool.name}(" {body} ")"'
+
+    def unwritable(self, tool) -> Optional[str]:
+        """A parameter name this syntax cannot carry (``name=value``: no space, =, comma, parenthesis)."""
+        return next((k for k in (tool.engine_schema.get("properties") or {}) if not _ARG_NAME.match(k)), None)
 
     def lark(self, tools, forced: bool, parallel: bool) -> str:
         alts = " | ".join(f"call_{i}" for i in range(len(tools)))
@@ -262,8 +268,8 @@ class Lfm2(CallFormat):
             return text[:i], [], True      # written whole at the end: a Python call is parsed when complete
         try:
             calls = [RawCall(n, json.dumps(a, ensure_ascii=False), True) for n, a in _pythonic(body[:end])]
-        except ValueError as e:
-            return text[:i], [RawCall(None, f"<unparsable: {e}>", False)], True
+        except (ValueError, RecursionError) as e:
+            return text[:i], [RawCall(None, f"<unparsable: {str(e)[:60]}>", False)], True
         return text[:i], calls, True
 
     def write(self, name: str, arguments: dict) -> str:

@@ -33,6 +33,7 @@ from .tool_formats import FORMATS, CallFormat, RawCall, detect
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")     # OpenAI's rule for function names
 MAX_TOOLS = 128
+MAX_SCHEMA_NODES = 2048  # objects and arrays in all the tools' parameters together (as --schema's cap per schema)
 CHOICES = ("auto", "none", "required")
 
 PREAMBLE = """You can call functions. Here they are, in JSON Schema:
@@ -92,6 +93,7 @@ def check_tools(tools: Any, param: str = "tools") -> tuple[Tool, ...]:
         raise _fail(f"`{param}` is an empty list.", param)
     if len(tools) > MAX_TOOLS:
         raise _fail(f"`{param}` has {len(tools)} tools; at most {MAX_TOOLS} are allowed.", param)
+    _check_size(tools, param)
     out: list[Tool] = []
     seen: set[str] = set()
     for i, t in enumerate(tools):
@@ -129,6 +131,19 @@ def check_tools(tools: Any, param: str = "tools") -> tuple[Tool, ...]:
                         f"{p}.function.parameters")
         out.append(Tool(name, desc, params, _engine_schema(params)))
     return tuple(out)
+
+
+def _check_size(tools: list, param: str) -> None:
+    """At most ``MAX_SCHEMA_NODES`` objects and arrays in the whole list, counted before any schema is checked
+    (checking or compiling a huge schema costs seconds of CPU). Iterative: deep nesting cannot exhaust the stack."""
+    nodes, stack = 0, [tools]
+    while stack:
+        x = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise _fail(f"`{param}` is too large: more than {MAX_SCHEMA_NODES} objects and arrays in the parameter "
+                        "schemas together; send fewer or smaller tools.", param)
+        stack.extend(v for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list)))
 
 
 def load_tools(arg: str) -> tuple[Tool, ...]:
@@ -321,61 +336,40 @@ class ToolPlan:
             args = json.loads(rc.arguments)
         except json.JSONDecodeError as e:
             raise ToolCallViolation(f"The arguments of {rc.name} are not JSON ({e.msg}).") from e
+        except RecursionError:
+            raise ToolCallViolation(f"The arguments of {rc.name} are nested too deeply.") from None
         try:
             jsonschema.validate(args, tools[rc.name].parameters)
+        except RecursionError:
+            raise ToolCallViolation(f"The arguments of {rc.name} are nested too deeply.") from None
         except jsonschema.ValidationError as e:
             raise ToolCallViolation(f"The arguments of {rc.name} do not match its parameters: {e.message}.",
                                     hint="The parameters use keywords that cannot be enforced while generating; "
                                          "simplify them, or try another --seed.") from e
         return ToolCall(new_call_id(), rc.name, rc.arguments)
 
-    def stream(self) -> "ToolStream":
-        return ToolStream(self)
-
-
-class ToolStream:
-    """Turns an answer's text pieces into events as they come: ("content", text), ("call", index, id, name)
-    when a call's name is known, ("arguments", index, fragment) as its arguments are written. Each call is
-    validated when complete (``ToolCallViolation`` otherwise, before its end is sent); ``finish`` returns the
-    whole ``ToolAnswer``."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.text = ""
-        self._content = 0                # characters of content sent
-        self._calls: list[list] = []     # per call: [id, name sent, argument characters sent]
-
-    def feed(self, piece: str) -> list[tuple]:
-        self.text += piece
-        if not self.plan.constrained:
-            return [("content", piece)] if piece else []
-        content, raw, begun = self.plan.fmt.scan(self.text)
-        events: list[tuple] = []
-        if len(content) > self._content and not (begun and not content[self._content:].strip()):
-            events.append(("content", content[self._content:]))
-            self._content = len(content)
-        for i, rc in enumerate(raw):
-            if rc.name is None or (rc.arguments is None and not rc.complete):
+    def read(self, text: str, finish_reason: Optional[str] = None) -> ToolAnswer:
+        """The answer as ``vlm serve`` returns it, whole or streamed (never raises): the calls up to the first
+        one that is cut off or does not validate, which is dropped with every call after it; the text
+        before the calls is the content."""
+        if not self.constrained:
+            return ToolAnswer(text)
+        content, raw, begun = self.fmt.scan(text)
+        if not begun:
+            return ToolAnswer(text)
+        calls: list[ToolCall] = []
+        for rc in raw:
+            try:
+                calls.append(self.validated(rc))
+            except ToolCallViolation:
                 break
-            if i == len(self._calls):
-                if rc.complete:
-                    self.plan.validated(rc)
-                self._calls.append([new_call_id(), rc.name, 0])
-                events.append(("call", i, self._calls[i][0], rc.name))
-            args = rc.arguments or ""
-            sent = self._calls[i][2]
-            if rc.complete and sent < len(args):
-                self.plan.validated(rc)
-            if len(args) > sent:
-                events.append(("arguments", i, args[sent:]))
-                self._calls[i][2] = len(args)
-        return events
+        return ToolAnswer(content.strip(), calls)
 
-    def finish(self, finish_reason: Optional[str]) -> ToolAnswer:
-        answer = self.plan.parse(self.text, finish_reason)
-        for c, sent in zip(answer.calls, self._calls):
-            c.id = sent[0]
-        return answer
+    def stream(self):
+        """A ``ToolStream`` reading this plan's answer as it is written (generation/tool_stream.py)."""
+        from .tool_stream import ToolStream
+
+        return ToolStream(self)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -383,13 +377,22 @@ class ToolStream:
 # --------------------------------------------------------------------------------------------------------
 
 def plan_tools(backend, tools: tuple[Tool, ...], choice: Any = None, *, parallel: bool = True,
-               param: str = "tool_choice", fmt: Optional[str] = None) -> ToolPlan:
-    """The plan for ``tools`` on ``backend`` (its chat template decides the syntax; ``fmt`` forces one)."""
+               param: str = "tool_choice", fmt: Optional[str] = None, raw: bool = False) -> ToolPlan:
+    """The plan for ``tools`` on ``backend`` (its chat template decides the syntax; ``fmt`` forces one).
+    ``raw`` (--raw, a completion-only model): the prompt is plain text, so planned as without a template
+    (the preamble leads the first user turn, the history's calls and results are text)."""
     mode, name = check_choice(choice, tools, param)
-    template = None if getattr(backend, "chat_template", None) is None else backend.chat_template
+    template = None if raw or getattr(backend, "chat_template", None) is None else backend.chat_template
     found, native = template_format(template)
     if fmt is not None:
         found, native = FORMATS[fmt], native and FORMATS[fmt] is found
+    if found.name == "lfm2":
+        for t in tools:
+            bad = found.unwritable(t)
+            if bad is not None:
+                raise ToolListError(f"{t.name}: the parameter name {bad[:40]!r} cannot be written in this model's "
+                                    "Pythonic calls (no spaces, =, commas or parentheses).",
+                                    hint="Rename the parameter.")
     return ToolPlan(tools, found, native, bool(template), mode, name, parallel,
                     system_turn=bool(template) and _takes_system(template))
 
@@ -434,7 +437,7 @@ def _as_dict(arguments: Any) -> dict:
         return arguments
     try:
         v = json.loads(arguments) if isinstance(arguments, str) else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {"arguments": arguments}
     return v if isinstance(v, dict) else {"arguments": v}
 
@@ -482,5 +485,5 @@ def _constraint(cls, ll_tokenizer, grammar: str, eos_ids):
     return hit[1].copy()
 
 
-__all__ = ["Tool", "ToolCall", "ToolAnswer", "ToolPlan", "ToolStream", "ToolListError", "ToolCallViolation",
+__all__ = ["Tool", "ToolCall", "ToolAnswer", "ToolPlan", "ToolListError", "ToolCallViolation",
            "check_tools", "load_tools", "check_choice", "plan_tools", "template_format", "PREAMBLE"]

@@ -120,7 +120,7 @@ class ChunkStreamingResponse(StreamingResponse):
 async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
                  verdicts: dict) -> tuple[Lease, ChunkStream, Chunk, float, Any, Any]:
     """Images decoded, the question judged, the model's turn, the first chunk: (lease, stream, first
-    chunk, start time, the ChatRequest, the tool plan or None)."""
+    chunk, start time, the ChatRequest before any tool plan rewrote it, the tool plan or None)."""
     pool, guard = ctx.pool, ctx.guard
     t0 = time.perf_counter()
     if parsed.n_images:             # fetching and decoding: in their own pools, within the pixel budgets
@@ -143,10 +143,11 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     spec = entry.resolved.model
     if (spec is not None and spec.completion_only) or not lease.backend.chat_template:
         chat.options.raw = True
-    plan = None
+    plan, judged = None, chat      # (the guard judges the conversation as sent, not as planned for the template)
     if parsed.tools is not None:    # the model's template decides where the tools go and the call syntax
         try:
-            plan, chat = plan_for(parsed.tools, lease.backend, chat)
+            # (off the loop: the first render of a template's probe, the preamble's JSON of big schemas)
+            plan, chat = await ctx.workers.check(plan_for, parsed.tools, lease.backend, chat)
         except BaseException:
             lease.release()
             raise
@@ -156,7 +157,7 @@ async def _start(ctx: ServerContext, request: Request, parsed: Parsed,
     except BaseException:
         stream.cancel()
         raise
-    return lease, stream, first, t0, chat, plan
+    return lease, stream, first, t0, judged, plan
 
 
 async def _judged(ctx: ServerContext, request: Request, chat, text: str, last: Chunk, verdicts: dict):
@@ -279,16 +280,7 @@ async def _tool_final(ctx: ServerContext, request: Request, chat, writer, plan, 
                       verdicts: dict, *, model: str, extra: dict, t0: float, load_s: float, stream=None) -> Final:
     """An answer with tools as a ``Final``: its text and validated calls (a call cut off by the token limit
     is dropped), judged by the guard with the calls as the answer, finish_reason "tool_calls" with calls."""
-    from ..generation.tools import ToolCallViolation
-
-    answer = None
-    if stream is not None:
-        try:
-            answer = stream.finish(last.finish_reason)       # (the ids the deltas carried)
-        except ToolCallViolation:
-            answer = None
-    if answer is None:
-        answer = read_answer(plan, text, last.finish_reason)
+    answer = stream.finish(last.finish_reason) if stream is not None else read_answer(plan, text, last.finish_reason)
     _, last = await _judged(ctx, request, chat, answer.judged_text(), last, verdicts)
     if last.finish_reason == "content_filter":
         fin = Final(model, last, "content_filter", "", extra=extra, total_s=time.perf_counter() - t0, load_s=load_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import (BackendError, BadMedia, BadModelFile, ContextOverflow, EdgeVLMError, InsufficientMemory,
-                      MissingExtra, ModelNotFound, ModelNotInstalled, UsageError)
+                      MissingExtra, ModelNotFound, ModelNotInstalled, TemplateRefused, UsageError)
 
 
 class APIError(Exception):
@@ -47,11 +47,14 @@ def from_error(e: BaseException) -> APIError:
             return APIError(400, msg, code="context_length_exceeded", param="messages")
         if isinstance(e, BadMedia):
             return APIError(400, msg, code="invalid_image", param="messages")
+        if isinstance(e, TemplateRefused):        # the conversation's shape, not the engine
+            return APIError(400, msg, code="invalid_messages", param="messages")
         if isinstance(e, InsufficientMemory):
             return APIError(503, msg, type="server_error", code="insufficient_memory")
         if type(e).__name__ == "UnsatisfiableSchema":      # generation.constrain: no document can satisfy it
             return APIError(400, msg, code="invalid_schema", param="response_format")
-        if type(e).__name__ == "SchemaViolation" or isinstance(e, UsageError):
+        if any(c.__name__ == "SchemaViolation" for c in type(e).__mro__) or isinstance(e, UsageError):
+            # (generation.schema's, and tools' ToolCallViolation, its subclass)
             return APIError(422, msg, code="unprocessable")
         if isinstance(e, (BadModelFile, MissingExtra, BackendError)):
             return APIError(500, msg, type="server_error", code="engine_error")

@@ -23,7 +23,7 @@ from .workers import Workers
 log = logging.getLogger("edgevlm.serve")
 
 _INLINE_BODY = 8 * 1024     # smaller bodies without a schema are parsed and checked on the loop (no thread hop)
-_SCHEMA_KEYS = (b'"response_format"', b'"json_schema"', b'"format"')
+_SCHEMA_KEYS = (b'"response_format"', b'"json_schema"', b'"format"', b'"tools"')   # (tools: parameter schemas)
 
 
 class ClientGone(Exception):

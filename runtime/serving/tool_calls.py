@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .apierror import APIError, bad_request
+from .bodies import MAX_DEPTH, check_tree
 from .translate import boolean, type_error
 
 
@@ -57,6 +58,8 @@ def history_fields(m: dict, mi: int, role: str, ids: dict, *, ollama: bool = Fal
                 args = json.dumps(args, ensure_ascii=False)
             elif not isinstance(args, str):
                 raise type_error(f"{p}.tool_calls[{ci}].function.arguments", "a JSON string" if not ollama else "an object")
+            else:
+                _check_arguments(args, f"{p}.tool_calls[{ci}].function.arguments")
             cid = c.get("id") if isinstance(c.get("id"), str) else f"call_{mi}_{ci}"
             ids[cid] = fn["name"]
             norm.append({"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}})
@@ -72,24 +75,44 @@ def history_fields(m: dict, mi: int, role: str, ids: dict, *, ollama: bool = Fal
     return out
 
 
+def _check_arguments(text: str, param: str) -> None:
+    """A history's arguments string nested no deeper than a request body may be (400): every later walk of
+    it (the prompt, the template) is then safe. Text that is not JSON is kept as text."""
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        doc = None
+        deep = True
+    except ValueError:
+        return
+    else:
+        deep = False
+        if isinstance(doc, (dict, list)):
+            try:
+                check_tree(doc)
+            except APIError:
+                deep = True
+    if deep:
+        raise APIError(400, f"`{param}` is nested too deeply (more than {MAX_DEPTH} levels); flatten it.",
+                       param=param, code="invalid_value")
+
+
 def plan_for(tool_request: ToolRequest, backend, chat):
     """(the plan, the request rewritten for it: tools in the template or the preamble, the constraint)."""
-    from ..generation.tools import plan_tools
+    from ..generation.tools import ToolListError, plan_tools
 
-    plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel)
+    try:
+        plan = plan_tools(backend, tool_request.tools, tool_request.choice, parallel=tool_request.parallel,
+                          raw=bool(chat.options.raw))
+    except ToolListError as e:          # (a parameter name the model's call syntax cannot carry)
+        raise APIError(400, e.message, param=e.param, code="invalid_tools") from None
     return plan, plan.request(chat.messages, chat.options)
 
 
 def read_answer(plan, text: str, finish_reason: Optional[str]):
-    """The answer as text and validated calls. A call that is not complete and valid (cut off by the token
-    limit) is never returned: the text before it is the answer."""
-    from ..generation.tools import ToolAnswer, ToolCallViolation
-
-    try:
-        return plan.parse(text, finish_reason)
-    except ToolCallViolation:
-        content, _, _ = plan.fmt.scan(text)
-        return ToolAnswer(content.strip(), [])
+    """The answer as text and validated calls (``ToolPlan.read``): a call that is cut off by the token limit
+    or does not validate is never returned, nor any call after it; the text before the calls is the answer."""
+    return plan.read(text, finish_reason)
 
 
 def openai_message(answer) -> dict:
