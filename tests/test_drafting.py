@@ -31,7 +31,7 @@ def _prompt(backend, task: str) -> str:
     return TEXT + "\n\nThe text above, quoted word for word:\n\n\""        # a base model continues a document
 
 
-@pytest.fixture(scope="module", params=["gguf", "gemma-gguf"])
+@pytest.fixture(scope="module", params=["gguf", pytest.param("gemma-gguf", marks=pytest.mark.slow)])   # Gemma: full suite
 def backend(request, smollm2_gguf):
     from edgevlm.runtime.loader import artifact_from_path, load_backend
     from edgevlm.runtime.protocol import LoadOptions

@@ -42,6 +42,7 @@ def _valid(call) -> dict:
     return args
 
 
+@pytest.mark.slow
 def test_required_call_whole_and_streamed_agree(server):
     c = server.client()
     whole = c.chat.completions.create(model="smollm2-135m", messages=Q, tools=TOOLS, tool_choice="required",

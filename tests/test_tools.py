@@ -219,6 +219,7 @@ def test_random_logits_never_write_an_invalid_call(smollm2, fmt, mode):
 
 
 @pytest.mark.model
+@pytest.mark.slow            # ~100 s: many sampled answers; the full suite runs it
 def test_sampled_hot_every_call_is_valid(smollm2):
     """SmolLM2 at temperature 2 through the real decode loop: forced calls are always complete and valid."""
     from edgevlm.runtime.generation.core import complete
@@ -238,6 +239,7 @@ def test_sampled_hot_every_call_is_valid(smollm2):
 
 
 @pytest.mark.model
+@pytest.mark.slow            # ~100 s: many sampled answers; the full suite runs it
 def test_auto_leaves_text_free_and_required_calls(smollm2):
     from edgevlm.runtime.generation.core import complete
 
