@@ -31,7 +31,9 @@ def smollm2_onnx_dir(smollm2_hf) -> Path:
     return _cached_build("smollm2-135m-onnx", smollm2_hf, "auto", ("int8", "int4"))
 
 
-@pytest.fixture(scope="module", params=["gguf", "gemma-gguf", "onnx"])
+# Gemma (ggml's batched kernels from 4 rows on) and the unconstrained runs (forced runs change nothing
+# there) are the full suite's; the quick subset keeps SmolLM2 on both backends under the schema.
+@pytest.fixture(scope="module", params=["gguf", pytest.param("gemma-gguf", marks=pytest.mark.slow), "onnx"])
 def backend(request, smollm2_gguf):
     from edgevlm.runtime.loader import artifact_from_path, load_backend
     from edgevlm.runtime.protocol import LoadOptions
@@ -43,7 +45,7 @@ def backend(request, smollm2_gguf):
     # Gemma 3 270M Q4_K_M: its Q5_0 / Q8_0 tensors take ggml's batched kernels from 4 rows on (GGUFBackend.eval_tokens).
     path = {"gguf": lambda: smollm2_gguf, "gemma-gguf": lambda: request.getfixturevalue("gemma_gguf"),
             "onnx": lambda: request.getfixturevalue("smollm2_onnx_dir") / "model.onnx"}[request.param]()
-    b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=1))
+    b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=2))
     yield b
     b.close()
 
@@ -91,7 +93,7 @@ class _Counted:
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("schema", [PET, None], ids=["schema", "free"])
+@pytest.mark.parametrize("schema", [PET, pytest.param(None, marks=pytest.mark.slow)], ids=["schema", "free"])
 def test_greedy_identical_with_and_without_forced_runs(backend, schema):
     """Same tokens, same text; under the schema in fewer evaluation steps."""
     for q in QUESTIONS[::2]:

@@ -37,7 +37,7 @@ def backend(request, smollm2_gguf):
     from edgevlm.runtime.protocol import LoadOptions
 
     path = smollm2_gguf if request.param == "gguf" else request.getfixturevalue("gemma_gguf")
-    b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=1))
+    b = load_backend(artifact_from_path(path, None, False), LoadOptions(n_ctx=2048, n_threads=2))
     yield b
     b.close()
 
@@ -103,7 +103,7 @@ def test_kv_cache_after_a_stop_inside_a_draft(backend):
     the KV cache as plain decoding does: the drafted positions go, the token before the stop stays."""
     prompt = _prompt(backend, "quote")
     plain, _ = _answer(backend, prompt, "off", max_tokens=60)
-    words = [w for w in plain.split() if len(w) > 3][6:12]
+    words = [w for w in plain.split() if len(w) > 3][6:9]
     assert words, plain
     for w in words:
         keys = {}
@@ -117,7 +117,7 @@ def test_kv_cache_after_a_stop_inside_a_draft(backend):
 def test_sampled_answers_valid_under_the_schema(backend):
     prompt = _prompt(backend, "record")
     checked = 0
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         text, last = _answer(backend, prompt, "ngram", schema=RECORD, temperature=0.8, seed=seed, max_tokens=240)
         assert last.finish_reason == "stop", text
         jsonschema.validate(json.loads(text), RECORD)

@@ -101,6 +101,7 @@ def test_a_cache_too_small_for_a_conversation_keeps_nothing(smollm2_gguf, plain)
         b.close()
 
 
+@pytest.mark.slow      # three Gemma 3 contexts and ~3,000 prompt tokens: the full suite's
 def test_sliding_window_model_restores_only_what_it_can_continue(gemma_gguf):
     """Gemma 3 attends over a 512-token window in most layers, and llama.cpp saves only the window's
     cells of those layers: a saved conversation within the window comes back whole; a longer one would

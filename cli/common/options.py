@@ -10,7 +10,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from edgevlm.runtime.protocol import DEFAULT_CTX  # noqa: F401  (re-exported for the commands)
+from edgevlm.runtime.protocol import DEFAULT_CTX, GenerationOptions  # noqa: F401  (DEFAULT_CTX: for the commands)
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (alias or alias:quant) or a path to a .gguf file.")]
 MMProj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector (mmproj .gguf) for a model given by path.")]
@@ -82,15 +82,18 @@ Fps = Annotated[Optional[float], typer.Option("--fps", min=0.01, help="Video: sa
 # receives them as one object and hands it to the session setup (common/session.py). A new sampling
 # flag is one field of ``Sampling`` (named as in GenerationOptions and the HTTP APIs' bodies).
 
+_GEN = GenerationOptions()        # the defaults, declared once (runtime/protocol.py)
+
+
 @dataclasses.dataclass
 class Sampling:
-    """How to generate: the GenerationOptions fields a person sets on the command line."""
-    temperature: Temperature = 0.7
-    top_p: TopP = 0.95
-    top_k: TopK = 40
-    min_p: MinP = 0.05
-    repeat_penalty: RepeatPenalty = 1.0
-    max_tokens: MaxTokens = 512
+    """How to generate: the GenerationOptions fields a person sets on the command line, with its defaults."""
+    temperature: Temperature = _GEN.temperature
+    top_p: TopP = _GEN.top_p
+    top_k: TopK = _GEN.top_k
+    min_p: MinP = _GEN.min_p
+    repeat_penalty: RepeatPenalty = _GEN.repeat_penalty
+    max_tokens: MaxTokens = _GEN.max_tokens
     seed: Seed = None
     stop: Stop = None
     draft: Draft = None
