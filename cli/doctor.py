@@ -71,7 +71,28 @@ def doctor(
     widths = [max(len(x) for x in col) for col in zip(*rows)]
     for row in rows:
         out("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")
+    imgs = [m for m in r["models"] if m.get("images")]
+    if imgs:
+        out("\nImages at each --detail level, a 12 MP photo (encode seconds: measured here by the first `auto` "
+            "answer):\n")
+        rows = [["MODEL", "LOW", "AUTO", "HIGH"]] + [[m["model"], *_image_cells(m["images"])] for m in imgs]
+        widths = [max(len(x) for x in col) for col in zip(*rows)]
+        for row in rows:
+            out("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() + "\n")
     rec = r["recommended"]
     out(f"\nRecommended: text {rec['text'] or '-'}, vision {rec['vision'] or '-'}\n")
     for w in r["warnings"]:
         out(f"Warning: {w}\n")
+
+
+def _image_cells(lv: dict) -> list[str]:
+    """low, auto, high: image tokens and estimated encode seconds (auto: its rungs until measured)."""
+    tok, est = lv["tokens"], lv["encode_s"]
+    cells = []
+    for level in ("low", "auto", "high"):
+        n = tok[level] if isinstance(tok[level], int) else "/".join(map(str, tok[level]))
+        if lv["fixed_input"]:
+            cells.append(f"{n} tok (fixed input)")
+        else:
+            cells.append(f"{n} tok" + (f", ~{est[level]:.1f} s" if est else ", not measured"))
+    return cells

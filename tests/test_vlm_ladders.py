@@ -169,3 +169,73 @@ def test_info_names_the_ladder_or_the_fixed_input(loaded, photo):
     else:
         assert "low " in detail and "high " in detail and "fixed input" not in detail and "embedding cache" in detail
         assert "low ~" in doc["image_encode_estimate"] and "high ~" in doc["image_encode_estimate"]
+
+
+def test_context_counts_kv_cells_not_positions(loaded, photo):
+    """An M-RoPE image (Qwen-VL) fills a KV cell per token but takes fewer positions: kv_used counts the
+    cells, and a prompt whose positions fit the context but whose cells do not is a clean ContextOverflow
+    (it was a failed llama_decode, a 500 on the server)."""
+    from edgevlm.runtime.errors import ContextOverflow
+    from edgevlm.runtime.loader import artifact_from_path, load_backend
+    from edgevlm.runtime.protocol import LoadOptions
+
+    name, fx, b = loaded
+    _, n_img, _, _, final = _ask(b, photo, "high", cache=False)
+    positions = len(b.kv_keys())
+    if name != "qwen3_vl":          # one position per image token
+        assert b.kv_used() == positions
+        return
+    unit = b._images.units[0]                   # its marker tokens, and the image: 1,900 tokens on fewer positions
+    extra = unit.n_cells - unit.n_pos
+    assert unit.n_tokens == n_img and extra > n_img // 2 and b.kv_used() == positions + extra
+    prompt_pos = final.prompt_tokens - extra                 # the reported prompt counts tokens (cells)
+    assert positions <= prompt_pos + final.completion_tokens <= positions + 1     # (the last token is not fed back)
+    small = load_backend(artifact_from_path(fx["gguf"], fx["mmproj"], True), LoadOptions(n_ctx=1024, n_threads=2))
+    try:
+        assert prompt_pos + 16 < small.n_ctx < final.prompt_tokens
+        with pytest.raises(ContextOverflow):
+            _ask(small, photo, "high", cache=False)
+    finally:
+        small.close()
+
+
+REGISTRY_NAME = {"lfm2_vl": "lfm2.5-vl-450m:q4_0", "qwen3_vl": "qwen3-vl-2b:q4_k_m",
+                 "internvl": "internvl3.5-1b:q4_k_m", "gemma3": "gemma3-4b:q4_k_m"}
+
+
+def test_doctor_shows_each_installed_vision_models_levels(loaded, tmp_path):
+    """`vlm doctor`: per installed vision model, the image tokens at each level for a 12 MP photo, and the
+    encode seconds once an `auto` answer has measured this encoder here ("not measured" before)."""
+    import json
+
+    from PIL import Image
+
+    from edgevlm.runtime.models.store import Store
+
+    name, fx, _ = loaded
+    home = tmp_path / "home"
+    alias, key = REGISTRY_NAME[name].split(":")
+    Store(home).install_local(alias, key, {fx["gguf"].name: fx["gguf"], fx["mmproj"].name: fx["mmproj"]},
+                              format="gguf", quantization="Q8_0", model=fx["gguf"].name, mmproj=fx["mmproj"].name)
+
+    def levels():
+        r = vlm("doctor", "--json", home=home)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [m for m in json.loads(r.stdout)["models"] if m["images"]]
+        assert [m["model"] for m in rows] == [REGISTRY_NAME[name]]
+        return rows[0]["images"]
+
+    before = levels()
+    assert before["encode_s"] is None and before["fixed_input"] == (name == "gemma3")
+    assert before["tokens"]["low"] <= before["tokens"]["high"]
+    Image.new("RGB", (1600, 1200), (90, 140, 200)).save(tmp_path / "p.png")
+    r = vlm("ask", "-m", REGISTRY_NAME[name], "-t", "0", "-n", "2", str(tmp_path / "p.png"), "What is it?", home=home)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = levels()
+    if name == "gemma3":
+        assert after["encode_s"] is None and after["tokens"] == {"low": 256, "auto": [256], "high": 256}
+    else:
+        est = after["encode_s"]
+        assert 0 < est["low"] <= est["auto"] <= est["high"] and isinstance(after["tokens"]["auto"], int)
+    text = vlm("doctor", home=home).stdout
+    assert "Images at each --detail level" in text and REGISTRY_NAME[name] in text

@@ -16,8 +16,8 @@ from typing import Optional
 from ..errors import BackendError, BadModelFile, ContextOverflow, UsageError
 from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
 from ..device.hardware import avoid_amx_buffers, default_threads
-from .gguf_context import context_params
-from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun
+from .gguf_context import context_params, decode_error
+from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun, extra_cells
 from .llamacpp import field_type as _field_type, import_llama as _import_llama, score_batch, silence_native_logs
 from .prompt_cache import common_prefix
 from .text_streams import PieceStream
@@ -36,6 +36,7 @@ class GGUFBackend:
         self._images: Optional[GGUFImages] = None   # libmtmd and the image path (a vision model only)
         self._batch = None
         self._keys: list = []          # what each KV position holds: token id or (img, id, k)
+        self._extra: list = []         # (start, cells) an M-RoPE image fills beyond its positions (extra_cells)
         self._last_prompt = None       # gguf_images.LastPrompt of this sequence (a follow-up's starting point)
         self._seq = 0                  # the llama.cpp sequence the methods below work on (see gguf_slots)
         self._n_seq = 1
@@ -251,8 +252,7 @@ class GGUFBackend:
             b.logits[m - 1] = logits_last and s + m >= n
             rc = lc.llama_decode(self._ctx, b)
             if rc != 0:
-                raise BackendError(f"llama.cpp failed to evaluate an image (llama_decode returned {rc}).",
-                                   hint="The context may be full: raise --ctx.")
+                raise decode_error(rc, "an image")
             self._keys.extend(keys[s: s + m])
 
     # ------------------------------------------------------------------ KV cache
@@ -295,7 +295,7 @@ class GGUFBackend:
         """Forget the KV cache (a new conversation)."""
         if self._ctx is not None:
             self._forget_seq()
-        self._keys = []
+        self._keys, self._extra = [], []
 
     def _decode_tokens(self, toks: list[int], logits_last: bool, keys: Optional[list] = None, all_rows=False) -> None:
         lc = self._llama_cpp
@@ -314,8 +314,7 @@ class GGUFBackend:
             b.logits[len(part) - 1] = logits_last and last
             rc = lc.llama_decode(self._ctx, b)
             if rc != 0:
-                raise BackendError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {rc}).",
-                                   hint="The context may be full: lower --max-tokens or raise --ctx.")
+                raise decode_error(rc, "the prompt")
             self._keys.extend(part if keys is None else keys[s: s + len(part)])
 
     # ------------------------------------------------------------------ generation seam
@@ -326,9 +325,10 @@ class GGUFBackend:
         keys, plan, chunks, n_image_tokens = self._prepare(request)
         images = self._images
         try:
-            if len(keys) >= self.n_ctx:
+            extra = extra_cells(plan)
+            if len(keys) + sum(e for _, e in extra) >= self.n_ctx:
                 raise ContextOverflow(
-                    f"The prompt is {len(keys):,} tokens but the context holds {self.n_ctx:,}.",
+                    f"The prompt is {len(keys) + sum(e for _, e in extra):,} tokens but the context holds {self.n_ctx:,}.",
                     hint="Shorten the input, or raise --ctx (up to the model's trained context).",
                 )
             if self._prompt_cache is not None and not any(isinstance(r, ImageRun) and r.source is None for r in plan):
@@ -340,6 +340,7 @@ class GGUFBackend:
                 self._last_prompt = None
                 keys, plan, chunks, n_image_tokens = self._prepare(request)
                 reused = self._reuse_prefix(keys, plan)
+            self._extra = extra_cells(plan)
             image_s = 0.0
             for run in plan:
                 if isinstance(run, TextRun):
@@ -374,7 +375,9 @@ class GGUFBackend:
                 images.free_all()
         had_images = any(m.images for m in request.messages)
         self.image_report = images.report(had_images) if images is not None else None
-        return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused, image_tokens=n_image_tokens,
+        more = sum(e for _, e in self._extra)                   # (M-RoPE: tokens beyond positions)
+        kept = reused + sum(e for st, e in self._extra if st < reused)
+        return Prefill(prompt_tokens=len(keys) + more, eval_tokens=len(keys) + more - kept, image_tokens=n_image_tokens,
                        image_encode_s=image_s)
 
     def logits(self):
@@ -390,7 +393,7 @@ class GGUFBackend:
         self._tok_one[0] = token
         rc = self._llama_cpp.llama_decode(self._ctx, self._llama_cpp.llama_batch_get_one(self._tok_one, 1))
         if rc != 0:
-            raise BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).", hint="Raise --ctx.")
+            raise decode_error(rc, "the next token")
         self._keys.append(token)
 
     def eval_tokens(self, tokens: list[int]) -> None:
@@ -421,7 +424,9 @@ class GGUFBackend:
         return self._keys
 
     def kv_used(self) -> int:
-        return len(self._keys)
+        """KV cells this sequence fills: its positions, plus what M-RoPE images fill beyond theirs."""
+        n = len(self._keys)
+        return n + sum(e for s, e in self._extra if s < n)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -495,7 +500,7 @@ class GGUFBackend:
         if self._model is not None:
             lc.llama_model_free(self._model)
             self._model = None
-        self._keys = []
+        self._keys, self._extra = [], []
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         try:

@@ -1,8 +1,9 @@
 """The llama.cpp context a GGUF model runs in: its parameters (sequences and their KV streams, batch, threads,
-the KV cache's type, the logits rows it reserves), each with the measurement that chose it."""
+the KV cache's type, the logits rows it reserves), each with the measurement that chose it, and what a failed
+``llama_decode`` in it means."""
 from __future__ import annotations
 
-from ..errors import UsageError
+from ..errors import BackendError, ContextOverflow, UsageError
 from ..formats.gguf_file import GGUFInfo
 
 
@@ -61,4 +62,13 @@ def _quantized_kv(llama_cpp, cparams, kv_type: str, info: GGUFInfo, name: str) -
     cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
 
-__all__ = ["context_params"]
+def decode_error(rc: int, what: str) -> Exception:
+    """llama_decode's failure as our error: 1 is "no KV slot for the batch", a full context."""
+    if rc == 1:
+        return ContextOverflow(f"The context ran out of room while evaluating {what}.",
+                               hint="Shorten the input, or raise --ctx (up to the model's trained context).")
+    return BackendError(f"llama.cpp failed to evaluate {what} (llama_decode returned {rc}).",
+                        hint="Run again with VLM_DEBUG=1 to see llama.cpp's log.")
+
+
+__all__ = ["context_params", "decode_error"]

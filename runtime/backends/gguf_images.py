@@ -62,11 +62,14 @@ class TextRun:
 @dataclass
 class ImageRun:
     """An image at n_pos KV positions from start. ``source``: our ImageUnit, a libmtmd chunk (whole-prompt
-    path), or None for an image the KV cache already holds (a follow-up, see ``GGUFImages.follow_up``)."""
+    path), or None for an image the KV cache already holds (a follow-up, see ``GGUFImages.follow_up``).
+    ``n_cells``: the KV cells it fills, more than its positions for M-RoPE (Qwen-VL: a grid of N tokens
+    shares fewer positions); -1: one per position."""
 
     start: int
     n_pos: int
     source: object = None
+    n_cells: int = -1
 
     @property
     def end(self) -> int:
@@ -74,6 +77,12 @@ class ImageRun:
 
 
 Run = Union[TextRun, ImageRun]
+
+
+def extra_cells(plan: list) -> list:
+    """(start, cells beyond its positions) of each image run that fills more KV cells than positions: what
+    ``kv_used`` adds to the positions, since the context holds cells, not positions."""
+    return [(r.start, r.n_cells - r.n_pos) for r in plan if isinstance(r, ImageRun) and r.n_cells > r.n_pos]
 
 
 @dataclass
@@ -263,7 +272,7 @@ class GGUFImages(UnitPath):
             else:
                 n_pos = mt.mtmd_input_chunk_get_n_pos(ch)
                 ident = (mt.mtmd_input_chunk_get_id(ch) or b"").decode(errors="replace")
-                plan.append(ImageRun(len(keys), n_pos, ch))
+                plan.append(ImageRun(len(keys), n_pos, ch, mt.mtmd_input_chunk_get_n_tokens(ch)))
                 keys.extend((IMG, ident, k) for k in range(n_pos))
                 n_image_pos += mt.mtmd_input_chunk_get_n_tokens(ch)
         self._remember(text, _prompt_ids(images, None), keys, plan, n_image_pos)
@@ -339,7 +348,7 @@ class GGUFImages(UnitPath):
             self.units.append(unit)
             p.report.tiles, p.report.tokens = unit.tiles, unit.n_tokens
             ident = f"{image_id(images[i])}|{p.settings}"
-            plan.append(ImageRun(len(keys), unit.n_pos, unit))
+            plan.append(ImageRun(len(keys), unit.n_pos, unit, unit.n_cells))
             keys.extend((IMG, ident, k) for k in range(unit.n_pos))
             n_image += unit.n_tokens
         if b._add_special(text) and lc.llama_vocab_get_add_eos(b._vocab):
@@ -350,5 +359,5 @@ class GGUFImages(UnitPath):
         return keys, plan, None, n_image
 
 
-__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "TextRun", "TokenPart", "EmbedPart", "LastPrompt", "IMG", "MAX_ASPECT",
+__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "extra_cells", "TextRun", "TokenPart", "EmbedPart", "LastPrompt", "IMG", "MAX_ASPECT",
            "padded"]

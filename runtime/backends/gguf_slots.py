@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import BackendError
+from .gguf_context import decode_error
 
 if TYPE_CHECKING:
     from ..protocol import ChatRequest, Prefill
@@ -73,8 +74,7 @@ class _Step:
         rc = self.call(lc.llama_decode, b._ctx, batch)
         for i, seq in enumerate(order):
             if rc != 0:
-                self.results[seq] = BackendError(f"llama.cpp failed to decode (llama_decode returned {rc}).",
-                                                 hint="Raise --ctx.")
+                self.results[seq] = decode_error(rc, "the next token")
                 continue
             b._slots[seq].keys.append(self.pending[seq])
             row = np.ctypeslib.as_array(lc.llama_get_logits_ith(b._ctx, i), shape=(b._n_vocab,))
@@ -101,6 +101,7 @@ class GGUFSlot:
         self.seq = seq
         self._step = step
         self.keys: list = []                 # what this sequence's KV positions hold (GGUFBackend._keys)
+        self.extra: list = []                # GGUFBackend._extra of this sequence
         self.last_prompt = None              # GGUFBackend._last_prompt of this sequence
         self.last_text = ""                  # the last prompt and answer: the server picks the slot that shares most
         self._logits = None
@@ -120,12 +121,12 @@ class GGUFSlot:
 
     def _swap_in(self) -> None:
         b = self._b
-        b._seq, b._keys, b._last_prompt = self.seq, self.keys, self.last_prompt
+        b._seq, b._keys, b._extra, b._last_prompt = self.seq, self.keys, self.extra, self.last_prompt
 
     def _swap_out(self) -> None:
         b = self._b
-        self.keys, self.last_prompt = b._keys, b._last_prompt
-        b._seq, b._keys, b._last_prompt = 0, [], None
+        self.keys, self.extra, self.last_prompt = b._keys, b._extra, b._last_prompt
+        b._seq, b._keys, b._extra, b._last_prompt = 0, [], [], None
 
     def prefill(self, request: "ChatRequest") -> "Prefill":
         import numpy as np
@@ -175,7 +176,8 @@ class GGUFSlot:
             step.run_if_complete()
 
     def kv_used(self) -> int:
-        return len(self.keys)
+        n = len(self.keys)
+        return n + sum(e for s, e in self.extra if s < n)
 
     def draft_rows(self) -> int:
         return 0       # a shared step carries one token per sequence: no drafting in slots (see docs/decode-less.md)

@@ -23,6 +23,7 @@ from typing import Optional
 from ..errors import BackendError, BadMedia
 from ..inputs.detail import Option
 from ..inputs.planner import ImagePlanner, Planned
+from .gguf_context import decode_error
 
 
 @dataclass
@@ -61,6 +62,10 @@ class ImageUnit:
     @property
     def n_tokens(self) -> int:
         return sum(p.n_tokens for p in self.parts if isinstance(p, EmbedPart))
+
+    @property
+    def n_cells(self) -> int:     # KV cells: one per token, whatever its position
+        return sum(len(p.tokens) if isinstance(p, TokenPart) else p.n_tokens for p in self.parts)
 
     @property
     def tiles(self) -> int:
@@ -294,8 +299,7 @@ class UnitPath:
                     batch.logits[t] = False
                 rc = lc.llama_decode(b._ctx, batch)
                 if rc != 0:
-                    raise BackendError(f"llama.cpp failed to evaluate an image (llama_decode returned {rc}).",
-                                       hint="The context may be full: raise --ctx.")
+                    raise decode_error(rc, "an image")
         finally:
             batch.pos = ctypes.cast(own_pos, ctypes.POINTER(lc.llama_pos))
             if non_causal:

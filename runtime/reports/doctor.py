@@ -88,11 +88,28 @@ def model_fits(n_ctx: int = DEFAULT_CTX, available: Optional[int] = None, kv_typ
                 smaller = next((t for t in ("q8_0", "q4_0") if KV_TYPES[t] < KV_TYPES[kv_type]
                                 and estimate_memory(r, min(n_ctx, m.context_length or n_ctx), t).total <= avail), None)
             weights = sum(f.size for f in a.files if f.size) or None
+            installed = store.is_installed(m.alias, key)
             rows.append({"model": f"{m.alias}:{key}", "kind": m.kind, "format": a.format,
                          "params": m.parameters, "estimate": est, "weights": weights,
                          "fits": None if est is None else est <= avail, "fits_with_kv_type": smaller,
-                         "installed": store.is_installed(m.alias, key)})
+                         "installed": installed,
+                         "images": _image_levels(store, m, a) if installed and a.mmproj else None})
     return rows
+
+
+def _image_levels(store, model, aspec) -> Optional[dict]:
+    """An installed GGUF vision model's image tokens and estimated encode seconds per detail level here
+    (reports/inspect.py ``image_levels``); None when its projector cannot be read."""
+    from ..formats.gguf_file import read_gguf
+    from .inspect import image_levels
+
+    try:
+        art = store.artifact(model, aspec)
+        if art.format != "gguf" or art.mmproj is None:
+            return None
+        return image_levels(read_gguf(art.mmproj), art.mmproj)
+    except Exception:            # a damaged install: `vlm info` and loading say what is wrong with it
+        return None
 
 
 # What "answers in time" means for a recommendation: a reply that reads at least as fast as people read

@@ -233,25 +233,41 @@ def _gguf_detail(mm) -> str:
     return fam.summary()
 
 
-def _encode_estimate(mm, mmproj: Path) -> Optional[str]:
-    """Estimated encode seconds of a 12 MP photo per detail level on this device, from the encoder speed
-    measured here (the first `auto` answer measures it); None before any measurement."""
+def image_levels(mm, mmproj: Path) -> Optional[dict]:
+    """Per detail level, the image tokens of a 12 MP photo (4032 x 3024) and its estimated encode seconds on
+    this device, from the encoder speed measured here (the first `auto` answer measures it; ``encode_s`` None
+    before that): what `vlm info` and `vlm doctor` show. None for a projector without a ladder."""
     from ..backends.gguf_images import encoder_id
-    from ..inputs.detail import EncodeSpeed
+    from ..inputs.detail import DEFAULT_BUDGET_S, EncodeSpeed
     from ..inputs.ladders import family_of
 
     fam = family_of(mm)
-    if fam is None or fam.fixed:
+    if fam is None:
         return None
+    ladder, high = fam.ladder(4032, 3024)
+    doc: dict = {"family": fam.name, "fixed_input": fam.fixed, "encode_s": None, "threads": None,
+                 "tokens": {"low": ladder[0].tokens, "auto": [o.tokens for o in ladder], "high": high.tokens}}
+    if fam.fixed:
+        return doc
     enc = encoder_id(mmproj)
     speed = EncodeSpeed()
     keys = sorted(k for k in speed._read() if k.startswith(enc + ":t"))
-    if not keys:
+    spu = speed.get(keys[-1]) if keys else None
+    if spu:
+        fit = [o for o in ladder if o.units * spu <= DEFAULT_BUDGET_S] or ladder[:1]   # what auto picks
+        doc["tokens"]["auto"] = fit[-1].tokens
+        doc["encode_s"] = {k: round(v, 2) for k, v in fam.seconds(spu).items()}
+        t = keys[-1].rpartition(":t")[2]
+        doc["threads"] = int(t) if t.isdigit() else None
+    return doc
+
+
+def _encode_estimate(mm, mmproj: Path) -> Optional[str]:
+    """`vlm info`'s line: estimated encode seconds of a 12 MP photo per detail level here; None before any
+    measurement."""
+    lv = image_levels(mm, mmproj)
+    if not lv or not lv["encode_s"]:
         return None
-    spu = speed.get(keys[-1])
-    if not spu:
-        return None
-    est = fam.seconds(spu)
-    threads = keys[-1].rpartition(":t")[2]
-    return (f"a 12 MP photo here ({threads} threads, measured): low ~{est['low']:.1f} s, auto ~{est['auto']:.1f} s, "
+    est = lv["encode_s"]
+    return (f"a 12 MP photo here ({lv['threads']} threads, measured): low ~{est['low']:.1f} s, auto ~{est['auto']:.1f} s, "
             f"high ~{est['high']:.1f} s")
