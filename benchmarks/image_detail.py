@@ -40,13 +40,39 @@ from pathlib import Path
 
 
 def ask(model_args: list[str], photo: str, home: Path, *extra: str, n: int = 8) -> dict:
+    """One `vlm ask --json` process; its document, with the process's peak RSS in bytes as ``_peak_rss``
+    (Linux; None elsewhere)."""
     env = dict(os.environ, VLM_HOME=str(home), NO_COLOR="1")
     exe = Path(sys.executable).with_name("vlm")
-    r = subprocess.run([str(exe), "ask", *model_args, "-t", "0", "-n", str(n), "--json", photo, "What is in this photo?",
-                        *extra], capture_output=True, text=True, env=env, timeout=2400)
-    if r.returncode != 0:
-        raise SystemExit(f"vlm ask failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([str(exe), "ask", *model_args, "-t", "0", "-n", str(n), "--json", photo,
+                              "What is in this photo?", *extra], stdout=out, stderr=err, env=env)
+        peak = _watch_peak_rss(p)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise SystemExit(f"vlm ask failed: {err.read().decode(errors='replace')[-2000:]}")
+        doc = json.loads(out.read())
+    doc["_peak_rss"] = peak
+    return doc
+
+
+def _watch_peak_rss(p: subprocess.Popen) -> int | None:
+    """The child's VmHWM (its peak resident set since exec), read every 20 ms until it exits. Not the
+    rusage's ru_maxrss: a child started by vfork/fork folds the parent's resident set into that at exec
+    (this script's, ~1 GB after building a fixture), which would drown the figure."""
+    import time
+
+    status, peak = Path(f"/proc/{p.pid}/status"), None
+    while p.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak or 0, int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return peak
 
 
 def decode_speeds(backends: dict, photo: str, level: str, n: int, rounds: int, extra: list[str],
@@ -91,6 +117,9 @@ def main() -> None:
     ap.add_argument("--photo", help="the photo (required without --families, which can generate one)")
     ap.add_argument("--families", help="comma-separated tests/fixtures/tiny_vlms.py families (real vision towers)")
     ap.add_argument("--photo-size", default="4032x3024", help="with --families and no --photo: WxH of a generated photo")
+    ap.add_argument("--variant", default="real", choices=("real", "full"),
+                    help="with --families: real vision towers on a tiny text model, or (lfm2_vl only) the full "
+                         "model's shapes, text model included, quantized as the registry's default")
     ap.add_argument("--prebuilt", type=Path, help="with --families: use FAMILY-real-*/quantized/ builds found here "
                     "(e.g. from an earlier recipe key) instead of building the fixtures")
     ap.add_argument("--rounds", type=int, default=1)
@@ -104,7 +133,7 @@ def main() -> None:
     if a.families:
         levels = [x for x in a.levels.split(",") if x in ("auto", "high")] or ["auto", "high"]
         families_table([f for f in a.families.split(",") if f], a.photo, a.photo_size, a.rounds, a.threads or 2,
-                       a.prebuilt, levels)
+                       a.prebuilt, levels, a.variant)
         return
     if not a.photo:
         raise SystemExit("--photo is required (or --families)")
@@ -155,7 +184,7 @@ def ttft_table(backends: dict, photo: str, levels: list[str], rounds: int, extra
 
 
 def families_table(families: list[str], photo: str | None, size: str, rounds: int, threads: int,
-                   prebuilt: Path | None = None, levels: list[str] = ("auto", "high")) -> None:
+                   prebuilt: Path | None = None, levels: list[str] = ("auto", "high"), variant: str = "real") -> None:
     import shutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -181,7 +210,7 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
         elif found:
             fx[f] = {"gguf": found[-1], "mmproj": next(found[-1].parent.glob("mmproj-*.gguf"))}
         else:
-            fx[f] = family_fixture(f, CACHE / "fixtures", gguf, variant="real")
+            fx[f] = family_fixture(f, CACHE / "fixtures", gguf, variant=variant)
         home = work / f"speed-{f}"
         from edgevlm.runtime.formats.gguf_file import read_gguf
         from edgevlm.runtime.inputs.ladders import family_of
@@ -207,12 +236,14 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
                 hot = ask(margs, photo, home, "--detail", level, *extra, n=1)
                 for kind, doc in (("cold", cold), ("cached", hot)):
                     im = doc["timings"]["images"][0]
-                    r = rows.setdefault((f, level, kind), {"ttft": [], "enc": [], "im": im})
+                    r = rows.setdefault((f, level, kind), {"ttft": [], "enc": [], "im": im, "rss": []})
                     r["ttft"].append(doc["timings"]["ttft_s"])
                     r["enc"].append(doc["timings"]["image_encode_s"])
+                    r["rss"].append(doc["_peak_rss"])
                     print(f"round {rnd + 1}: {f} {level} {kind}: {im['tokens']} tokens, TTFT {r['ttft'][-1]:.2f} s "
                           f"({im.get('reason', '')})", file=sys.stderr, flush=True)
     print(f"photo {Path(photo).name}; {threads} threads; {rounds} round(s); load avg {os.getloadavg()[0]:.1f}")
+    memory_table(families, fx, rows)
     print("| family (real model) | tokens low / auto / high | TTFT auto s | TTFT high s | auto / high | "
           "cached auto s | cached / cold (auto) | cached / cold (high) | auto chose |")
     print("(TTFT: medians over rounds; ratios: the median of each round's ratio)", file=sys.stderr)
@@ -247,6 +278,33 @@ def families_table(families: list[str], photo: str | None, size: str, rounds: in
               f"| {num(ac)} | {num(hc)} | {num(paired(('auto', 'cold'), ('high', 'cold')), '.3f')} | {num(acc)} "
               f"| {num(paired(('auto', 'cached'), ('auto', 'cold')), '.3f')} "
               f"| {num(paired(('high', 'cached'), ('high', 'cold')), '.3f')} | {reason} |")
+
+
+
+def memory_table(families: list[str], fx: dict, rows: dict) -> None:
+    """Peak RSS of the cold `auto` answer against weights + projector + KV cache (f16, the 4096-token context
+    `vlm ask` opens for a question with an image) + 150 MB, the bound the issue sets; and our own estimate."""
+    from edgevlm.runtime.device.memory import estimate
+    from edgevlm.runtime.protocol import DEFAULT_CTX
+    from edgevlm.runtime.formats.gguf_file import read_gguf
+
+    print("| family | weights + projector | KV cache | peak RSS, cold auto | bound (+150 MB) | peak / bound | our estimate |")
+    print("|---|---|---|---|---|---|---|")
+    mib = 2 ** 20
+    for f in families:
+        r = rows.get((f, "auto", "cold"))
+        if r is None:
+            continue
+        info = read_gguf(fx[f]["gguf"])
+        mm = Path(fx[f]["mmproj"]).stat().st_size
+        n_ctx = min(DEFAULT_CTX, info.context_length or DEFAULT_CTX)       # `vlm ask` with an image
+        est = estimate(info.file_size, n_ctx, info.kv_shape, mm)
+        bound = est.weights + est.mmproj + est.kv_cache + 150 * mib
+        if None in r["rss"]:
+            continue
+        peak = max(r["rss"])
+        print(f"| {f} | {(est.weights + est.mmproj) / mib:.0f} MiB | {est.kv_cache / mib:.1f} MiB (ctx {n_ctx}) "
+              f"| {peak / mib:.0f} MiB | {bound / mib:.0f} MiB | {peak / bound:.2f} | {est.total / mib:.0f} MiB |")
 
 
 if __name__ == "__main__":

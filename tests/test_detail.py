@@ -100,3 +100,22 @@ def test_images_of_any_shape_are_answered(vision_model, home, fmt):
                 assert last.image_tokens > 0, (w, h, level)
     finally:
         b.close()
+
+
+def test_auto_counts_the_prefill_of_the_image_tokens():
+    """auto's cost is the encode plus the text model's prefill of the option's tokens once that speed is
+    known; a cached option still costs its prefill, so a cached full detail is not taken when its tokens
+    alone would blow the budget."""
+    ladder = _ladder(4000, 3000)
+    high = ladder[-1]
+    pick = lambda spt, sptok, **kw: choose(ladder, high, ImageDetail(), s_per_tile=spt, budget_s=2.0,
+                                           s_per_token=sptok, **kw)
+    assert pick(0.1, None).option.tiles == 13                       # encode only: 1.3 s
+    with_prefill = pick(0.1, 2.0 / (13 * SEQ))                     # 13 tiles: 1.3 s + 2.0 s of prefill
+    assert with_prefill.option.tiles < 13 and "prefill" in with_prefill.reason
+    n = with_prefill.option.tiles
+    assert n * 0.1 + n * SEQ * 2.0 / (13 * SEQ) <= 2.0
+    cached = pick(5.0, 2.5 / (13 * SEQ), cached=lambda o: o.tiles == 13)
+    assert cached.option.tiles == 1 and "smallest" in cached.reason     # 13 tiles' prefill alone: 2.5 s
+    cheap = pick(5.0, 0.5 / (13 * SEQ), cached=lambda o: o.tiles == 13)
+    assert cheap.option.tiles == 13 and cheap.reason.startswith("cached")

@@ -56,10 +56,10 @@ GuardCategories = Annotated[Optional[str], typer.Option(
          "categories ('S1: text' lines).")]
 
 Detail = Annotated[str, typer.Option("--detail", help="Image detail: low (one tile), auto (the most that encodes "
-                                     "within --image-budget here) or high (the model's full tiling).")]
+                                     "and prefills within --image-budget here) or high (the model's full tiling).")]
 ImageTokens = Annotated[Optional[int], typer.Option("--image-tokens", min=1, help="At most this many tokens per image.")]
-ImageBudget = Annotated[Optional[float], typer.Option("--image-budget", min=0.0, help="--detail auto: seconds of image "
-                                                      "encode a question may take on this device (default 2).")]
+ImageBudget = Annotated[Optional[float], typer.Option("--image-budget", min=0.0, help="--detail auto: seconds the images "
+                                                      "may add before the first token here, encode and prefill (default 1).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the image-embedding cache.")]
 
 KvType = Annotated[Optional[str], typer.Option(

@@ -341,7 +341,7 @@ class GGUFBackend:
                 keys, plan, chunks, n_image_tokens = self._prepare(request)
                 reused = self._reuse_prefix(keys, plan)
             self._extra = extra_cells(plan)
-            image_s = 0.0
+            image_s, t_eval = 0.0, time.perf_counter()
             for run in plan:
                 if isinstance(run, TextRun):
                     end = run.start + len(run.tokens)
@@ -368,6 +368,7 @@ class GGUFBackend:
                     raise BackendError(f"libmtmd failed to encode an image (error {rc}).",
                                        hint="Check that the mmproj belongs to the model.")
                 self._keys.extend(keys[run.start: run.end])
+            t_eval = time.perf_counter() - t_eval
         finally:
             if chunks is not None:
                 self._mtmd_cpp.mtmd_input_chunks_free(chunks)
@@ -377,6 +378,8 @@ class GGUFBackend:
         self.image_report = images.report(had_images) if images is not None else None
         more = sum(e for _, e in self._extra)                   # (M-RoPE: tokens beyond positions)
         kept = reused + sum(e for st, e in self._extra if st < reused)
+        if images is not None and images.planner is not None:   # the text model's prefill speed, for auto
+            images.planner.prefilled(len(keys) + more - kept, t_eval - image_s)
         return Prefill(prompt_tokens=len(keys) + more, eval_tokens=len(keys) + more - kept, image_tokens=n_image_tokens,
                        image_encode_s=image_s)
 

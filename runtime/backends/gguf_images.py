@@ -134,6 +134,7 @@ class GGUFImages(UnitPath):
         self.units: list[ImageUnit] = []
         self.planner: Optional[ImagePlanner] = None
         self._enc_id: Optional[str] = None
+        self._text_id: Optional[str] = None
         self.family: Optional[Family] = family_of(mm_info)
         if self.family is None:
             self.use(None)        # libmtmd's whole-prompt path; units make their context on demand
@@ -184,6 +185,12 @@ class GGUFImages(UnitPath):
     @property
     def n_threads(self) -> int:
         return self.b.n_threads
+
+    @property
+    def text_id(self) -> str:
+        if self._text_id is None:
+            self._text_id = encoder_id(self.b.artifact.path)      # (the same naming, for the text model)
+        return self._text_id
 
     # ------------------------------------------------------------------ a prompt's images
     def prepare(self, text: str, images: list, detail):

@@ -399,7 +399,10 @@ class ONNXBackend:
         if self._embeds:
             embeds, image_s = self._images.prompt_embeds(ids, spans, reused)
         self.image_report = self._images.planner.report() if spans else None
+        t0 = time.perf_counter()
         self._last_row = self._prefill(keys[reused:], embeds)
+        if spans:                                   # the decoder's prefill speed, for --detail auto
+            self._images.planner.prefilled(len(keys) - reused, time.perf_counter() - t0)
         self._context_ids = ids
         return Prefill(prompt_tokens=len(keys), eval_tokens=len(keys) - reused,
                        image_tokens=sum(len(sp[0]) for sp in spans), image_encode_s=image_s)

@@ -75,6 +75,7 @@ class ONNXImages:
         self.part_files = {"decoder": model_file, **parts}
 
         self._encoder_id = f"onnx:{file_identity(parts['vision_encoder'])}:ort{ort.__version__}"
+        self._text_id = f"onnx:{file_identity(model_file)}:ort{ort.__version__}"
         self.tile_batch = TILE_BATCH
 
     # ------------------------------------------------------------------ the planner's Encoder
@@ -85,6 +86,10 @@ class ONNXImages:
     @property
     def n_threads(self) -> int:
         return self.b.n_threads
+
+    @property
+    def text_id(self) -> str:
+        return self._text_id
 
     # ------------------------------------------------------------------ prompt
     def render(self, request: ChatRequest) -> str:

@@ -7,22 +7,27 @@ tiles first) plus the model's own full tiling (``high``); ``choose`` picks one f
 * ``high``: the model's own full tiling (what transformers and llama.cpp do; the reference);
 * ``low``: the smallest input the model accepts (Idefics3 / SmolVLM: the whole image as one tile, the
   ``longest_edge = 1 x tile`` setting its authors document);
-* ``auto`` (the default): the most detail whose encode fits the budget on this device: the ladder's
-  largest option whose encode units (tiles, or 256-token images for a dynamic-resolution encoder:
-  ``Option.units``) x measured seconds per unit is within ``budget_s`` (an option whose
-  embeddings are already in the cache costs nothing). Never a constant: the seconds per tile are
-  measured on this device for this encoder, build and thread count (``EncodeSpeed``), once, and
-  refined by every real encode.
+* ``auto`` (the default): the most detail the image can cost the time to first token within the budget
+  on this device: the ladder's largest option whose encode (its units -- tiles, or 256-token images for a
+  dynamic-resolution encoder: ``Option.units`` -- x measured seconds per unit; nothing when its
+  embeddings are in the cache) plus the text model's prefill of its tokens (x measured seconds per
+  prompt token) is within ``budget_s``. Never a constant: both speeds are measured on this device for
+  this encoder / text model, build and thread count (``EncodeSpeed``), the encoder's once at first use
+  and the prefill's by every image prompt, and refined by every real run (until a prefill has been
+  measured, only the encode counts).
 
 The ladder never upscales an image past the tiles it fills at its own resolution (a 512-px image is one
 tile, not thirteen); ``high`` is the model's own behaviour, upscaling included. ``max_tokens``
 (``--image-tokens``) caps one image's tokens at any level.
 
-Why ``DEFAULT_BUDGET_S`` is 2 s: the question this product answers first is "what is in this photo",
-and an answer that starts within ~3 s reads as interactive. Loading a small model (~0.3 s), the text
-prefill (~0.2 s) and the first token leave ~2 s for the encoder. Where one tile takes longer than the
-budget (a Raspberry Pi, a 2-core VM with a SigLIP-base encoder), ``auto`` is ``low``: the model never
-gets less than its smallest accepted input.
+Why ``DEFAULT_BUDGET_S`` is 1 s, encode and prefill together: the question this product answers first is
+"what is in this photo", and an answer that starts within about a second of the model being loaded reads
+as interactive. The image's tokens are most of that prompt, and their prefill is not small: on a 2-core
+x86 the default model's 350M text model takes ~0.7 s for the 234 tokens of one 512-px tile, as long as
+half the encode (docs/vision-models.md), and a 2B text model several times that. An encode-only budget
+(2 s until this was measured) let ``auto`` start answering after 2-3 s on the default model and far later
+on larger ones. Where the smallest input costs more than the budget (a Raspberry Pi, a 2-core VM),
+``auto`` is ``low``: the model never gets less than its smallest accepted input.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from ..protocol import ImageDetail
 
-DEFAULT_BUDGET_S = 2.0
+DEFAULT_BUDGET_S = 1.0
 LEVELS = ("low", "auto", "high")
 
 
@@ -64,8 +69,10 @@ class Choice:
 
 
 def choose(ladder: Sequence[Option], high: Option, detail: ImageDetail, *, s_per_tile: Optional[float],
-           budget_s: float, cached: Callable[[Option], bool] = lambda o: False) -> Choice:
-    """Pick one option for one image; ``budget_s`` is this image's share of the request's budget."""
+           budget_s: float, cached: Callable[[Option], bool] = lambda o: False,
+           s_per_token: Optional[float] = None) -> Choice:
+    """Pick one option for one image; ``budget_s`` is this image's share of the request's budget;
+    ``s_per_token``: the text model's measured prefill seconds per prompt token (None: not yet known)."""
     if detail.level not in LEVELS:
         from ..errors import UsageError
 
@@ -89,13 +96,20 @@ def choose(ladder: Sequence[Option], high: Option, detail: ImageDetail, *, s_per
         return Choice(pick, detail.level, pick.tokens < high.tokens, why)
     pick, why = pool[0], ""
     for o in pool:
-        cost = 0.0 if cached(o) else o.units * (s_per_tile or 0.0)
+        hit = cached(o)
+        enc = 0.0 if hit else o.units * (s_per_tile or 0.0)
+        cost = enc + o.tokens * (s_per_token or 0.0)
         if cost <= budget_s:
             pick = o
-            why = "cached" if cost == 0.0 and s_per_tile else f"~{cost:.1f} s of encode within {budget_s:.1f} s"
+            if hit and s_per_tile:
+                why = "cached" + (f", ~{cost:.1f} s of prefill within {budget_s:.1f} s" if s_per_token else "")
+            else:
+                why = (f"~{enc:.1f} s of encode + {cost - enc:.1f} s of prefill within {budget_s:.1f} s" if s_per_token
+                       else f"~{cost:.1f} s of encode within {budget_s:.1f} s")
     if not why:
-        why = (f"the smallest input takes ~{pool[0].units * (s_per_tile or 0.0):.1f} s here, over the "
-               f"{budget_s:.1f} s budget: the smallest input")
+        first = pool[0]
+        cost = (0.0 if cached(first) else first.units * (s_per_tile or 0.0)) + first.tokens * (s_per_token or 0.0)
+        why = f"the smallest input takes ~{cost:.1f} s here, over the {budget_s:.1f} s budget: the smallest input"
     return Choice(pick, "auto", pick.tokens < high.tokens, why)
 
 

@@ -262,14 +262,16 @@ class Family:
         return side, side, ("own" if self.kind == "lfm2" else f"max{CAL_TOKENS}"), 1.0
 
     # ------------------------------------------------------------------ `vlm info`
-    def seconds(self, s_per_unit: float, w: int = 4032, h: int = 3024) -> dict:
-        """Estimated encode seconds of a w x h photo per level at ``s_per_unit`` (auto: the default budget)."""
+    def seconds(self, s_per_unit: float, w: int = 4032, h: int = 3024, s_per_token: Optional[float] = None) -> dict:
+        """Estimated encode seconds of a w x h photo per level at ``s_per_unit``, and ``auto_tokens``: the
+        option auto takes with the default budget (encode + prefill at ``s_per_token`` when known)."""
         from .detail import DEFAULT_BUDGET_S
 
         ladder, high = self.ladder(w, h)
-        fit = [o for o in ladder if o.units * s_per_unit <= DEFAULT_BUDGET_S] or ladder[:1]
+        fit = [o for o in ladder if o.units * s_per_unit + o.tokens * (s_per_token or 0.0) <= DEFAULT_BUDGET_S] \
+            or ladder[:1]
         return {"low": ladder[0].units * s_per_unit, "auto": fit[-1].units * s_per_unit,
-                "high": high.units * s_per_unit}
+                "high": high.units * s_per_unit, "auto_tokens": fit[-1].tokens}
 
     def summary(self) -> str:
         if self.fixed:
@@ -283,7 +285,7 @@ class Family:
                 "grid": "the image resized to N tiles"}[self.kind]
         rungs = "/".join(str(o.tokens) for o in ladder)
         return (f"{self.name}: image tokens for a 12 MP photo: low {low.tokens}, auto one of {rungs} (what the "
-                f"measured encode speed fits in the budget), high {high.tokens}; knob: {knob}; --image-tokens; "
+                f"measured encode and prefill fit in the budget), high {high.tokens}; knob: {knob}; --image-tokens; "
                 "embedding cache")
 
 

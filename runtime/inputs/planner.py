@@ -26,6 +26,7 @@ from ..protocol import ImageDetail, ImageInput
 from .detail import DEFAULT_BUDGET_S, Choice, EncodeSpeed, Option, choose
 
 MIN_SAMPLE_UNITS = 0.5
+MIN_PREFILL_TOKENS = 32
 IMG = "img"   # key prefix of an image position in a backend's KV bookkeeping: (IMG, image id, offset)
 
 
@@ -37,6 +38,9 @@ class Encoder(Protocol):
 
     @property
     def n_threads(self) -> int: ...
+
+    @property
+    def text_id(self) -> str: ...             # the text model file identity + engine build (its prefill speed)
 
     def time_one_tile(self) -> Optional[tuple[float, float]]:
         """Encode the family's calibration input, a blank tile or 256-token image (twice: the first run also
@@ -124,6 +128,21 @@ class ImagePlanner:
         key = self.key(iid, option.settings)
         return key is not None and self.cache.has(key)
 
+    @property
+    def prefill_key(self) -> str:
+        return f"prefill:{self.encoder.text_id}:t{self.encoder.n_threads}"
+
+    def seconds_per_token(self) -> Optional[float]:
+        """The text model's measured prefill seconds per prompt token here (None until an image prompt has
+        measured it)."""
+        return EncodeSpeed().get(self.prefill_key)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill of ``tokens`` prompt tokens took ``seconds`` apart from image encodes: refine the text
+        model's speed (prefills under ``MIN_PREFILL_TOKENS`` are too short to time)."""
+        if tokens >= MIN_PREFILL_TOKENS and seconds > 0:
+            EncodeSpeed().record(self.prefill_key, tokens, seconds)
+
     def seconds_per_tile(self) -> Optional[float]:
         """This encoder's measured seconds per calibration unit (a tile, or a 256-token image for a
         dynamic-resolution encoder) here; calibrated by the backend once when unknown."""
@@ -140,13 +159,14 @@ class ImagePlanner:
              ladder_of: Callable[[ImageInput], tuple[Sequence[Option], Option]]) -> list[Planned]:
         """Choose each image's option. ``ladder_of(image)`` -> (the family's ladder, its own full detail)."""
         spt = self.seconds_per_tile() if self.detail.level == "auto" else None
+        sptok = self.seconds_per_token() if self.detail.level == "auto" else None
         budget = (self.detail.budget_s if self.detail.budget_s is not None else DEFAULT_BUDGET_S) / max(1, len(images))
         out = []
         for img in images:
             ladder, high = ladder_of(img)
             iid = image_id(img)
             ch = choose(ladder, high, self.detail, s_per_tile=spt, budget_s=budget,
-                        cached=lambda o, iid=iid: self.encoded(iid, o))
+                        cached=lambda o, iid=iid: self.encoded(iid, o), s_per_token=sptok)
             out.append(Planned(img, iid, ch, self.key(iid, ch.option.settings)))
         self.planned.extend(out)
         return out

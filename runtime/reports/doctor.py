@@ -107,7 +107,7 @@ def _image_levels(store, model, aspec) -> Optional[dict]:
         art = store.artifact(model, aspec)
         if art.format != "gguf" or art.mmproj is None:
             return None
-        return image_levels(read_gguf(art.mmproj), art.mmproj)
+        return image_levels(read_gguf(art.mmproj), art.mmproj, art.path)
     except Exception:            # a damaged install: `vlm info` and loading say what is wrong with it
         return None
 

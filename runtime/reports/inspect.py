@@ -61,7 +61,7 @@ def describe(ref: str, mmproj: Optional[Path] = None, hash_files: bool = True) -
             match = f"MISMATCH: {e.message}"
         doc["vision_projector"] = f"{art.mmproj.name} ({mm.get('clip.projector_type', 'clip')}, {match})"
         doc["image_detail"] = _gguf_detail(mm)
-        est = _encode_estimate(mm, art.mmproj)
+        est = _encode_estimate(mm, art.mmproj, art.path)
         if est:
             doc["image_encode_estimate"] = est
         files.append(art.mmproj)
@@ -233,12 +233,13 @@ def _gguf_detail(mm) -> str:
     return fam.summary()
 
 
-def image_levels(mm, mmproj: Path) -> Optional[dict]:
+def image_levels(mm, mmproj: Path, model: Path) -> Optional[dict]:
     """Per detail level, the image tokens of a 12 MP photo (4032 x 3024) and its estimated encode seconds on
     this device, from the encoder speed measured here (the first `auto` answer measures it; ``encode_s`` None
-    before that): what `vlm info` and `vlm doctor` show. None for a projector without a ladder."""
+    before that) and, for auto, the text model's measured prefill speed: what `vlm info` and `vlm doctor`
+    show. None for a projector without a ladder."""
     from ..backends.gguf_images import encoder_id
-    from ..inputs.detail import DEFAULT_BUDGET_S, EncodeSpeed
+    from ..inputs.detail import EncodeSpeed
     from ..inputs.ladders import family_of
 
     fam = family_of(mm)
@@ -254,18 +255,18 @@ def image_levels(mm, mmproj: Path) -> Optional[dict]:
     keys = sorted(k for k in speed._read() if k.startswith(enc + ":t"))
     spu = speed.get(keys[-1]) if keys else None
     if spu:
-        fit = [o for o in ladder if o.units * spu <= DEFAULT_BUDGET_S] or ladder[:1]   # what auto picks
-        doc["tokens"]["auto"] = fit[-1].tokens
-        doc["encode_s"] = {k: round(v, 2) for k, v in fam.seconds(spu).items()}
         t = keys[-1].rpartition(":t")[2]
+        est = fam.seconds(spu, s_per_token=speed.get(f"prefill:{encoder_id(model)}:t{t}"))
+        doc["tokens"]["auto"] = est.pop("auto_tokens")
+        doc["encode_s"] = {k: round(v, 2) for k, v in est.items()}
         doc["threads"] = int(t) if t.isdigit() else None
     return doc
 
 
-def _encode_estimate(mm, mmproj: Path) -> Optional[str]:
+def _encode_estimate(mm, mmproj: Path, model: Path) -> Optional[str]:
     """`vlm info`'s line: estimated encode seconds of a 12 MP photo per detail level here; None before any
     measurement."""
-    lv = image_levels(mm, mmproj)
+    lv = image_levels(mm, mmproj, model)
     if not lv or not lv["encode_s"]:
         return None
     est = lv["encode_s"]
