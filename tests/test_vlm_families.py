@@ -24,6 +24,8 @@ EXPECTED_IMAGE_TOKENS = {
     "lfm2_vl": 234,
     # Qwen3-VL: dynamic resolution, 16-px patches merged 2 x 2: 640/32 x 480/32 = 20 x 15 = 300 tokens
     "qwen3_vl": 300,
+    # Qwen2.5-VL: the same with 14-px patches (28 px a token), sides rounded to 28: 644/28 x 476/28 = 23 x 17
+    "qwen25_vl": 391,
     # InternVL: 448-px tiles (4:3 -> a 2 x 2 grid) plus a thumbnail, 256 tokens each = 1280
     "internvl": 1280,
     # Gemma 3: one 896-px image, 4 x 4 average pool: always 256
@@ -70,13 +72,15 @@ def test_fixture_has_the_family_projector(family):
     name, fx = family
     md = read_gguf(fx["mmproj"]).metadata
     assert str(md["clip.projector_type"]).lower() == SPECS[name]["projector"]
-    patch = {"lfm2_vl": 16, "qwen3_vl": 16, "internvl": 14, "gemma3": 14}[name]
+    patch = {"lfm2_vl": 16, "qwen3_vl": 16, "qwen25_vl": 14, "internvl": 14, "gemma3": 14}[name]
     assert md["clip.vision.patch_size"] == patch
     if name in ("lfm2_vl", "internvl"):
         assert md["clip.vision.projector.scale_factor"] == 2
     if name == "qwen3_vl":
         assert md["clip.vision.spatial_merge_size"] == 2
         assert md["clip.vision.is_deepstack_layers"] == [False, True, True, False]
+    if name == "qwen25_vl":       # window attention, full attention every 2nd block (the real model's every 8th)
+        assert md["clip.vision.n_wa_pattern"] == 2 and md["clip.use_silu"]   # (its merge of 2 is implied by the type)
     text = read_gguf(fx["gguf"]).metadata
     assert "tokenizer.chat_template" in text
 

@@ -12,7 +12,7 @@ from conftest import CACHE, vlm
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-FAMILIES = ["lfm2_vl", "qwen3_vl", "internvl", "gemma3"]
+FAMILIES = ["lfm2_vl", "qwen3_vl", "qwen25_vl", "internvl", "gemma3"]
 # image tokens of a 1600 x 1200 photo per level (low, high), from libmtmd's preprocessing of each family:
 EXPECTED = {
     # LFM2: low = the image resized to <= 64 tokens (288 x 192), raised by libmtmd to its 64-token minimum
@@ -20,6 +20,9 @@ EXPECTED = {
     "lfm2_vl": (70, 6 * 256 + 234),
     # Qwen3-VL: image_max_tokens 64 -> 288 x 192 px -> 9 x 6 = 54; high: 1600/32 x 1200/32 = 50 x 38 = 1900
     "qwen3_vl": (54, 1900),
+    # Qwen2.5-VL: 14-px patches, 28 px a token: image_max_tokens 64 -> 252 x 168 px -> 9 x 6 = 54; high:
+    # 1600/28 x 1200/28 rounded = 57 x 43 = 2451
+    "qwen25_vl": (54, 2451),
     # InternVL: low = the 448-px thumbnail alone; high = a 3 x 4 grid of 448-px tiles + the thumbnail, 256 each
     "internvl": (256, 13 * 256),
     # Gemma 3: one 896-px input, 256 tokens, whatever the level
@@ -182,7 +185,7 @@ def test_context_counts_kv_cells_not_positions(loaded, photo):
     name, fx, b = loaded
     _, n_img, _, _, final = _ask(b, photo, "high", cache=False)
     positions = len(b.kv_keys())
-    if name != "qwen3_vl":          # one position per image token
+    if name not in ("qwen3_vl", "qwen25_vl"):          # one position per image token
         assert b.kv_used() == positions
         return
     unit = b._images.units[0]                   # its marker tokens, and the image: 1,900 tokens on fewer positions
@@ -199,7 +202,7 @@ def test_context_counts_kv_cells_not_positions(loaded, photo):
         small.close()
 
 
-REGISTRY_NAME = {"lfm2_vl": "lfm2.5-vl-450m:q4_0", "qwen3_vl": "qwen3-vl-2b:q4_k_m",
+REGISTRY_NAME = {"lfm2_vl": "lfm2.5-vl-450m:q4_0", "qwen3_vl": "qwen3-vl-2b:q4_k_m", "qwen25_vl": "qwen2.5-vl-3b:q4_k_m",
                  "internvl": "internvl3.5-1b:q4_k_m", "gemma3": "gemma3-4b:q4_k_m"}
 
 
