@@ -151,3 +151,20 @@ def test_memory_estimate_against_peak_rss(family, photo, request):
     assert res["weights_bytes"] == fx["gguf"].stat().st_size + fx["mmproj"].stat().st_size
     est, rss = res["estimate_bytes"], res["peak_rss_bytes"]
     assert est >= 0.9 * rss, f"{name}: estimate {est / 2**20:.0f} MiB < 90% of peak RSS {rss / 2**20:.0f} MiB"
+
+
+def test_images_the_preprocessing_could_refuse(family, tmp_path):
+    """A 1 x 1 pixel, a 3000 x 8 strip and an 8 x 3000 one: every family answers (padded to an aspect its
+    preprocessing takes, at least its smallest input) at high and auto, one process each, no engine abort."""
+    from PIL import Image
+
+    name, fx = family
+    for size in ((1, 1), (3000, 8), (8, 3000)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 30, 30)).save(path)
+        for level in ("high", "auto"):
+            r = vlm("ask", "-m", str(fx["gguf"]), "--mmproj", str(fx["mmproj"]), str(path), "What is it?", "-t", "0",
+                    "-n", "2", "--threads", "2", "--detail", level, "--json", home=tmp_path / "home")
+            assert r.returncode == 0, (size, level, r.stderr[-1500:])
+            usage = json.loads(r.stdout)["usage"]
+            assert usage["image_tokens"] >= 1 and usage["completion_tokens"] >= 1, (size, level, usage)
