@@ -17,7 +17,7 @@ from ..errors import BackendError, BadModelFile, ContextOverflow, UsageError
 from ..formats.gguf_file import GGUFInfo, check_mmproj, read_gguf
 from ..device.hardware import avoid_amx_buffers, default_threads
 from .gguf_context import context_params, decode_error
-from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun, extra_cells
+from .gguf_images import GGUFImages, ImageRun, ImageUnit, TextRun, cells_used, extra_cells
 from .llamacpp import field_type as _field_type, import_llama as _import_llama, score_batch, silence_native_logs
 from .prompt_cache import common_prefix
 from .text_streams import PieceStream
@@ -325,10 +325,10 @@ class GGUFBackend:
         keys, plan, chunks, n_image_tokens = self._prepare(request)
         images = self._images
         try:
-            extra = extra_cells(plan)
-            if len(keys) + sum(e for _, e in extra) >= self.n_ctx:
+            cells = cells_used(keys, extra_cells(plan))
+            if cells >= self.n_ctx:
                 raise ContextOverflow(
-                    f"The prompt is {len(keys) + sum(e for _, e in extra):,} tokens but the context holds {self.n_ctx:,}.",
+                    f"The prompt is {cells:,} tokens but the context holds {self.n_ctx:,}.",
                     hint="Shorten the input, or raise --ctx (up to the model's trained context).",
                 )
             if self._prompt_cache is not None and not any(isinstance(r, ImageRun) and r.source is None for r in plan):
@@ -427,9 +427,7 @@ class GGUFBackend:
         return self._keys
 
     def kv_used(self) -> int:
-        """KV cells this sequence fills: its positions, plus what M-RoPE images fill beyond theirs."""
-        n = len(self._keys)
-        return n + sum(e for s, e in self._extra if s < n)
+        return cells_used(self._keys, self._extra)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -85,6 +85,13 @@ def extra_cells(plan: list) -> list:
     return [(r.start, r.n_cells - r.n_pos) for r in plan if isinstance(r, ImageRun) and r.n_cells > r.n_pos]
 
 
+def cells_used(keys: list, extra: list) -> int:
+    """KV cells a sequence fills: its positions (``keys``) plus what its M-RoPE images (``extra_cells``
+    of its last prompt) fill beyond theirs, for the images still within those positions."""
+    n = len(keys)
+    return n + sum(e for s, e in extra if s < n)
+
+
 @dataclass
 class LastPrompt:
     """The last image prompt of a sequence: its text, image ids, keys, plan (image sources dropped) and image
@@ -366,5 +373,5 @@ class GGUFImages(UnitPath):
         return keys, plan, None, n_image
 
 
-__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "extra_cells", "TextRun", "TokenPart", "EmbedPart", "LastPrompt", "IMG", "MAX_ASPECT",
+__all__ = ["GGUFImages", "ImageUnit", "ImageRun", "extra_cells", "cells_used", "TextRun", "TokenPart", "EmbedPart", "LastPrompt", "IMG", "MAX_ASPECT",
            "padded"]

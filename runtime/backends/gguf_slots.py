@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import BackendError
 from .gguf_context import decode_error
+from .gguf_images import cells_used
 
 if TYPE_CHECKING:
     from ..protocol import ChatRequest, Prefill
@@ -176,8 +177,7 @@ class GGUFSlot:
             step.run_if_complete()
 
     def kv_used(self) -> int:
-        n = len(self.keys)
-        return n + sum(e for s, e in self.extra if s < n)
+        return cells_used(self.keys, self.extra)
 
     def draft_rows(self) -> int:
         return 0       # a shared step carries one token per sequence: no drafting in slots (see docs/decode-less.md)
